@@ -1,0 +1,395 @@
+"""Typed run configuration: presets, YAML files and dotted overrides, validated up front.
+
+This module is torch-free on purpose: `xmoectl` imports it on login nodes to resolve and
+check a run before anything is submitted. Every user mistake raises `ConfigError` with one
+line naming the field and the fix; the CLIs turn it into exit code 2.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import math
+import types
+import typing
+from dataclasses import dataclass, field
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+
+class ConfigError(ValueError):
+    """A configuration the user can fix; the message names the field and the fix."""
+
+
+DISPATCHERS = ("reference", "padded", "deepspeed", "pft", "rbd")
+ACTIVATIONS = ("swiglu", "gelu")
+GROUPED_GEMM = ("auto", "torch", "triton", "loop")
+DTYPES = ("auto", "bf16", "fp16", "fp32")
+DATA_SOURCES = ("synthetic", "indexed", "sample")
+
+
+@dataclass
+class ModelConfig:
+    vocab_size: int = 256
+    hidden: int = 128
+    layers: int = 4
+    heads: int = 4
+    # hidden size of the dense SwiGLU MLP used by the first `dense_layers` layers
+    ffn_hidden: int = 344
+    dense_layers: int = 1
+    seq_len: int = 128
+    rope_theta: float = 10000.0
+    norm_eps: float = 1e-6
+    tie_embeddings: bool = False
+    init_std: float = 0.02
+
+
+@dataclass
+class MoEConfig:
+    num_experts: int = 8
+    top_k: int = 2
+    expert_hidden: int = 128
+    num_shared_experts: int = 1
+    activation: str = "swiglu"
+    dispatcher: str = "reference"
+    # None (or 0) = dropless; otherwise capacity per expert = ceil(T * k * cf / E) over local tokens
+    capacity_factor: float | None = None
+    renormalize: bool = True
+    aux_loss_coef: float = 0.01
+    z_loss_coef: float = 0.001
+    # DeepSeek-V3 aux-loss-free balancing: a per-expert bias used for selection only
+    expert_bias: bool = False
+    expert_bias_rate: float = 0.001
+    grouped_gemm: str = "auto"
+    # DeepSeek-V3 node-limited routing: each token's experts on at most this many nodes (0 = off)
+    max_nodes_per_token: int = 0
+    # overlap shared experts with the all-to-all on a side stream (GPU only)
+    overlap_shared: bool = False
+
+    @property
+    def dropless(self) -> bool:
+        return not self.capacity_factor
+
+
+@dataclass
+class ParallelConfig:
+    ep: int = 1
+    tp: int = 1
+    # sequence-sharded MoE blocks when tp > 1 (off = plain TP: MoE block on the full sequence)
+    ssmb: bool = True
+    # ranks per node; 0 = from the launcher. Setting it declares virtual nodes (e.g. 4 ranks as 2x2).
+    node_size: int = 0
+    zero_stage: int = 1
+
+
+@dataclass
+class TrainConfig:
+    micro_batch: int = 8
+    global_batch: int = 8
+    steps: int = 50
+    lr: float = 3e-3
+    min_lr: float = 3e-4
+    warmup_steps: int = 5
+    weight_decay: float = 0.1
+    adam_beta1: float = 0.9
+    adam_beta2: float = 0.95
+    grad_clip: float = 1.0
+    seed: int = 1234
+    dtype: str = "auto"
+    activation_checkpointing: bool = False
+    log_interval: int = 5
+    save_interval: int = 0
+    keep_last: int = 2
+    # bf16 peak TFLOP/s per device for MFU; 0 = from the site profile or the device's datasheet
+    peak_tflops: float = 0.0
+    tensorboard: bool = False
+    # abort when no step completes within this many seconds (0 = off)
+    hang_timeout_s: float = 0.0
+    max_bad_steps: int = 3
+
+
+@dataclass
+class DataConfig:
+    source: str = "synthetic"
+    # Megatron --data-path form: ["w1", "prefix1", "w2", "prefix2"] or ["prefix"]
+    path: list[str] = field(default_factory=list)
+    split: str = "969,30,1"
+    tokenizer: str = "byte"
+    num_workers: int = 0
+    cache_dir: str = ""
+
+
+@dataclass
+class Config:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    moe: MoEConfig = field(default_factory=MoEConfig)
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    preset: str = ""
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def to_yaml(self) -> str:
+        return yaml.safe_dump(self.to_dict(), sort_keys=False)
+
+
+# --------------------------------------------------------------------------- loading
+
+
+def preset_names() -> list[str]:
+    root = resources.files("xmoe") / "presets"
+    return sorted(p.name[:-5] for p in root.iterdir() if p.name.endswith(".yaml"))
+
+
+def _read_yaml(text: str, origin: str) -> dict[str, Any]:
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        where = f" line {mark.line + 1}" if mark is not None else ""
+        raise ConfigError(f"{origin}:{where} is not valid YAML ({getattr(e, 'problem', e)})") from None
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"{origin}: expected a mapping of sections (model, moe, ...), got {type(data).__name__}")
+    return data
+
+
+def _load_source(name_or_path: str) -> dict[str, Any]:
+    path = Path(name_or_path)
+    if path.suffix in (".yaml", ".yml") or path.exists():
+        if not path.is_file():
+            raise ConfigError(f"config file {name_or_path!r} does not exist")
+        return _read_yaml(path.read_text(), str(path))
+    names = preset_names()
+    if name_or_path not in names:
+        close = difflib.get_close_matches(name_or_path, names, n=2)
+        hint = f"; did you mean {' or '.join(close)}?" if close else ""
+        raise ConfigError(
+            f"unknown preset {name_or_path!r}: choose one of {', '.join(names)} or give a YAML file{hint}"
+        )
+    text = (resources.files("xmoe") / "presets" / f"{name_or_path}.yaml").read_text()
+    data = _read_yaml(text, f"preset {name_or_path}")
+    data.setdefault("preset", name_or_path)
+    return data
+
+
+def _field_types(cls: type) -> dict[str, Any]:
+    hints = typing.get_type_hints(cls)
+    return {f.name: hints[f.name] for f in dataclasses.fields(cls)}
+
+
+def _coerce(value: Any, tp: Any, where: str) -> Any:
+    """Check `value` against the annotation `tp`; int->float is the only silent widening."""
+    origin = typing.get_origin(tp)
+    if origin in (typing.Union, types.UnionType):
+        args = typing.get_args(tp)
+        if value is None and type(None) in args:
+            return None
+        errors = []
+        for a in args:
+            if a is type(None):
+                continue
+            try:
+                return _coerce(value, a, where)
+            except ConfigError as e:
+                errors.append(e)
+        raise errors[0]
+    if origin is list:
+        (item,) = typing.get_args(tp)
+        if isinstance(value, str):
+            value = value.split()
+        if not isinstance(value, list):
+            raise ConfigError(f"{where}: expected a list, got {value!r}")
+        return [_coerce(v, item, f"{where}[{i}]") for i, v in enumerate(value)]
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+        raise ConfigError(f"{where}: expected true or false, got {value!r}")
+    if tp is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        if isinstance(value, float) and value.is_integer():
+            return int(value)
+        raise ConfigError(f"{where}: expected an integer, got {value!r}")
+    if tp is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        raise ConfigError(f"{where}: expected a number, got {value!r}")
+    if tp is str:
+        if isinstance(value, (str, int, float)) and not isinstance(value, bool):
+            return str(value)
+        raise ConfigError(f"{where}: expected a string, got {value!r}")
+    return value
+
+
+def _unknown(key: str, known: list[str], where: str) -> ConfigError:
+    close = difflib.get_close_matches(key, known, n=1)
+    hint = f"; did you mean {where + '.' if where else ''}{close[0]}?" if close else ""
+    return ConfigError(f"unknown key {where + '.' if where else ''}{key}{hint} (known: {', '.join(known)})")
+
+
+def _apply(cfg: Config, data: dict[str, Any], origin: str) -> None:
+    sections = _field_types(Config)
+    for sec, body in data.items():
+        if sec not in sections:
+            raise _unknown(sec, list(sections), "")
+        if sec == "preset":
+            cfg.preset = _coerce(body, str, "preset")
+            continue
+        if not isinstance(body, dict):
+            raise ConfigError(f"{origin}: section {sec!r} must be a mapping, got {body!r}")
+        target = getattr(cfg, sec)
+        ftypes = _field_types(type(target))
+        for key, value in body.items():
+            if key not in ftypes:
+                raise _unknown(key, list(ftypes), sec)
+            setattr(target, key, _coerce(value, ftypes[key], f"{sec}.{key}"))
+
+
+def parse_override(item: str) -> tuple[str, Any]:
+    if "=" not in item:
+        raise ConfigError(f"override {item!r} must look like section.key=value (e.g. moe.top_k=4)")
+    key, raw = item.split("=", 1)
+    key = key.strip()
+    if key.count(".") != 1:
+        raise ConfigError(f"override key {key!r} must be section.key (e.g. train.steps=100)")
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else ""
+    except yaml.YAMLError:
+        value = raw
+    return key, value
+
+
+def load_config(name_or_path: str = "tiny", overrides: list[str] | tuple[str, ...] = ()) -> Config:
+    """Preset name or YAML file, then `section.key=value` overrides, then validation."""
+    cfg = Config()
+    base = _load_source(name_or_path)
+    _apply(cfg, base, name_or_path)
+    for item in overrides:
+        key, value = parse_override(item)
+        sec, name = key.split(".")
+        _apply(cfg, {sec: {name: value}}, f"--set {item}")
+    validate(cfg)
+    return cfg
+
+
+def config_from_dict(data: dict[str, Any]) -> Config:
+    """Rebuild a Config saved with `to_dict` (run directories, checkpoints)."""
+    cfg = Config()
+    _apply(cfg, data, "saved config")
+    validate(cfg)
+    return cfg
+
+
+# --------------------------------------------------------------------------- validation
+
+
+def _choice(value: str, choices: tuple[str, ...], where: str) -> None:
+    if value not in choices:
+        raise ConfigError(f"{where}={value!r} is not one of {', '.join(choices)}")
+
+
+def _positive(value: float, where: str) -> None:
+    if value <= 0:
+        raise ConfigError(f"{where} must be > 0, got {value}")
+
+
+def validate(cfg: Config, world_size: int | None = None) -> None:
+    """Refuse every impossible combination before anything is allocated.
+
+    With `world_size` the parallel layout is checked too (EP, TP, batch divisibility).
+    """
+    m, e, p, t, d = cfg.model, cfg.moe, cfg.parallel, cfg.train, cfg.data
+    for name in ("vocab_size", "hidden", "layers", "heads", "ffn_hidden", "seq_len"):
+        _positive(getattr(m, name), f"model.{name}")
+    if m.hidden % m.heads:
+        raise ConfigError(
+            f"model.hidden={m.hidden} is not divisible by model.heads={m.heads}: pick heads dividing hidden"
+        )
+    if (m.hidden // m.heads) % 2:
+        raise ConfigError(f"model.hidden/model.heads={m.hidden // m.heads} must be even for RoPE")
+    if not 0 <= m.dense_layers <= m.layers:
+        raise ConfigError(f"model.dense_layers={m.dense_layers} must be between 0 and model.layers={m.layers}")
+    _positive(e.num_experts, "moe.num_experts")
+    _positive(e.expert_hidden, "moe.expert_hidden")
+    if not 1 <= e.top_k <= e.num_experts:
+        raise ConfigError(
+            f"moe.top_k={e.top_k} must be between 1 and moe.num_experts={e.num_experts}"
+        )
+    if e.num_shared_experts < 0:
+        raise ConfigError(f"moe.num_shared_experts={e.num_shared_experts} must be >= 0")
+    _choice(e.activation, ACTIVATIONS, "moe.activation")
+    _choice(e.dispatcher, DISPATCHERS, "moe.dispatcher")
+    _choice(e.grouped_gemm, GROUPED_GEMM, "moe.grouped_gemm")
+    if e.capacity_factor is not None and e.capacity_factor < 0:
+        raise ConfigError(f"moe.capacity_factor={e.capacity_factor} must be > 0 (or null for dropless)")
+    if e.max_nodes_per_token < 0:
+        raise ConfigError(f"moe.max_nodes_per_token={e.max_nodes_per_token} must be >= 0 (0 = off)")
+    for name in ("ep", "tp"):
+        _positive(getattr(p, name), f"parallel.{name}")
+    if e.num_experts % p.ep:
+        raise ConfigError(
+            f"parallel.ep={p.ep} does not divide moe.num_experts={e.num_experts}: choose ep dividing the experts"
+        )
+    if p.tp > 1 and m.heads % p.tp:
+        raise ConfigError(f"parallel.tp={p.tp} does not divide model.heads={m.heads}")
+    if p.zero_stage not in (0, 1, 2):
+        raise ConfigError(f"parallel.zero_stage={p.zero_stage} must be 0, 1 or 2")
+    if p.node_size < 0:
+        raise ConfigError(f"parallel.node_size={p.node_size} must be >= 0 (0 = from the launcher)")
+    for name in ("micro_batch", "global_batch", "steps", "log_interval"):
+        _positive(getattr(t, name), f"train.{name}")
+    _positive(t.lr, "train.lr")
+    if t.min_lr < 0 or t.min_lr > t.lr:
+        raise ConfigError(f"train.min_lr={t.min_lr} must be between 0 and train.lr={t.lr}")
+    if t.warmup_steps < 0 or t.save_interval < 0 or t.keep_last < 1:
+        raise ConfigError("train.warmup_steps and train.save_interval must be >= 0, train.keep_last >= 1")
+    _choice(t.dtype, DTYPES, "train.dtype")
+    _choice(d.source, DATA_SOURCES, "data.source")
+    if d.source == "indexed" and not d.path:
+        raise ConfigError("data.source=indexed needs data.path (a prefix, or 'w1 prefix1 w2 prefix2')")
+    if world_size is not None:
+        validate_layout(cfg, world_size)
+
+
+def validate_layout(cfg: Config, world_size: int) -> None:
+    """Check the parallel layout against the number of ranks (and ranks per node)."""
+    p, t = cfg.parallel, cfg.train
+    if world_size % p.tp:
+        raise ConfigError(f"parallel.tp={p.tp} does not divide the world size {world_size}")
+    dp = world_size // p.tp
+    # TP ranks act as extra expert-parallel ranks under SSMB, so EP spans TP x DP ranks.
+    if world_size % p.ep:
+        raise ConfigError(f"parallel.ep={p.ep} does not divide the world size {world_size}: choose ep dividing it")
+    if p.node_size and world_size % p.node_size:
+        raise ConfigError(
+            f"parallel.node_size={p.node_size} does not divide the world size {world_size}"
+        )
+    if t.global_batch % (t.micro_batch * dp):
+        raise ConfigError(
+            f"train.global_batch={t.global_batch} is not divisible by micro_batch x data-parallel size "
+            f"= {t.micro_batch} x {dp}: set global_batch to a multiple of {t.micro_batch * dp}"
+        )
+    if p.tp > 1 and cfg.model.seq_len * t.micro_batch % p.tp:
+        raise ConfigError(f"micro_batch x seq_len must be divisible by parallel.tp={p.tp} for SSMB")
+
+
+def data_parallel_size(cfg: Config, world_size: int) -> int:
+    return world_size // cfg.parallel.tp
+
+
+def grad_accumulation(cfg: Config, world_size: int) -> int:
+    return cfg.train.global_batch // (cfg.train.micro_batch * data_parallel_size(cfg, world_size))
+
+
+def capacity(tokens: int, cfg: MoEConfig) -> int:
+    """Per-expert capacity over `tokens` local tokens: ceil(T * k * cf / E); no cap when dropless."""
+    if cfg.dropless:
+        return tokens * cfg.top_k
+    return max(1, math.ceil(tokens * cfg.top_k * cfg.capacity_factor / cfg.num_experts))

@@ -1,0 +1,57 @@
+"""The one MoE dispatcher interface: dispatch (preprocess + exchange) -> experts -> combine.
+
+Shape legend (used across xmoe/moe and xmoe/kernels): T tokens (local), D model dim,
+F expert hidden, E experts (global), El local experts, K top-k, R routed rows (rows this
+rank's experts receive, grouped by local expert), W ranks in the expert-parallel group.
+
+Every implementation (`reference`, `padded`, `pft`, `rbd`, and `ssmb` wrapping any of them)
+takes the same `Routing` and must produce the same output; `reference` is the ground truth.
+Token dropping is decided once, by the router (`Routing.keep_TK`), so every dispatcher drops
+exactly the same assignments and can be compared bit for bit against the reference.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import nn
+
+
+@dataclass
+class Routing:
+    topk_ids_TK: torch.Tensor  # int64 global expert id per (token, k)
+    topk_weights_TK: torch.Tensor  # combine weight per (token, k); carries the router's gradient
+    keep_TK: torch.Tensor | None  # bool, False where capacity dropped the assignment; None = dropless
+    num_experts: int
+
+    @property
+    def top_k(self) -> int:
+        return self.topk_ids_TK.shape[1]
+
+
+@dataclass
+class Dispatched:
+    """What the experts of this rank receive."""
+
+    x_RD: torch.Tensor  # rows grouped by local expert, expert 0 first
+    counts_El: list[int]  # rows per local expert (host ints: one sync per layer at most)
+    state: Any = None  # whatever combine needs to route the outputs back
+    stats: dict[str, float] = field(default_factory=dict)  # counters for metrics (rows, bytes, ...)
+
+
+class Dispatcher(nn.Module):
+    """Moves routed token rows to their experts' ranks and back.
+
+    `dispatch` must not keep `[T, K, D]` copies alive for backward; `combine` returns
+    sum_k w_tk * y_tk for each token (zero for a token whose assignments were all dropped).
+    Both are differentiable: gradients flow to `x_TD`, to the expert outputs and to
+    `Routing.topk_weights_TK`.
+    """
+
+    def dispatch(self, x_TD: torch.Tensor, routing: Routing) -> Dispatched:
+        raise NotImplementedError
+
+    def combine(self, y_RD: torch.Tensor, dispatched: Dispatched) -> torch.Tensor:
+        raise NotImplementedError
