@@ -1,0 +1,104 @@
+"""Router: exact capacity ranking, balance losses, expert bias."""
+
+import math
+
+import pytest
+import torch
+
+from xmoe.config import MoEConfig, capacity
+from xmoe.moe.router import Router, capacity_keep_mask
+
+
+def _brute_keep(ids, probs, E, cap):
+    T, K = ids.shape
+    keep = torch.zeros(T, K, dtype=torch.bool)
+    for e in range(E):
+        cands = [(-probs[t, k].item(), t, k) for t in range(T) for k in range(K) if ids[t, k] == e]
+        for _, t, k in sorted(cands)[:cap]:
+            keep[t, k] = True
+    return keep
+
+
+@pytest.mark.parametrize("T,K,E,cap", [(50, 2, 8, 7), (33, 4, 4, 1), (1, 1, 1, 1), (40, 3, 6, 100)])
+def test_capacity_mask_matches_brute_force(T, K, E, cap):
+    g = torch.Generator().manual_seed(T * 7 + K)
+    probs = torch.rand(T, E, generator=g).softmax(-1)
+    top_p, ids = probs.topk(K, dim=-1)
+    # many exact ties: quantise the probabilities so tie-breaking (token, then k) matters
+    top_p = (top_p * 8).round() / 8
+    keep = capacity_keep_mask(ids, top_p, E, cap)
+    assert torch.equal(keep, _brute_keep(ids, top_p, E, cap))
+
+
+def test_capacity_mask_exact_beyond_fp16_range():
+    # 5000 assignments on one expert, capacity 4097: an fp16 cumsum cannot count this far
+    T = 5000
+    ids = torch.zeros(T, 1, dtype=torch.long)
+    probs = torch.ones(T, 1) * 0.5
+    keep = capacity_keep_mask(ids, probs, 2, 4097)
+    assert int(keep.sum()) == 4097
+    assert keep[:4097].all() and not keep[4097:].any()  # equal probabilities: lowest tokens win
+
+
+def test_capacity_formula():
+    cfg = MoEConfig(num_experts=8, top_k=2, capacity_factor=1.25)
+    assert capacity(100, cfg) == math.ceil(100 * 2 * 1.25 / 8)
+    assert capacity(100, MoEConfig(capacity_factor=None, top_k=2)) == 200
+
+
+def test_router_outputs_and_losses():
+    torch.manual_seed(0)
+    cfg = MoEConfig(num_experts=4, top_k=2, renormalize=True)
+    r = Router(cfg, 16)
+    x = torch.randn(32, 16)
+    out = r(x)
+    probs = (x @ r.weight_ED.t()).softmax(-1)
+    p, ids = probs.topk(2, -1)
+    assert torch.equal(out.routing.topk_ids_TK, ids)
+    torch.testing.assert_close(out.routing.topk_weights_TK, p / p.sum(-1, keepdim=True))
+    assert out.routing.keep_TK is None and out.dropped_fraction == 0.0
+    f = torch.bincount(ids.reshape(-1), minlength=4).float() / 64
+    torch.testing.assert_close(out.aux_loss, 4 * (f * probs.mean(0)).sum())
+    torch.testing.assert_close(out.z_loss, torch.logsumexp(x @ r.weight_ED.t(), -1).square().mean())
+    assert torch.equal(out.tokens_per_expert_E, torch.bincount(ids.reshape(-1), minlength=4))
+
+
+def test_aux_loss_is_one_when_perfectly_balanced():
+    cfg = MoEConfig(num_experts=4, top_k=1)
+    r = Router(cfg, 4)
+    with torch.no_grad():
+        r.weight_ED.copy_(torch.eye(4) * 50)
+    out = r(torch.eye(4).repeat(3, 1))
+    torch.testing.assert_close(out.aux_loss, torch.tensor(1.0), atol=1e-6, rtol=0)
+
+
+def test_expert_bias_changes_selection_not_weights():
+    cfg = MoEConfig(
+        num_experts=4, top_k=1, expert_bias=True, expert_bias_rate=0.5, renormalize=False
+    )
+    r = Router(cfg, 8)
+    x = torch.randn(64, 8)
+    before = r(x)
+    load = before.tokens_per_expert_E
+    r.update_expert_bias(load)
+    expected = torch.sign(load.double().mean() - load.double()).long()
+    assert torch.equal(r.bias_steps_E, expected)
+    r.bias_steps_E.zero_()
+    r.bias_steps_E[2] = 10  # +5.0 on probabilities <= 1: expert 2 always wins
+    out = r(x)
+    assert torch.all(out.routing.topk_ids_TK == 2)
+    probs = (x @ r.weight_ED.t()).softmax(-1)
+    torch.testing.assert_close(out.routing.topk_weights_TK[:, 0], probs[:, 2])
+    assert "bias_steps_E" in r.state_dict()
+
+
+def test_dropping_reports_fraction():
+    torch.manual_seed(3)
+    cfg = MoEConfig(num_experts=4, top_k=2, capacity_factor=0.5)
+    r = Router(cfg, 8)
+    out = r(torch.randn(40, 8))
+    cap = capacity(40, cfg)
+    kept = out.routing.keep_TK
+    per_expert = torch.bincount(out.routing.topk_ids_TK[kept], minlength=4)
+    assert torch.all(per_expert <= cap)
+    assert out.dropped_fraction == pytest.approx(1 - kept.sum().item() / 80)

@@ -1,0 +1,165 @@
+"""Decoder-only DeepSeek-MoE transformer, readable top to bottom.
+
+tokens -> embedding -> [RMSNorm -> causal RoPE attention -> RMSNorm -> (dense MLP | MoE)]
+x layers -> RMSNorm -> LM head. The first `dense_layers` layers use a dense SwiGLU MLP;
+the rest are MoE blocks (routed experts + shared experts). Shapes: B batch, S sequence,
+D model dim, H heads, Dh head dim, V vocabulary.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.checkpoint import checkpoint
+
+from xmoe.config import Config
+from xmoe.moe.experts import DenseMLP
+from xmoe.moe.layer import MoELayer
+
+
+class RMSNorm(nn.Module):
+    """Root-mean-square norm, computed in fp32 for stability under bf16."""
+
+    def __init__(self, dim: int, eps: float = 1e-6) -> None:
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        xf = x.float()
+        xf = xf * torch.rsqrt(xf.square().mean(-1, keepdim=True) + self.eps)
+        return xf.to(x.dtype) * self.weight
+
+
+def rope_tables(
+    seq_len: int, head_dim: int, theta: float, device: torch.device
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos/sin tables [S, Dh/2] in fp32 (built on the fly: engines cast float buffers to bf16)."""
+    inv_freq = 1.0 / theta ** (
+        torch.arange(0, head_dim, 2, device=device, dtype=torch.float32) / head_dim
+    )
+    angles_SF = torch.outer(torch.arange(seq_len, device=device, dtype=torch.float32), inv_freq)
+    return angles_SF.cos(), angles_SF.sin()
+
+
+def apply_rope(x_BHSE: torch.Tensor, cos_SF: torch.Tensor, sin_SF: torch.Tensor) -> torch.Tensor:
+    """Rotate pairs (first half, second half) of each head's channels by position angles."""
+    x1, x2 = x_BHSE.float().chunk(2, dim=-1)
+    out = torch.cat((x1 * cos_SF - x2 * sin_SF, x2 * cos_SF + x1 * sin_SF), dim=-1)
+    return out.to(x_BHSE.dtype)
+
+
+class Attention(nn.Module):
+    """Multi-head causal self-attention through `scaled_dot_product_attention`."""
+
+    def __init__(self, cfg: Config) -> None:
+        super().__init__()
+        m = cfg.model
+        self.heads = m.heads
+        self.head_dim = m.hidden // m.heads
+        self.theta = m.rope_theta
+        self.wqkv = nn.Linear(m.hidden, 3 * m.hidden, bias=False)
+        self.wo = nn.Linear(m.hidden, m.hidden, bias=False)
+        for p in self.parameters():
+            nn.init.normal_(p, std=m.init_std)
+
+    def forward(self, x_BSD: torch.Tensor) -> torch.Tensor:
+        B, S, D = x_BSD.shape
+        qkv = self.wqkv(x_BSD).view(B, S, 3, self.heads, self.head_dim)
+        q, k, v = qkv.permute(2, 0, 3, 1, 4)  # each [B, H, S, Dh]
+        cos, sin = rope_tables(S, self.head_dim, self.theta, x_BSD.device)
+        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        o = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+        return self.wo(o.transpose(1, 2).reshape(B, S, D))
+
+
+class Block(nn.Module):
+    """One pre-norm transformer layer; its feed-forward part is dense or MoE."""
+
+    def __init__(self, cfg: Config, layer_idx: int, parallel_state: Any = None) -> None:
+        super().__init__()
+        m = cfg.model
+        self.attn_norm = RMSNorm(m.hidden, m.norm_eps)
+        self.attn = Attention(cfg)
+        self.ffn_norm = RMSNorm(m.hidden, m.norm_eps)
+        self.is_moe = layer_idx >= m.dense_layers
+        if self.is_moe:
+            self.ffn: nn.Module = MoELayer(cfg, parallel_state)
+        else:
+            self.ffn = DenseMLP(m.hidden, m.ffn_hidden, "swiglu", m.init_std)
+
+    def forward(self, x_BSD: torch.Tensor) -> torch.Tensor:
+        x_BSD = x_BSD + self.attn(self.attn_norm(x_BSD))
+        return x_BSD + self.ffn(self.ffn_norm(x_BSD))
+
+
+@dataclass
+class LossParts:
+    """Components of the training loss, detached, for logging."""
+
+    lm_loss: torch.Tensor
+    aux_loss: torch.Tensor  # mean over MoE layers of the unscaled balance loss (1.0 = balanced)
+    z_loss: torch.Tensor  # mean over MoE layers of the unscaled router z-loss
+
+
+class Transformer(nn.Module):
+    """The whole model: `forward(tokens)` gives logits, `forward(tokens, targets)` the loss."""
+
+    def __init__(self, cfg: Config, parallel_state: Any = None) -> None:
+        super().__init__()
+        m = cfg.model
+        self.cfg = cfg
+        self.embed = nn.Embedding(m.vocab_size, m.hidden)
+        nn.init.normal_(self.embed.weight, std=m.init_std)
+        self.layers = nn.ModuleList(Block(cfg, i, parallel_state) for i in range(m.layers))
+        self.norm = RMSNorm(m.hidden, m.norm_eps)
+        self.head = nn.Linear(m.hidden, m.vocab_size, bias=False)
+        if m.tie_embeddings:
+            self.head.weight = self.embed.weight
+        else:
+            nn.init.normal_(self.head.weight, std=m.init_std)
+
+    def moe_layers(self) -> list[MoELayer]:
+        return [blk.ffn for blk in self.layers if blk.is_moe]
+
+    def forward(
+        self, tokens_BS: torch.Tensor, targets_BS: torch.Tensor | None = None
+    ) -> torch.Tensor | tuple[torch.Tensor, LossParts]:
+        if targets_BS is not None:
+            return self.loss(tokens_BS, targets_BS)
+        return self.logits(tokens_BS)
+
+    def logits(self, tokens_BS: torch.Tensor) -> torch.Tensor:
+        x = self.embed(tokens_BS)
+        for blk in self.layers:
+            if self.cfg.train.activation_checkpointing and self.training:
+                x = checkpoint(blk, x, use_reentrant=False)
+            else:
+                x = blk(x)
+        return self.head(self.norm(x))
+
+    def loss(
+        self, tokens_BS: torch.Tensor, targets_BS: torch.Tensor
+    ) -> tuple[torch.Tensor, LossParts]:
+        """Next-token cross-entropy plus the router losses.
+
+        total = lm + aux_coef * sum_l aux_l + z_coef * sum_l z_l (per-layer terms summed,
+        as Switch/ST-MoE do); the logged aux/z are layer means of the unscaled terms.
+        """
+        logits = self.logits(tokens_BS)
+        lm = F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), targets_BS.reshape(-1))
+        total = lm
+        moe = self.moe_layers()
+        zero = lm.detach() * 0.0
+        aux_mean, z_mean = zero, zero
+        if moe:
+            aux = torch.stack([layer.last_aux_loss for layer in moe])
+            z = torch.stack([layer.last_z_loss for layer in moe])
+            e = self.cfg.moe
+            total = lm + e.aux_loss_coef * aux.sum() + e.z_loss_coef * z.sum()
+            aux_mean, z_mean = aux.detach().mean(), z.detach().mean()
+        return total, LossParts(lm.detach(), aux_mean, z_mean)

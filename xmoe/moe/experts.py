@@ -1,0 +1,131 @@
+"""Routed experts as stacked weights `[E_local, ...]` fed to one grouped matmul.
+
+Shape legend as in `xmoe.moe.dispatch`; weights are `[E, out, in]` like `nn.Linear`:
+w1_EFD and w3_EFD map D -> F, w2_EDF maps F -> D. The grouped matmul is the one seam
+where faster kernels plug in (`select_grouped_mm`); `loop` (one matmul per expert) is the
+portable fallback every other variant is tested against.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+# y_RY = grouped_mm(x_RX, w_EYX, counts_E): rows of group e (consecutive, counts_E[e] of
+# them) are multiplied by w_EYX[e].T. Must be differentiable in x and w.
+GroupedMM = Callable[[torch.Tensor, torch.Tensor, list[int]], torch.Tensor]
+
+
+def loop_grouped_mm(x_RX: torch.Tensor, w_EYX: torch.Tensor, counts_E: list[int]) -> torch.Tensor:
+    """One matmul per expert; empty experts still touch their weight so grads exist."""
+    outs = []
+    start = 0
+    for e, n in enumerate(counts_E):
+        outs.append(x_RX[start : start + n] @ w_EYX[e].t())
+        start += n
+    if not outs:
+        return x_RX.new_zeros(x_RX.shape[0], w_EYX.shape[1])
+    return torch.cat(outs, dim=0)
+
+
+def select_grouped_mm(kind: str) -> GroupedMM:
+    """The grouped-GEMM implementation for `cfg.moe.grouped_gemm`.
+
+    `loop` is implemented here. `auto`, `torch` and `triton` come from
+    `xmoe.kernels.grouped_gemm.grouped_mm(x_RK, w_EKN, counts_E, impl)` (weights as
+    [E, in, out], so ours go in as a transposed view) when that module exists; otherwise
+    the loop is used.
+    """
+    if kind == "loop":
+        return loop_grouped_mm
+    try:
+        from xmoe.kernels import grouped_gemm
+    except ImportError:
+        return loop_grouped_mm
+    fn = getattr(grouped_gemm, "grouped_mm", None)
+    if fn is None:
+        return loop_grouped_mm
+
+    def kernel_grouped_mm(
+        x_RX: torch.Tensor, w_EYX: torch.Tensor, counts_E: list[int]
+    ) -> torch.Tensor:
+        return fn(x_RX, w_EYX.transpose(1, 2), counts_E, kind)
+
+    return kernel_grouped_mm
+
+
+def mark_expert_params(module: nn.Module, ep_size: int) -> None:
+    """Tag parameters with DeepSpeed's MoE conventions.
+
+    `allreduce=False` + `group_name` make the engine reduce their gradients over the
+    expert-data-parallel group `ep_size_{ep}` only, not the whole data-parallel group.
+    """
+    for p in module.parameters():
+        p.allreduce = False
+        p.group_name = f"ep_size_{ep_size}"
+
+
+class GroupedExperts(nn.Module):
+    """The routed experts held by this rank, applied to rows grouped by local expert."""
+
+    def __init__(
+        self,
+        num_local_experts: int,
+        hidden: int,
+        expert_hidden: int,
+        activation: str = "swiglu",
+        init_std: float = 0.02,
+        grouped_gemm: str = "loop",
+        ep_size: int = 1,
+    ) -> None:
+        super().__init__()
+        self.num_local_experts = num_local_experts
+        self.activation = activation
+        E, D, F_ = num_local_experts, hidden, expert_hidden
+        self.w1_EFD = nn.Parameter(torch.empty(E, F_, D))
+        self.w3_EFD = nn.Parameter(torch.empty(E, F_, D)) if activation == "swiglu" else None
+        self.w2_EDF = nn.Parameter(torch.empty(E, D, F_))
+        for p in self.parameters():
+            nn.init.normal_(p, std=init_std)
+        self._grouped_mm = select_grouped_mm(grouped_gemm)
+        mark_expert_params(self, ep_size)
+
+    def grouped_mm(
+        self, x_RX: torch.Tensor, w_EYX: torch.Tensor, counts_El: list[int]
+    ) -> torch.Tensor:
+        """The seam: override or re-select to change how the grouped matmul runs."""
+        return self._grouped_mm(x_RX, w_EYX, counts_El)
+
+    def forward(self, x_RD: torch.Tensor, counts_El: list[int]) -> torch.Tensor:
+        if len(counts_El) != self.num_local_experts:
+            raise ValueError(
+                f"got counts for {len(counts_El)} experts, hold {self.num_local_experts}"
+            )
+        h_RF = self.grouped_mm(x_RD, self.w1_EFD, counts_El)
+        if self.w3_EFD is not None:
+            h_RF = F.silu(h_RF) * self.grouped_mm(x_RD, self.w3_EFD, counts_El)
+        else:
+            h_RF = F.gelu(h_RF)
+        return self.grouped_mm(h_RF, self.w2_EDF, counts_El)
+
+
+class DenseMLP(nn.Module):
+    """A plain SwiGLU (or GELU) MLP: the dense layers' FFN and the shared experts."""
+
+    def __init__(
+        self, hidden: int, ffn_hidden: int, activation: str = "swiglu", init_std: float = 0.02
+    ) -> None:
+        super().__init__()
+        self.w1 = nn.Linear(hidden, ffn_hidden, bias=False)
+        self.w3 = nn.Linear(hidden, ffn_hidden, bias=False) if activation == "swiglu" else None
+        self.w2 = nn.Linear(ffn_hidden, hidden, bias=False)
+        for p in self.parameters():
+            nn.init.normal_(p, std=init_std)
+
+    def forward(self, x_TD: torch.Tensor) -> torch.Tensor:
+        h = self.w1(x_TD)
+        h = F.silu(h) * self.w3(x_TD) if self.w3 is not None else F.gelu(h)
+        return self.w2(h)

@@ -1,0 +1,99 @@
+"""The MoE block: router -> dispatch -> routed experts -> combine, plus shared experts.
+
+`MoELayer` knows nothing of how rows travel between ranks; that is the dispatcher's job,
+chosen once by `make_dispatcher`. Expert weights hold only this rank's E/ep experts.
+After each forward the layer leaves its statistics in `last_stats` (and the unscaled
+router losses in `last_aux_loss` / `last_z_loss`) for the model to sum and the loop to log.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import nn
+
+from xmoe.config import Config, ConfigError
+from xmoe.moe.dispatch import Dispatcher
+from xmoe.moe.experts import DenseMLP, GroupedExperts
+from xmoe.moe.reference import ReferenceDispatcher
+from xmoe.moe.router import Router
+
+
+def _ep_size(parallel_state: Any) -> int:
+    return 1 if parallel_state is None else parallel_state.ep
+
+
+def make_dispatcher(cfg: Config, parallel_state: Any = None) -> Dispatcher:
+    """The dispatcher named by `cfg.moe.dispatcher` (one place; no registry)."""
+    name = cfg.moe.dispatcher
+    if name == "reference":
+        if _ep_size(parallel_state) != 1:
+            raise ConfigError(
+                "moe.dispatcher=reference runs only with parallel.ep=1: use pft, padded or rbd for EP > 1"
+            )
+        return ReferenceDispatcher(cfg.moe.num_experts)
+    try:
+        if name == "padded":
+            from xmoe.moe.padded import PaddedDispatcher as cls
+        elif name == "deepspeed":
+            from xmoe.moe.deepspeed_moe import DeepSpeedDispatcher as cls
+        elif name == "pft":
+            from xmoe.moe.pft import PFTDispatcher as cls
+        elif name == "rbd":
+            from xmoe.moe.rbd import RBDDispatcher as cls
+        else:
+            raise ConfigError(f"moe.dispatcher={name!r} is unknown")
+    except ImportError:
+        raise ConfigError(
+            f"moe.dispatcher={name} is not available yet: use moe.dispatcher=reference"
+        ) from None
+    return cls(cfg, parallel_state)
+
+
+class MoELayer(nn.Module):
+    """A DeepSeek-MoE feed-forward block over the local tokens of one rank."""
+
+    def __init__(self, cfg: Config, parallel_state: Any = None) -> None:
+        super().__init__()
+        m, e = cfg.model, cfg.moe
+        ep = _ep_size(parallel_state)
+        self.cfg = cfg
+        self.ep = ep
+        self.num_local_experts = e.num_experts // ep
+        self.router = Router(e, m.hidden, init_std=m.init_std)
+        self.dispatcher = make_dispatcher(cfg, parallel_state)
+        self.experts = GroupedExperts(
+            self.num_local_experts,
+            m.hidden,
+            e.expert_hidden,
+            e.activation,
+            init_std=m.init_std,
+            grouped_gemm=e.grouped_gemm,
+            ep_size=ep,
+        )
+        self.shared = None
+        if e.num_shared_experts > 0:
+            self.shared = DenseMLP(
+                m.hidden, e.num_shared_experts * e.expert_hidden, e.activation, m.init_std
+            )
+        self.last_stats: dict[str, Any] = {}
+        self.last_aux_loss: torch.Tensor | None = None
+        self.last_z_loss: torch.Tensor | None = None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        shape = x.shape
+        x_TD = x.reshape(-1, shape[-1])
+        r = self.router(x_TD)
+        dispatched = self.dispatcher.dispatch(x_TD, r.routing)
+        y_RD = self.experts(dispatched.x_RD, dispatched.counts_El)
+        out_TD = self.dispatcher.combine(y_RD, dispatched)
+        if self.shared is not None:
+            out_TD = out_TD + self.shared(x_TD)
+        self.last_aux_loss, self.last_z_loss = r.aux_loss, r.z_loss
+        self.last_stats = {
+            "tokens_per_expert": r.tokens_per_expert_E.detach(),
+            "dropped_fraction": r.dropped_fraction,
+            "dispatcher": dict(dispatched.stats),
+        }
+        return out_TD.reshape(shape)

@@ -1,0 +1,145 @@
+"""Top-k router: fp32 gate, load-balancing losses, expert bias and the capacity drop policy.
+
+The router decides everything about a token's experts once — ids, combine weights and
+which assignments capacity drops — so every dispatcher sees the same `Routing` and can be
+compared exactly against the reference. Shape legend as in `xmoe.moe.dispatch`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from xmoe.config import MoEConfig, capacity
+from xmoe.moe.dispatch import Routing
+
+
+@dataclass
+class RouterOutput:
+    """The routing decision plus what the loss and the metrics need."""
+
+    routing: Routing
+    aux_loss: torch.Tensor  # Switch/GShard load-balancing loss (unscaled, fp32 scalar)
+    z_loss: torch.Tensor  # mean squared log-partition of the logits (unscaled)
+    tokens_per_expert_E: torch.Tensor  # int64 routed assignments per expert, before dropping
+    dropped_fraction: float  # share of (token, k) assignments removed by capacity
+
+
+def capacity_keep_mask(
+    topk_ids_TK: torch.Tensor, topk_probs_TK: torch.Tensor, num_experts: int, capacity: int
+) -> torch.Tensor:
+    """Keep the first `capacity` assignments of every expert, ranked by router probability.
+
+    Within one expert, assignments are ordered by probability (descending); equal
+    probabilities fall back to token index, then k. Ranks are exact integers (two stable
+    sorts and a subtraction), never a floating-point cumsum, so the policy holds at any T.
+    """
+    ids_N = topk_ids_TK.reshape(-1)
+    probs_N = topk_probs_TK.detach().reshape(-1)
+    n = ids_N.numel()
+    # flat index n = t*K + k already is the (token, k) tie-break order; stable sorts keep it.
+    by_prob_N = torch.sort(probs_N, descending=True, stable=True).indices
+    by_expert = torch.sort(ids_N[by_prob_N], stable=True).indices
+    order_N = by_prob_N[by_expert]
+    counts_E = torch.bincount(ids_N, minlength=num_experts)
+    starts_E = torch.cumsum(counts_E, 0) - counts_E
+    sorted_ids_N = ids_N[order_N]
+    rank_sorted_N = torch.arange(n, device=ids_N.device) - starts_E[sorted_ids_N]
+    rank_N = torch.empty_like(rank_sorted_N)
+    rank_N[order_N] = rank_sorted_N
+    return (rank_N < capacity).reshape(topk_ids_TK.shape)
+
+
+class Router(nn.Module):
+    """Chooses top-k experts per token from fp32 softmax probabilities.
+
+    With `cfg.expert_bias` a per-expert bias (a buffer, not trained) is added to the
+    probabilities for *selection only*, DeepSeek-V3 style; the combine weights stay the
+    unbiased probabilities. The bias moves with `update_expert_bias` from the load
+    accumulated since the last update.
+    """
+
+    def __init__(self, cfg: MoEConfig, hidden: int, init_std: float = 0.02) -> None:
+        super().__init__()
+        self.cfg = cfg
+        self.num_experts = cfg.num_experts
+        self.top_k = cfg.top_k
+        self.weight_ED = nn.Parameter(torch.empty(cfg.num_experts, hidden))
+        nn.init.normal_(self.weight_ED, std=init_std)
+        # An integer buffer on purpose: engines cast float buffers to bf16, which would round
+        # the bias; keeping the net number of +-1 updates (times the rate) stays exact.
+        self.register_buffer("bias_steps_E", torch.zeros(cfg.num_experts, dtype=torch.long))
+
+    @property
+    def expert_bias_E(self) -> torch.Tensor:
+        return self.bias_steps_E.float() * self.cfg.expert_bias_rate
+
+    def forward(self, x_TD: torch.Tensor) -> RouterOutput:
+        cfg = self.cfg
+        T = x_TD.shape[0]
+        logits_TE = F.linear(x_TD.float(), self.weight_ED.float())
+        probs_TE = torch.softmax(logits_TE, dim=-1)
+        if cfg.expert_bias:
+            select_TE = probs_TE.detach() + self.expert_bias_E
+            topk_ids_TK = torch.topk(select_TE, self.top_k, dim=-1).indices
+            topk_probs_TK = probs_TE.gather(1, topk_ids_TK)
+        else:
+            topk_probs_TK, topk_ids_TK = torch.topk(probs_TE, self.top_k, dim=-1)
+        if cfg.renormalize:
+            weights_TK = topk_probs_TK / topk_probs_TK.sum(-1, keepdim=True).clamp_min(1e-20)
+        else:
+            weights_TK = topk_probs_TK
+
+        tokens_per_expert_E = torch.bincount(topk_ids_TK.reshape(-1), minlength=self.num_experts)
+        keep_TK = None
+        dropped = 0.0
+        if not cfg.dropless and T > 0:
+            keep_TK = capacity_keep_mask(
+                topk_ids_TK, topk_probs_TK, self.num_experts, capacity(T, cfg)
+            )
+            dropped = 1.0 - keep_TK.sum().item() / keep_TK.numel()
+
+        aux_loss, z_loss = self._losses(logits_TE, probs_TE, tokens_per_expert_E, T)
+        routing = Routing(
+            topk_ids_TK=topk_ids_TK,
+            topk_weights_TK=weights_TK.to(x_TD.dtype),
+            keep_TK=keep_TK,
+            num_experts=self.num_experts,
+        )
+        return RouterOutput(routing, aux_loss, z_loss, tokens_per_expert_E, dropped)
+
+    def _losses(
+        self,
+        logits_TE: torch.Tensor,
+        probs_TE: torch.Tensor,
+        tokens_per_expert_E: torch.Tensor,
+        T: int,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        if T == 0:
+            zero = logits_TE.sum() * 0.0
+            return zero, zero
+        # Switch Transformer: E * sum_e f_e * P_e, f_e = share of assignments routed to e
+        # (not differentiable), P_e = mean router probability of e; 1.0 when balanced.
+        f_E = tokens_per_expert_E.float() / (T * self.top_k)
+        P_E = probs_TE.mean(0)
+        aux = self.num_experts * torch.sum(f_E * P_E)
+        # ST-MoE router z-loss keeps logits small, which keeps the fp32 softmax well scaled.
+        z = torch.logsumexp(logits_TE, dim=-1).square().mean()
+        return aux, z
+
+    @torch.no_grad()
+    def update_expert_bias(self, load_E: torch.Tensor) -> None:
+        """DeepSeek-V3 update: raise the bias of under-loaded experts, lower over-loaded ones.
+
+        `load_E` is the routed load since the last update (the training loop sums
+        `tokens_per_expert_E` over micro-batches and ranks, so every replica moves alike).
+        Kept out of `forward` so activation recomputation cannot count a batch twice.
+        """
+        if not self.cfg.expert_bias:
+            return
+        load = load_E.to(self.bias_steps_E.device).double()
+        if load.sum() > 0:
+            self.bias_steps_E += torch.sign(load.mean() - load).long()
