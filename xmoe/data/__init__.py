@@ -8,12 +8,25 @@ shipped sample corpus (`sample`, tokenized with the byte tokenizer on first use)
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING, Any
+
 from xmoe.config import Config
 from xmoe.data.errors import DataError
-from xmoe.data.loader import Samples, TrainData
-from xmoe.data.synthetic import SyntheticSamples
+
+if TYPE_CHECKING:
+    from xmoe.data.loader import Samples, TrainData
 
 __all__ = ["DataError", "Samples", "TrainData", "build_samples", "build_train_data"]
+
+
+def __getattr__(name: str) -> Any:
+    # torch is imported only by the loader, so preprocessing and its workers start fast.
+    if name in ("Samples", "TrainData"):
+        from xmoe.data import loader
+
+        return getattr(loader, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
 
 SPLITS = ("train", "valid", "test")
 
@@ -28,6 +41,8 @@ def build_samples(cfg: Config, split: str = "train", rank: int = 0) -> Samples:
         raise DataError(f"unknown split {split!r}: choose one of {', '.join(SPLITS)}")
     d, m, t = cfg.data, cfg.model, cfg.train
     if d.source == "synthetic":
+        from xmoe.data.synthetic import SyntheticSamples
+
         # Distinct seeds per split keep validation samples out of the training stream.
         return SyntheticSamples(m.vocab_size, m.seq_len, t.seed + 7919 * SPLITS.index(split))
     from xmoe.data.blend import build_blend
@@ -55,6 +70,8 @@ def build_train_data(
     cfg: Config, dp_rank: int, dp_size: int, consumed_samples: int = 0
 ) -> TrainData:
     """Micro-batches of [train.micro_batch, model.seq_len + 1] token ids for one DP rank."""
+    from xmoe.data.loader import TrainData
+
     samples = build_samples(cfg, "train", rank=dp_rank)
     return TrainData(
         samples,
