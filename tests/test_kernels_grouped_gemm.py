@@ -1,0 +1,82 @@
+"""Grouped GEMM: Triton kernel, torch._grouped_mm and the per-expert loop agree, fwd and bwd."""
+
+import pytest
+import torch
+import triton_interp
+
+from xmoe.kernels import backend
+from xmoe.kernels.grouped_gemm import grouped_mm, resolve_impl, torch_grouped_mm_supported
+
+
+@pytest.mark.skipif(triton_interp.READY, reason="the kernels run in this process")
+def test_in_interpreter_process():
+    triton_interp.run_in_child(__file__)
+
+
+@pytest.fixture
+def interpreter(monkeypatch):
+    if not triton_interp.READY:
+        pytest.skip(
+            "triton was imported without the interpreter: test_in_interpreter_process runs these"
+        )
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    assert backend.use_triton(torch.zeros(1))
+
+
+COUNTS = {
+    "ragged": [5, 0, 17, 3],
+    "all_on_one": [0, 0, 29, 0],
+    "single_row": [1],
+    "empty": [0, 0, 0],
+    "tile_edges": [16, 33, 15],
+}
+
+
+def _run(impl, x, w, counts, gy, transpose):
+    x = x.clone().requires_grad_()
+    w = w.clone().requires_grad_()
+    w_EKN = w.transpose(1, 2) if transpose else w
+    y = grouped_mm(x, w_EKN, counts, impl)
+    (y * gy).sum().backward()
+    return y.detach(), x.grad, w.grad
+
+
+@pytest.mark.parametrize("transpose", [False, True])
+@pytest.mark.parametrize("case", list(COUNTS))
+def test_impls_agree(interpreter, case, transpose):
+    counts = COUNTS[case]
+    E, R, K, N = len(counts), sum(counts), 32, 48
+    g = torch.Generator().manual_seed(R + E)
+    x = torch.randn(R, K, generator=g)
+    w = torch.randn(E, N, K, generator=g) if transpose else torch.randn(E, K, N, generator=g)
+    gy = torch.randn(R, N, generator=g)
+    ref = _run("loop", x, w, counts, gy, transpose)
+    impls = ["triton"] + (["torch"] if R and torch_grouped_mm_supported(x, w) else [])
+    for impl in impls:
+        for got, want in zip(_run(impl, x, w, counts, gy, transpose), ref):
+            torch.testing.assert_close(got, want, atol=1e-4, rtol=1e-4)
+    # counts as a device tensor take the same path
+    y = grouped_mm(x, w.transpose(1, 2) if transpose else w, torch.tensor(counts), "triton")
+    torch.testing.assert_close(y, ref[0], atol=1e-4, rtol=1e-4)
+
+
+def test_torch_grouped_mm_matches_loop_without_interpreter():
+    counts = [3, 0, 9, 4]
+    x = torch.randn(16, 32)
+    w = torch.randn(4, 32, 16)
+    gy = torch.randn(16, 16)
+    assert torch_grouped_mm_supported(x, w)
+    for got, want in zip(
+        _run("torch", x, w, counts, gy, False), _run("loop", x, w, counts, gy, False)
+    ):
+        torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+
+
+def test_auto_resolution(monkeypatch):
+    x, w = torch.randn(4, 32), torch.randn(2, 32, 16)
+    assert resolve_impl("auto", x, w) == "torch"
+    assert resolve_impl("auto", x, torch.randn(2, 32, 6)) in ("loop", "triton")
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    assert resolve_impl("auto", x.double(), w.double()) == "loop"
+    with pytest.raises(ValueError, match="grouped GEMM"):
+        resolve_impl("cutlass", x, w)

@@ -1,0 +1,67 @@
+"""When the Triton kernels run, and when their plain-torch references run instead.
+
+One rule for every kernel in this package: Triton runs when the tensor lives on a GPU, or
+when `TRITON_INTERPRET=1` is set (the CPU interpreter the tests use). Everywhere else
+(the CPU trainer in CI, the local demo) the torch reference beside each kernel runs, so
+the same code path works with or without a GPU.
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+
+try:
+    import triton  # noqa: F401
+    import triton.language as tl  # noqa: F401
+
+    HAVE_TRITON = True
+except ImportError:  # pragma: no cover - triton is a dependency, but keep CPU usable
+    HAVE_TRITON = False
+
+
+def interpreting() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+def use_triton(t: torch.Tensor) -> bool:
+    """True when the Triton kernel should handle `t` (GPU tensor, or the CPU interpreter)."""
+    if not HAVE_TRITON:
+        return False
+    return t.is_cuda or interpreting()
+
+
+class Kernel:
+    """A Triton kernel, compiled for the GPU or run by the CPU interpreter as decided per launch.
+
+    `triton.jit` fixes the choice when the module is imported; deciding at launch keeps the
+    rule above true whatever was imported first (e.g. in one pytest process).
+    """
+
+    def __init__(self, fn):
+        self.fn = fn
+        self._compiled = None
+        self._interpreted = None
+
+    def __getitem__(self, grid):
+        if interpreting():
+            if self._interpreted is None:
+                from triton.runtime.interpreter import InterpretedFunction
+
+                self._interpreted = InterpretedFunction(self.fn)
+            return self._interpreted[grid]
+        if self._compiled is None:
+            from triton.runtime.jit import JITFunction
+
+            self._compiled = JITFunction(self.fn)
+        return self._compiled[grid]
+
+
+def kernel(fn) -> Kernel:
+    """Decorator used instead of `triton.jit` for the kernels of this package."""
+    return Kernel(fn)
+
+
+def next_pow2(n: int) -> int:
+    return 1 << max(0, (int(n) - 1).bit_length())

@@ -1,0 +1,309 @@
+"""Grouped GEMM over expert-grouped rows: y_RN[rows of e] = x_RK[rows of e] @ w_EKN[e].
+
+Three interchangeable implementations, all differentiable in x and w:
+  "torch"   torch._grouped_mm (CUTLASS on Hopper; offs = int32 cumsum of the counts).
+  "triton"  the Triton kernels below: the path where _grouped_mm has no bf16 (ROCm
+            gfx90a, i.e. Frontier's MI250X) or does not exist.
+  "loop"    one matmul per expert: the reference the other two are tested against.
+`w_EKN` may be any strided view (e.g. `w1_EFD.transpose(1, 2)`), so stacked parameters
+stored [E, out, in] feed in without a copy. `counts_E` is a host list (the dispatcher
+already synced it) or a tensor.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from xmoe.kernels.backend import HAVE_TRITON, kernel, use_triton
+
+IMPLS = ("auto", "torch", "triton", "loop")
+
+if HAVE_TRITON:
+    import triton
+    import triton.language as tl
+
+    @kernel
+    def _gmm_kernel(
+        x_ptr,
+        w_ptr,
+        y_ptr,
+        tile_e_ptr,
+        tile_m_ptr,
+        end_ptr,
+        N,
+        K,
+        s_xm,
+        s_xk,
+        s_we,
+        s_wk,
+        s_wn,
+        s_ym,
+        s_yn,
+        BM: tl.constexpr,
+        BN: tl.constexpr,
+        BK: tl.constexpr,
+    ):
+        # One program per (row tile of one expert, column tile); tiles never straddle experts.
+        pid = tl.program_id(0)
+        e = tl.load(tile_e_ptr + pid).to(tl.int64)
+        m0 = tl.load(tile_m_ptr + pid)
+        end = tl.load(end_ptr + e)
+        rm = m0 + tl.arange(0, BM)
+        rn = tl.program_id(1) * BN + tl.arange(0, BN)
+        rk = tl.arange(0, BK)
+        mm = rm < end
+        mn = rn < N
+        x_ptrs = x_ptr + rm[:, None].to(tl.int64) * s_xm + rk[None, :] * s_xk
+        w_ptrs = w_ptr + e * s_we + rk[:, None] * s_wk + rn[None, :] * s_wn
+        acc = tl.zeros((BM, BN), dtype=tl.float32)
+        for k0 in range(0, K, BK):
+            mk = (k0 + rk) < K
+            a = tl.load(x_ptrs, mask=mm[:, None] & mk[None, :], other=0.0)
+            b = tl.load(w_ptrs, mask=mk[:, None] & mn[None, :], other=0.0)
+            acc = tl.dot(a, b, acc)
+            x_ptrs += BK * s_xk
+            w_ptrs += BK * s_wk
+        tl.store(
+            y_ptr + rm[:, None].to(tl.int64) * s_ym + rn[None, :] * s_yn,
+            acc.to(y_ptr.dtype.element_ty),
+            mask=mm[:, None] & mn[None, :],
+        )
+
+    @kernel
+    def _gmm_wgrad_kernel(
+        x_ptr,
+        dy_ptr,
+        dw_ptr,
+        start_ptr,
+        end_ptr,
+        K,
+        N,
+        s_xm,
+        s_xk,
+        s_dym,
+        s_dyn,
+        s_we,
+        s_wk,
+        s_wn,
+        BM: tl.constexpr,
+        BN: tl.constexpr,
+        BR: tl.constexpr,
+    ):
+        # dw[e] = x[rows of e]^T @ dy[rows of e]; an expert with no rows gets zeros.
+        e = tl.program_id(0).to(tl.int64)
+        rk = tl.program_id(1) * BM + tl.arange(0, BM)
+        rn = tl.program_id(2) * BN + tl.arange(0, BN)
+        mk = rk < K
+        mn = rn < N
+        start = tl.load(start_ptr + e)
+        end = tl.load(end_ptr + e)
+        acc = tl.zeros((BM, BN), dtype=tl.float32)
+        for r0 in range(start, end, BR):
+            rr = r0 + tl.arange(0, BR)
+            mr = rr < end
+            a = tl.load(
+                x_ptr + rr[None, :].to(tl.int64) * s_xm + rk[:, None] * s_xk,
+                mask=mk[:, None] & mr[None, :],
+                other=0.0,
+            )
+            b = tl.load(
+                dy_ptr + rr[:, None].to(tl.int64) * s_dym + rn[None, :] * s_dyn,
+                mask=mr[:, None] & mn[None, :],
+                other=0.0,
+            )
+            acc = tl.dot(a, b, acc)
+        tl.store(
+            dw_ptr + e * s_we + rk[:, None] * s_wk + rn[None, :] * s_wn,
+            acc.to(dw_ptr.dtype.element_ty),
+            mask=mk[:, None] & mn[None, :],
+        )
+
+
+def _counts_list(counts_E) -> list[int]:
+    return [int(c) for c in (counts_E.tolist() if torch.is_tensor(counts_E) else counts_E)]
+
+
+# --------------------------------------------------------------------------- loop / torch
+
+
+def grouped_mm_loop(x_RK: torch.Tensor, w_EKN: torch.Tensor, counts_E) -> torch.Tensor:
+    """Reference: one matmul per expert."""
+    counts = _counts_list(counts_E)
+    outs = list(torch.split(x_RK, counts, dim=0))
+    outs = [xe @ w_EKN[e] for e, xe in enumerate(outs)]
+    if not outs:
+        return x_RK.new_zeros(x_RK.shape[0], w_EKN.shape[2])
+    return torch.cat(outs, dim=0)
+
+
+def grouped_mm_torch(x_RK: torch.Tensor, w_EKN: torch.Tensor, counts_E) -> torch.Tensor:
+    """torch._grouped_mm, which carries its own autograd."""
+    if torch.is_tensor(counts_E):
+        offs = torch.cumsum(counts_E.to(device=x_RK.device), 0).to(torch.int32)
+    else:
+        offs = (
+            torch.tensor(_counts_list(counts_E), dtype=torch.int64)
+            .cumsum(0)
+            .to(device=x_RK.device, dtype=torch.int32)
+        )
+    return torch._grouped_mm(x_RK, w_EKN, offs=offs)
+
+
+def torch_grouped_mm_supported(x_RK: torch.Tensor, w_EKN: torch.Tensor) -> bool:
+    """Whether torch._grouped_mm handles these operands here (exists, dtype, alignment)."""
+    if not hasattr(torch, "_grouped_mm"):
+        return False
+    if x_RK.is_cuda:
+        if x_RK.dtype != torch.bfloat16 or torch.version.hip is not None:
+            return False
+        if torch.cuda.get_device_capability(x_RK.device)[0] < 9:
+            return False
+    elif x_RK.dtype != torch.float32:
+        return False
+    align = 16 // x_RK.element_size()
+    return x_RK.shape[1] % align == 0 and w_EKN.shape[2] % align == 0
+
+
+# --------------------------------------------------------------------------- triton
+
+
+def _tile_map(
+    counts: list[int], bm: int, device
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Per row tile: its expert and first row; per expert: its end row."""
+    tile_e, tile_m, ends = [], [], []
+    start = 0
+    for e, c in enumerate(counts):
+        for m0 in range(start, start + c, bm):
+            tile_e.append(e)
+            tile_m.append(m0)
+        start += c
+        ends.append(start)
+    mk = lambda v: torch.tensor(v, dtype=torch.int32).to(device, non_blocking=True)  # noqa: E731
+    return mk(tile_e), mk(tile_m), mk(ends)
+
+
+def _config(dtype: torch.dtype, interpret: bool) -> tuple[int, int, int, int, int]:
+    if interpret:
+        return 16, 16, 16, 1, 1
+    if dtype == torch.float32:
+        return 64, 64, 32, 4, 3
+    return 128, 128, 64, 8, 3
+
+
+def _gmm_forward(x_RK, w_EKN, tiles, N: int) -> torch.Tensor:
+    tile_e, tile_m, ends = tiles
+    R, K = x_RK.shape
+    y_RN = torch.empty(R, N, dtype=x_RK.dtype, device=x_RK.device)
+    if tile_e.numel() == 0 or N == 0:
+        return y_RN.zero_() if N else y_RN
+    bm, bn, bk, warps, stages = _config(x_RK.dtype, not x_RK.is_cuda)
+    grid = (tile_e.numel(), triton.cdiv(N, bn))
+    _gmm_kernel[grid](
+        x_RK,
+        w_EKN,
+        y_RN,
+        tile_e,
+        tile_m,
+        ends,
+        N,
+        K,
+        x_RK.stride(0),
+        x_RK.stride(1),
+        w_EKN.stride(0),
+        w_EKN.stride(1),
+        w_EKN.stride(2),
+        y_RN.stride(0),
+        y_RN.stride(1),
+        BM=bm,
+        BN=bn,
+        BK=bk,
+        num_warps=warps,
+        num_stages=stages,
+    )
+    return y_RN
+
+
+def _gmm_wgrad(x_RK, dy_RN, ends, E: int) -> torch.Tensor:
+    R, K = x_RK.shape
+    N = dy_RN.shape[1]
+    dw_EKN = torch.empty(E, K, N, dtype=x_RK.dtype, device=x_RK.device)
+    starts = torch.cat([ends.new_zeros(1), ends[:-1]]) if E else ends
+    bm, bn, bk, warps, stages = _config(x_RK.dtype, not x_RK.is_cuda)
+    if E == 0 or K == 0 or N == 0:
+        return dw_EKN.zero_()
+    grid = (E, triton.cdiv(K, bm), triton.cdiv(N, bn))
+    _gmm_wgrad_kernel[grid](
+        x_RK,
+        dy_RN,
+        dw_EKN,
+        starts,
+        ends,
+        K,
+        N,
+        x_RK.stride(0),
+        x_RK.stride(1),
+        dy_RN.stride(0),
+        dy_RN.stride(1),
+        dw_EKN.stride(0),
+        dw_EKN.stride(1),
+        dw_EKN.stride(2),
+        BM=bm,
+        BN=bn,
+        BR=bk,
+        num_warps=warps,
+        num_stages=stages,
+    )
+    return dw_EKN
+
+
+class _TritonGroupedMM(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x_RK, w_EKN, counts):
+        bm = _config(x_RK.dtype, not x_RK.is_cuda)[0]
+        tiles = _tile_map(counts, bm, x_RK.device)
+        ctx.save_for_backward(x_RK, w_EKN, *tiles)
+        return _gmm_forward(x_RK, w_EKN, tiles, w_EKN.shape[2])
+
+    @staticmethod
+    def backward(ctx, dy_RN):
+        x_RK, w_EKN, *tiles = ctx.saved_tensors
+        dy_RN = dy_RN.contiguous()
+        dx = dw = None
+        if ctx.needs_input_grad[0]:
+            dx = _gmm_forward(dy_RN, w_EKN.transpose(1, 2), tiles, w_EKN.shape[1])
+        if ctx.needs_input_grad[1]:
+            dw = _gmm_wgrad(x_RK, dy_RN, tiles[2], w_EKN.shape[0])
+        return dx, dw, None
+
+
+def grouped_mm_triton(x_RK: torch.Tensor, w_EKN: torch.Tensor, counts_E) -> torch.Tensor:
+    return _TritonGroupedMM.apply(x_RK, w_EKN, _counts_list(counts_E))
+
+
+# --------------------------------------------------------------------------- selection
+
+
+def resolve_impl(impl: str, x_RK: torch.Tensor, w_EKN: torch.Tensor) -> str:
+    """ "auto": _grouped_mm where it works, else Triton on GPU (or interpreter), else a loop."""
+    if impl not in IMPLS:
+        raise ValueError(f"grouped GEMM impl {impl!r} is not one of {', '.join(IMPLS)}")
+    if impl != "auto":
+        return impl
+    if torch_grouped_mm_supported(x_RK, w_EKN):
+        return "torch"
+    if use_triton(x_RK):
+        return "triton"
+    return "loop"
+
+
+def grouped_mm(
+    x_RK: torch.Tensor, w_EKN: torch.Tensor, counts_E, impl: str = "auto"
+) -> torch.Tensor:
+    """y_RN = x_RK @ w_EKN[e] for each expert's consecutive block of counts_E[e] rows."""
+    impl = resolve_impl(impl, x_RK, w_EKN)
+    if impl == "torch":
+        return grouped_mm_torch(x_RK, w_EKN, counts_E)
+    if impl == "triton":
+        return grouped_mm_triton(x_RK, w_EKN, counts_E)
+    return grouped_mm_loop(x_RK, w_EKN, counts_E)

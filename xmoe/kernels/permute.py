@@ -1,0 +1,215 @@
+"""Permute token rows into the expert-grouped buffer, and its adjoint (unpermute-sum).
+
+  gather_rows:  out_RD[r] = x_TD[src_slot_R[r] // K] (* w_N[src_slot_R[r]])
+                reads x_TD by index: each routed row is copied once, no [T*K, D] repeat.
+  unpermute:    y_TD[t] = sum_k (w_TK[t, k] *) rows_RD[dest_row_TK[t, k]]   (skips -1)
+                a gather per token, so no atomics and a deterministic sum order.
+
+`permute` is the differentiable wrapper the dispatchers call: forward gathers the kept
+rows, backward sums each token's row gradients with `unpermute`. Each kernel has a torch
+reference below it; `backend.use_triton` picks one.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from xmoe.kernels.backend import HAVE_TRITON, kernel, next_pow2, use_triton
+
+if HAVE_TRITON:
+    import triton
+    import triton.language as tl
+
+    @kernel
+    def _gather_rows_kernel(
+        src_ptr,
+        out_ptr,
+        slot_ptr,
+        w_ptr,
+        R,
+        D,
+        K,
+        s_src,
+        s_out,
+        HAS_W: tl.constexpr,
+        BLOCK_R: tl.constexpr,
+        BLOCK_D: tl.constexpr,
+    ):
+        r = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
+        d = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)
+        mr = r < R
+        m = mr[:, None] & (d < D)[None, :]
+        slot = tl.load(slot_ptr + r, mask=mr, other=0)
+        tok = slot // K
+        v = tl.load(src_ptr + tok[:, None] * s_src + d[None, :], mask=m, other=0.0)
+        if HAS_W:
+            w = tl.load(w_ptr + slot, mask=mr, other=0.0).to(tl.float32)
+            v = v.to(tl.float32) * w[:, None]
+        tl.store(
+            out_ptr + r[:, None].to(tl.int64) * s_out + d[None, :],
+            v.to(out_ptr.dtype.element_ty),
+            mask=m,
+        )
+
+    @kernel
+    def _unpermute_kernel(
+        rows_ptr,
+        out_ptr,
+        dest_ptr,
+        w_ptr,
+        T,
+        D,
+        K,
+        s_rows,
+        s_out,
+        HAS_W: tl.constexpr,
+        BLOCK_T: tl.constexpr,
+        BLOCK_D: tl.constexpr,
+    ):
+        t = tl.program_id(0) * BLOCK_T + tl.arange(0, BLOCK_T)
+        d = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)
+        mt = t < T
+        md = d < D
+        acc = tl.zeros((BLOCK_T, BLOCK_D), dtype=tl.float32)
+        for k in range(0, K):
+            idx = tl.load(dest_ptr + t * K + k, mask=mt, other=-1)
+            valid = mt & (idx >= 0)
+            v = tl.load(
+                rows_ptr + idx[:, None] * s_rows + d[None, :],
+                mask=valid[:, None] & md[None, :],
+                other=0.0,
+            ).to(tl.float32)
+            if HAS_W:
+                w = tl.load(w_ptr + t * K + k, mask=valid, other=0.0).to(tl.float32)
+                v = v * w[:, None]
+            acc += v
+        tl.store(
+            out_ptr + t[:, None].to(tl.int64) * s_out + d[None, :],
+            acc.to(out_ptr.dtype.element_ty),
+            mask=mt[:, None] & md[None, :],
+        )
+
+
+def _tiles(D: int) -> tuple[int, int]:
+    block_d = min(256, max(16, next_pow2(D)))
+    return max(1, 4096 // block_d), block_d
+
+
+# --------------------------------------------------------------------------- gather_rows
+
+
+def gather_rows_torch(
+    x_TD: torch.Tensor, src_slot_R: torch.Tensor, top_k: int, w_N: torch.Tensor | None = None
+) -> torch.Tensor:
+    out_RD = x_TD.index_select(0, src_slot_R // top_k)
+    if w_N is not None:
+        out_RD = (out_RD.float() * w_N[src_slot_R].float()[:, None]).to(x_TD.dtype)
+    return out_RD
+
+
+def gather_rows(
+    x_TD: torch.Tensor, src_slot_R: torch.Tensor, top_k: int, w_N: torch.Tensor | None = None
+) -> torch.Tensor:
+    """Row r of the result is token src_slot_R[r] // top_k of x_TD, scaled by w_N[slot]."""
+    if not use_triton(x_TD):
+        return gather_rows_torch(x_TD, src_slot_R, top_k, w_N)
+    x_TD = x_TD.contiguous()
+    R, D = src_slot_R.numel(), x_TD.shape[1]
+    out_RD = torch.empty(R, D, dtype=x_TD.dtype, device=x_TD.device)
+    if R == 0 or D == 0:
+        return out_RD
+    br, bd = _tiles(D)
+    w = w_N.contiguous() if w_N is not None else src_slot_R
+    grid = (triton.cdiv(R, br), triton.cdiv(D, bd))
+    _gather_rows_kernel[grid](
+        x_TD,
+        out_RD,
+        src_slot_R.contiguous(),
+        w,
+        R,
+        D,
+        top_k,
+        x_TD.stride(0),
+        out_RD.stride(0),
+        HAS_W=w_N is not None,
+        BLOCK_R=br,
+        BLOCK_D=bd,
+    )
+    return out_RD
+
+
+# --------------------------------------------------------------------------- unpermute
+
+
+def unpermute_torch(
+    rows_RD: torch.Tensor, dest_row_TK: torch.Tensor, w_TK: torch.Tensor | None = None
+) -> torch.Tensor:
+    T, K = dest_row_TK.shape
+    D = rows_RD.shape[1]
+    valid_N = (dest_row_TK >= 0).reshape(-1)
+    slot_M = valid_N.nonzero().squeeze(1)
+    vals_MD = rows_RD.index_select(0, dest_row_TK.reshape(-1)[slot_M]).float()
+    if w_TK is not None:
+        vals_MD = vals_MD * w_TK.reshape(-1)[slot_M].float()[:, None]
+    y_TD = torch.zeros(T, D, dtype=torch.float32, device=rows_RD.device)
+    y_TD.index_add_(0, slot_M // K, vals_MD)
+    return y_TD.to(rows_RD.dtype)
+
+
+def unpermute(
+    rows_RD: torch.Tensor, dest_row_TK: torch.Tensor, w_TK: torch.Tensor | None = None
+) -> torch.Tensor:
+    """y_TD[t] = sum over kept k of (w_TK[t, k] *) rows_RD[dest_row_TK[t, k]], fp32 accumulation."""
+    if not use_triton(rows_RD):
+        return unpermute_torch(rows_RD, dest_row_TK, w_TK)
+    rows_RD = rows_RD.contiguous()
+    T, K = dest_row_TK.shape
+    D = rows_RD.shape[1]
+    y_TD = torch.empty(T, D, dtype=rows_RD.dtype, device=rows_RD.device)
+    if T == 0 or D == 0:
+        return y_TD
+    bt, bd = _tiles(D)
+    dest = dest_row_TK.contiguous()
+    w = w_TK.contiguous() if w_TK is not None else dest
+    grid = (triton.cdiv(T, bt), triton.cdiv(D, bd))
+    _unpermute_kernel[grid](
+        rows_RD,
+        y_TD,
+        dest,
+        w,
+        T,
+        D,
+        K,
+        rows_RD.stride(0),
+        y_TD.stride(0),
+        HAS_W=w_TK is not None,
+        BLOCK_T=bt,
+        BLOCK_D=bd,
+    )
+    return y_TD
+
+
+# --------------------------------------------------------------------------- autograd
+
+
+class _Permute(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x_TD, src_slot_R, dest_row_TK):
+        ctx.save_for_backward(dest_row_TK)
+        return gather_rows(x_TD, src_slot_R, dest_row_TK.shape[1])
+
+    @staticmethod
+    def backward(ctx, grad_RD):
+        (dest_row_TK,) = ctx.saved_tensors
+        return unpermute(grad_RD.contiguous(), dest_row_TK), None, None
+
+
+def permute(
+    x_TD: torch.Tensor, src_slot_R: torch.Tensor, dest_row_TK: torch.Tensor
+) -> torch.Tensor:
+    """Copy each kept (token, k) row of x_TD into the expert-grouped buffer [R, D].
+
+    `src_slot_R` and `dest_row_TK` come from `routing_metadata` (src_slot sliced to R rows).
+    Only the index tensors are kept for backward.
+    """
+    return _Permute.apply(x_TD, src_slot_R, dest_row_TK)

@@ -1,0 +1,149 @@
+"""Routing metadata: where each routed (token, k) assignment goes in the expert-grouped buffer.
+
+From the router's top-k expert ids (and the capacity keep-mask, if dropping) this computes
+  counts_E        kept assignments per expert,
+  dest_row_TK     the row of each assignment in the expert-grouped buffer (-1 = dropped),
+  src_slot_R      the inverse: for each row, the flat assignment index t * K + k.
+Rows are ordered by expert, and inside an expert by flat assignment index (a stable order),
+so every backend produces bit-identical metadata.
+
+The Triton path needs no sort: a per-block one-hot histogram gives counts, a tiny torch
+cumsum over the [blocks, E] histogram gives each block's base row per expert, and a second
+pass ranks each assignment inside its block with a cumsum over the one-hot tile. Exact for
+any token count (int64 positions, no floating-point ranking). The torch reference uses a
+stable argsort and bincount.
+
+Nothing here syncs with the host: `src_slot_R` is returned with room for every assignment
+and only its first `counts_E.sum()` entries are meaningful; the caller slices it once the
+counts are on the host (the one sync per layer).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from xmoe.kernels.backend import HAVE_TRITON, kernel, next_pow2, use_triton
+
+if HAVE_TRITON:
+    import triton
+    import triton.language as tl
+
+    @kernel
+    def _block_histogram_kernel(
+        ids_ptr,
+        keep_ptr,
+        hist_ptr,
+        N,
+        E,
+        HAS_KEEP: tl.constexpr,
+        BLOCK: tl.constexpr,
+        E_PAD: tl.constexpr,
+    ):
+        b = tl.program_id(0)
+        i = b * BLOCK + tl.arange(0, BLOCK)
+        m = i < N
+        ids = tl.load(ids_ptr + i, mask=m, other=-1)
+        if HAS_KEEP:
+            keep = tl.load(keep_ptr + i, mask=m, other=0)
+            ids = tl.where(keep != 0, ids, -1)
+        e = tl.arange(0, E_PAD)
+        onehot = (ids[:, None] == e[None, :]).to(tl.int32)
+        tl.store(hist_ptr + b * E + e, tl.sum(onehot, axis=0), mask=e < E)
+
+    @kernel
+    def _positions_kernel(
+        ids_ptr,
+        keep_ptr,
+        base_ptr,
+        dest_ptr,
+        slot_ptr,
+        N,
+        E,
+        HAS_KEEP: tl.constexpr,
+        BLOCK: tl.constexpr,
+        E_PAD: tl.constexpr,
+    ):
+        b = tl.program_id(0)
+        i = b * BLOCK + tl.arange(0, BLOCK)
+        m = i < N
+        ids = tl.load(ids_ptr + i, mask=m, other=-1)
+        if HAS_KEEP:
+            keep = tl.load(keep_ptr + i, mask=m, other=0)
+            ids = tl.where(keep != 0, ids, -1)
+        e = tl.arange(0, E_PAD)
+        onehot = (ids[:, None] == e[None, :]).to(tl.int64)
+        rank = tl.cumsum(onehot, axis=0) - 1
+        base = tl.load(base_ptr + b * E + e, mask=e < E, other=0)
+        pos = tl.sum(onehot * (rank + base[None, :]), axis=1)
+        valid = m & (ids >= 0)
+        pos = tl.where(valid, pos, -1)
+        tl.store(dest_ptr + i, pos, mask=m)
+        tl.store(slot_ptr + pos, i.to(tl.int64), mask=valid)
+
+
+@dataclass
+class RoutingMeta:
+    counts_E: torch.Tensor  # int64, kept assignments per expert
+    dest_row_TK: torch.Tensor  # int64, row in the expert-grouped buffer, -1 where dropped
+    src_slot_N: torch.Tensor  # int64 [T*K], first counts_E.sum() entries: flat (t*K+k) per row
+    top_k: int
+
+    def counts_per_rank(self, world: int) -> torch.Tensor:
+        """Rows destined to each of `world` expert-parallel ranks (experts split evenly)."""
+        return self.counts_E.view(world, -1).sum(1)
+
+
+def routing_metadata_torch(
+    topk_ids_TK: torch.Tensor, keep_TK: torch.Tensor | None, num_experts: int
+) -> RoutingMeta:
+    """Reference: stable argsort of expert ids (dropped assignments sort last) and bincount."""
+    T, K = topk_ids_TK.shape
+    key_N = topk_ids_TK.reshape(-1).long()
+    if keep_TK is not None:
+        key_N = torch.where(keep_TK.reshape(-1), key_N, num_experts)
+    order_N = torch.sort(key_N, stable=True).indices
+    counts_E = torch.bincount(key_N, minlength=num_experts + 1)[:num_experts]
+    dest_N = torch.empty_like(order_N)
+    dest_N[order_N] = torch.arange(order_N.numel(), device=order_N.device)
+    dest_N = torch.where(key_N < num_experts, dest_N, -1)
+    return RoutingMeta(counts_E, dest_N.view(T, K), order_N, K)
+
+
+def routing_metadata_triton(
+    topk_ids_TK: torch.Tensor, keep_TK: torch.Tensor | None, num_experts: int
+) -> RoutingMeta:
+    T, K = topk_ids_TK.shape
+    N, E = T * K, num_experts
+    dev = topk_ids_TK.device
+    ids_N = topk_ids_TK.reshape(-1).contiguous()
+    keep_N = keep_TK.reshape(-1).contiguous().view(torch.uint8) if keep_TK is not None else ids_N
+    e_pad = max(16, next_pow2(E))
+    block = max(16, min(1024, 16384 // e_pad))
+    nb = max(1, triton.cdiv(N, block))
+    hist_BE = torch.zeros(nb, E, dtype=torch.int64, device=dev)
+    dest_N = torch.empty(N, dtype=torch.int64, device=dev)
+    slot_N = torch.zeros(N, dtype=torch.int64, device=dev)
+    if N == 0:
+        return RoutingMeta(hist_BE.sum(0), dest_N.view(T, K), slot_N, K)
+    has_keep = keep_TK is not None
+    _block_histogram_kernel[(nb,)](
+        ids_N, keep_N, hist_BE, N, E, HAS_KEEP=has_keep, BLOCK=block, E_PAD=e_pad
+    )
+    counts_E = hist_BE.sum(0)
+    offsets_E = torch.cumsum(counts_E, 0) - counts_E
+    base_BE = (torch.cumsum(hist_BE, 0) - hist_BE + offsets_E[None, :]).contiguous()
+    _positions_kernel[(nb,)](
+        ids_N, keep_N, base_BE, dest_N, slot_N, N, E, HAS_KEEP=has_keep, BLOCK=block, E_PAD=e_pad
+    )
+    return RoutingMeta(counts_E, dest_N.view(T, K), slot_N, K)
+
+
+def routing_metadata(
+    topk_ids_TK: torch.Tensor, keep_TK: torch.Tensor | None, num_experts: int
+) -> RoutingMeta:
+    """Counts per expert and each kept assignment's row in the expert-grouped buffer."""
+    if use_triton(topk_ids_TK):
+        return routing_metadata_triton(topk_ids_TK, keep_TK, num_experts)
+    return routing_metadata_torch(topk_ids_TK, keep_TK, num_experts)
