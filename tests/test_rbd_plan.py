@@ -18,8 +18,10 @@ from xmoe.moe.rbd_plan import (
 
 def _routing(T: int, K: int, E: int, seed: int, drop: bool):
     g = torch.Generator().manual_seed(seed)
-    ids_TK = torch.stack([torch.randperm(E, generator=g)[:K] for _ in range(T)]) if T else (
-        torch.zeros(0, K, dtype=torch.int64)
+    ids_TK = (
+        torch.stack([torch.randperm(E, generator=g)[:K] for _ in range(T)])
+        if T
+        else (torch.zeros(0, K, dtype=torch.int64))
     )
     w_TK = torch.rand(T, K, generator=g)
     keep_TK = torch.rand(T, K, generator=g) > 0.3 if drop else None
@@ -53,8 +55,8 @@ def _simulate(W: int, L: int, El: int, K: int, tokens: list[int], drop: bool, D:
     # holder (j, l) receives from (i, l) for every node i
     holders = {}
     for h in range(W):
-        j, l = divmod(h, L)
-        srcs = [i * L + l for i in range(N)]
+        j, lo = divmod(h, L)
+        srcs = [i * L + lo for i in range(N)]
         pil = torch.cat([sent[s][1][j] for s in srcs])
         meta = torch.cat([sent[s][2][j] for s in srcs])
         w = torch.cat([sent[s][3][j] for s in srcs])
@@ -82,7 +84,10 @@ def _simulate(W: int, L: int, El: int, K: int, tokens: list[int], drop: bool, D:
         want = torch.cat(want) if want else torch.zeros(0, D)
         assert torch.equal(x_RD, want), f"rank {r} sees rows in the wrong order"
         assert splits[r].counts_El == [
-            sum(int(((rts[s][0] == r * El + le) & (rts[s][2] if drop else True)).sum()) for s in range(W))
+            sum(
+                int(((rts[s][0] == r * El + le) & (rts[s][2] if drop else True)).sum())
+                for s in range(W)
+            )
             for le in range(El)
         ]
         le_R = torch.repeat_interleave(torch.arange(El), torch.tensor(splits[r].counts_El))
@@ -93,15 +98,15 @@ def _simulate(W: int, L: int, El: int, K: int, tokens: list[int], drop: bool, D:
     # combine: back to holders, weighted into pilots, back to senders
     back = {}
     for h in range(W):
-        j, l = divmod(h, L)
+        j, lo = divmod(h, L)
         pil, w_Q, pilot_Q, _ = holders[h]
-        y_Q = torch.cat([outs[j * L + lp][l] for lp in range(L)])
+        y_Q = torch.cat([outs[j * L + lp][lo] for lp in range(L)])
         acc = torch.zeros_like(pil).index_add(0, pilot_Q, y_Q * w_Q[:, None])
         back[h] = acc.split(splits[h].pilots_recv)
     for s in range(W):
-        i, l = divmod(s, L)
+        i, lo = divmod(s, L)
         token_P = sent[s][0]
-        y_P = torch.cat([back[j * L + l][i] for j in range(N)])
+        y_P = torch.cat([back[j * L + lo][i] for j in range(N)])
         out = torch.zeros_like(xs[s]).index_add(0, token_P, y_P)
         ids, w, keep = rts[s]
         w_eff = w if keep is None else w * keep

@@ -146,8 +146,14 @@ def host_splits(sent_WC: list[list[int]], recv_WC: list[list[int]], layout: Node
     intra_recv = [sum(blocks_LEN[lr * El * N : (lr + 1) * El * N]) for lr in range(L)]
     counts_El = [sum(recv_WC[s][le] for s in range(layout.world)) for le in range(El)]
     return Splits(
-        pilots_sent, replicas_sent, pilots_recv, replicas_recv, intra_sent, intra_recv,
-        counts_El, blocks_LEN,
+        pilots_sent,
+        replicas_sent,
+        pilots_recv,
+        replicas_recv,
+        intra_sent,
+        intra_recv,
+        counts_El,
+        blocks_LEN,
     )
 
 
