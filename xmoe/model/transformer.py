@@ -88,7 +88,7 @@ class Block(nn.Module):
         self.ffn_norm = RMSNorm(m.hidden, m.norm_eps)
         self.is_moe = layer_idx >= m.dense_layers
         if self.is_moe:
-            self.ffn: nn.Module = MoELayer(cfg, parallel_state)
+            self.ffn: nn.Module = MoELayer(cfg, parallel_state, layer_idx)
         else:
             self.ffn = DenseMLP(m.hidden, m.ffn_hidden, "swiglu", m.init_std)
 

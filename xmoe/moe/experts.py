@@ -80,6 +80,8 @@ class GroupedExperts(nn.Module):
         init_std: float = 0.02,
         grouped_gemm: str = "loop",
         ep_size: int = 1,
+        first_expert: int = 0,
+        init_seed: int = 0,
     ) -> None:
         super().__init__()
         self.num_local_experts = num_local_experts
@@ -88,10 +90,22 @@ class GroupedExperts(nn.Module):
         self.w1_EFD = nn.Parameter(torch.empty(E, F_, D))
         self.w3_EFD = nn.Parameter(torch.empty(E, F_, D)) if activation == "swiglu" else None
         self.w2_EDF = nn.Parameter(torch.empty(E, D, F_))
-        for p in self.parameters():
-            nn.init.normal_(p, std=init_std)
+        self.reset_parameters(init_std, first_expert, init_seed)
         self._grouped_mm = select_grouped_mm(grouped_gemm)
         mark_expert_params(self, ep_size)
+
+    @torch.no_grad()
+    def reset_parameters(self, init_std: float, first_expert: int, init_seed: int) -> None:
+        """Initialise each expert from its own seed (global expert id), not the global RNG.
+
+        So expert e starts identical whatever the EP size, and building experts does not
+        shift the random stream of the rest of the model: EP=n runs match EP=1 runs.
+        """
+        for i in range(self.num_local_experts):
+            gen = torch.Generator().manual_seed(init_seed * 1_000_003 + first_expert + i)
+            for p in (self.w1_EFD, self.w3_EFD, self.w2_EDF):
+                if p is not None:
+                    p[i].copy_(torch.randn(p.shape[1:], generator=gen) * init_std)
 
     def grouped_mm(
         self, x_RX: torch.Tensor, w_EYX: torch.Tensor, counts_El: list[int]

@@ -54,10 +54,11 @@ def make_dispatcher(cfg: Config, parallel_state: Any = None) -> Dispatcher:
 class MoELayer(nn.Module):
     """A DeepSeek-MoE feed-forward block over the local tokens of one rank."""
 
-    def __init__(self, cfg: Config, parallel_state: Any = None) -> None:
+    def __init__(self, cfg: Config, parallel_state: Any = None, layer_idx: int = 0) -> None:
         super().__init__()
         m, e = cfg.model, cfg.moe
         ep = _ep_size(parallel_state)
+        ep_rank = 0 if parallel_state is None else parallel_state.ep_rank
         self.cfg = cfg
         self.ep = ep
         self.num_local_experts = e.num_experts // ep
@@ -71,6 +72,8 @@ class MoELayer(nn.Module):
             init_std=m.init_std,
             grouped_gemm=e.grouped_gemm,
             ep_size=ep,
+            first_expert=ep_rank * self.num_local_experts,
+            init_seed=cfg.train.seed * 1009 + layer_idx,
         )
         self.shared = None
         if e.num_shared_experts > 0:
