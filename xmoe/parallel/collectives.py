@@ -1,0 +1,86 @@
+"""Autograd collectives for expert parallelism: uneven all-to-all and the counts exchange.
+
+`all_to_all_uneven` moves rows between the ranks of the EP group with per-rank split
+sizes; its backward is the same exchange with send and receive splits swapped.
+
+Zero-size exchanges: RCCL has been seen to hang when a rank's whole send or receive
+buffer is empty. A rank whose send or receive total is zero therefore adds one dummy row
+sent to itself and strips it afterwards. The decision is purely local (only the rank's own
+send-to-self and receive-from-self splits change, and those must agree with each other
+anyway), so no extra agreement between ranks is needed, and every rank still enters the
+collective: nothing is skipped, so nothing can deadlock. It costs a copy of the send
+buffer only in the rare case where a rank sends rows but receives none.
+
+`exchange_counts` sends each rank its slice of this rank's per-expert counts with one
+small equal-split all-to-all on the device; the caller turns the result into host lists
+with a single `.tolist()` (the one host sync per layer).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+
+def group_size(group: Any) -> int:
+    return dist.get_world_size(group) if dist.is_initialized() else 1
+
+
+def group_rank(group: Any) -> int:
+    return dist.get_rank(group) if dist.is_initialized() else 0
+
+
+def _exchange(x_ND: torch.Tensor, send: list[int], recv: list[int], group: Any) -> torch.Tensor:
+    me = group_rank(group)
+    pad = sum(send) == 0 or sum(recv) == 0
+    if pad:
+        send, recv = list(send), list(recv)
+        start = sum(send[:me])
+        dummy = x_ND.new_zeros(1, *x_ND.shape[1:])
+        x_ND = torch.cat([x_ND[:start], dummy, x_ND[start:]])
+        send[me] += 1
+        recv[me] += 1
+    out = x_ND.new_empty(sum(recv), *x_ND.shape[1:])
+    dist.all_to_all_single(out, x_ND.contiguous(), recv, send, group=group)
+    if pad:
+        start = sum(recv[:me])
+        out = torch.cat([out[:start], out[start + 1 :]])
+    return out
+
+
+class _AllToAllUneven(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x_ND, send, recv, group):
+        ctx.send, ctx.recv, ctx.group = send, recv, group
+        return _exchange(x_ND, send, recv, group)
+
+    @staticmethod
+    def backward(ctx, grad_ND):
+        return _exchange(grad_ND, ctx.recv, ctx.send, ctx.group), None, None, None
+
+
+def all_to_all_uneven(
+    x_ND: torch.Tensor, send_splits: list[int], recv_splits: list[int], group: Any = None
+) -> torch.Tensor:
+    """Send rows [sum(send[:j]), sum(send[:j+1])) of x_ND to rank j of `group`; return the
+    rows received, ordered by source rank. Differentiable; safe with empty sends/receives."""
+    if group_size(group) == 1:
+        return x_ND
+    if x_ND.shape[0] != sum(send_splits):
+        raise ValueError(
+            f"all_to_all_uneven: {x_ND.shape[0]} rows but send splits sum to {sum(send_splits)}"
+        )
+    return _AllToAllUneven.apply(x_ND, list(send_splits), list(recv_splits), group)
+
+
+def exchange_counts(counts_E: torch.Tensor, group: Any = None) -> torch.Tensor:
+    """counts_E: rows this rank sends to every global expert (experts split evenly over the
+    group's ranks). Returns counts_WEl: rows each source rank sends to each of our experts."""
+    W = group_size(group)
+    if W == 1:
+        return counts_E.view(1, -1)
+    recv = torch.empty_like(counts_E)
+    dist.all_to_all_single(recv, counts_E.contiguous(), group=group)
+    return recv.view(W, -1)
