@@ -17,8 +17,8 @@ import torch.multiprocessing as mp
 
 from xmoe.config import load_config
 from xmoe.moe.dispatch import Routing
-from xmoe.moe.rbd import RBDDispatcher, RBDGroups
-from xmoe.moe.rbd_plan import NodeLayout
+from xmoe.moe.rbd import RBDDispatcher
+from xmoe.parallel.groups import create_parallel_state
 
 W = 4
 D = 8
@@ -33,15 +33,6 @@ CASES = [
     (2, 1, 2, [0, 0, 0, 0], False, "random"),  # no tokens at all
     # (4, 2, 3, [8, 6, 7, 5], True, "random"),  # one node: PFT
 ]
-
-
-def _make_groups(L: int) -> RBDGroups:
-    rank = dist.get_rank()
-    node_groups = [dist.new_group(list(range(n * L, (n + 1) * L))) for n in range(W // L)]
-    cross_groups = [dist.new_group(list(range(lo, W, L))) for lo in range(L)]
-    return RBDGroups(
-        NodeLayout(W, L, 0, rank), dist.group.WORLD, node_groups[rank // L], cross_groups[rank % L]
-    )
 
 
 def _problem(case_id: int, El: int, K: int, tokens: list[int], drop: bool, skew: str, L: int):
@@ -75,11 +66,10 @@ def _ground_truth(xs, ids, ws, keeps, gouts, w_EDD):
     return outs, [x.grad for x in xs], [w.grad for w in ws], w_EDD.grad
 
 
-def _run_case(case_id: int, case, groups: RBDGroups, pft_state) -> None:
+def _run_case(case_id: int, case, states: dict) -> None:
     L, El, K, tokens, drop, skew = case
     rank = dist.get_rank()
     E = W * El
-    groups.layout = NodeLayout(W, L, El, rank)
     xs, ids, ws, keeps, gouts, w_EDD = _problem(case_id, El, K, tokens, drop, skew, L)
     want = _ground_truth(xs, ids, ws, keeps, gouts, w_EDD)
     cfg = load_config("tiny", [f"moe.num_experts={E}", f"moe.top_k={K}"])
@@ -98,7 +88,8 @@ def _run_case(case_id: int, case, groups: RBDGroups, pft_state) -> None:
         (out * gouts[rank]).sum().backward()
         return d, out, x.grad, w.grad, w_local.grad
 
-    rbd = RBDDispatcher(cfg, pft_state, groups=groups)
+    rbd = RBDDispatcher(cfg, states[L])
+    assert (rbd.fallback is None) == (L < W)
     d, out, gx, gw, gexp = run(rbd)
     tag = f"case {case_id} rank {rank}"
     torch.testing.assert_close(out, want[0][rank], msg=tag)
@@ -145,15 +136,14 @@ def _run_case(case_id: int, case, groups: RBDGroups, pft_state) -> None:
 
 def _worker(rank: int, init_file: str) -> None:
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=W)
-    groups = {L: _make_groups(L) for L in (1, 2, 4)}
+    states = {}
+    for L in (1, 2, 4):
+        cfg = load_config("tiny", [f"parallel.ep={W}", f"parallel.node_size={L}"])
+        states[L] = create_parallel_state(cfg, rank, W)
     for case_id, case in enumerate(CASES):
-        _run_case(case_id, case, groups[case[0]], _pft_state(case[0]))
+        _run_case(case_id, case, states)
         dist.barrier()
     dist.destroy_process_group()
-
-
-def _pft_state(L: int):
-    return None
 
 
 @pytest.mark.timeout(120)

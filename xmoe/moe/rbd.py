@@ -23,9 +23,8 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
-import torch.distributed as dist
 
-from xmoe.config import Config
+from xmoe.config import Config, ConfigError
 from xmoe.moe.dispatch import Dispatched, Dispatcher, Routing
 from xmoe.moe.rbd_plan import (
     NodeLayout,
@@ -36,32 +35,7 @@ from xmoe.moe.rbd_plan import (
     pilot_rows,
     plan_sender,
 )
-
-
-class _AllToAll(torch.autograd.Function):
-    """Uneven all_to_all_single whose backward is the same exchange with the splits swapped."""
-
-    @staticmethod
-    def forward(ctx, x, send: list[int], recv: list[int], group):
-        ctx.send, ctx.recv, ctx.group = send, recv, group
-        return _exchange(x, send, recv, group)
-
-    @staticmethod
-    def backward(ctx, grad):
-        return _exchange(grad.contiguous(), ctx.recv, ctx.send, ctx.group), None, None, None
-
-
-def _exchange(x: torch.Tensor, send: list[int], recv: list[int], group) -> torch.Tensor:
-    out = x.new_empty((sum(recv),) + tuple(x.shape[1:]))
-    if dist.get_world_size(group) == 1:
-        out.copy_(x)
-        return out
-    dist.all_to_all_single(out, x.contiguous(), recv, send, group=group)
-    return out
-
-
-def all_to_all(x: torch.Tensor, send: list[int], recv: list[int], group) -> torch.Tensor:
-    return _AllToAll.apply(x, send, recv, group)
+from xmoe.parallel.collectives import all_to_all_uneven, exchange_counts
 
 
 @dataclass
@@ -78,6 +52,16 @@ def groups_from_state(parallel_state: Any, num_experts: int) -> RBDGroups:
     """Read the EP group and its node split from a `xmoe.parallel` ParallelState."""
     ps = parallel_state
     W = ps.ep
+    ep_ranks = ps.ranks.get("ep", [ps.rank])
+    per_node: dict[int, int] = {}
+    for r in ep_ranks:
+        per_node[r // ps.node_size] = per_node.get(r // ps.node_size, 0) + 1
+    if len(set(per_node.values())) > 1:
+        raise ConfigError(
+            f"moe.dispatcher=rbd needs the same number of EP ranks on every node, but "
+            f"parallel.ep={W} over nodes of {ps.node_size} ranks gives {sorted(per_node.values())}: "
+            f"choose parallel.ep as a multiple or a divisor of the ranks per node"
+        )
     return RBDGroups(
         NodeLayout(W, ps.ep_node_size, num_experts // W, ps.ep_rank),
         ps.ep_group,
@@ -100,15 +84,14 @@ class _State:
 class RBDDispatcher(Dispatcher):
     """Hierarchical dispatch over nodes: pilots across, replicas inside (see module doc)."""
 
-    def __init__(self, cfg: Config, parallel_state: Any = None, groups: RBDGroups | None = None):
+    def __init__(self, cfg: Config, parallel_state: Any = None) -> None:
         super().__init__()
         self.num_experts = cfg.moe.num_experts
-        self.top_k = cfg.moe.top_k
-        if groups is None and parallel_state is not None:
-            groups = groups_from_state(parallel_state, self.num_experts)
-        self.groups = groups
+        self.groups: RBDGroups | None = None
+        if parallel_state is not None and parallel_state.ep > 1:
+            self.groups = groups_from_state(parallel_state, self.num_experts)
         self.fallback: Dispatcher | None = None
-        if groups is None or groups.layout.nodes == 1 or groups.layout.world == 1:
+        if self.groups is None or self.groups.layout.nodes == 1:
             from xmoe.moe.pft import PFTDispatcher
 
             self.fallback = PFTDispatcher(cfg, parallel_state)
@@ -120,8 +103,7 @@ class RBDDispatcher(Dispatcher):
         lay = g.layout
         K = routing.top_k
         plan = plan_sender(routing.topk_ids_TK, routing.keep_TK, lay)
-        recv_msg_WC = torch.empty_like(plan.msg_WC)
-        dist.all_to_all_single(recv_msg_WC, plan.msg_WC, group=g.ep_group)
+        recv_msg_WC = exchange_counts(plan.msg_WC.view(-1), g.ep_group)
         sent_WC, recv_WC = torch.stack([plan.msg_WC, recv_msg_WC]).tolist()  # the one host sync
         sp = host_splits(sent_WC, recv_WC, lay)
 
@@ -130,14 +112,16 @@ class RBDDispatcher(Dispatcher):
         Q = slot_Q.shape[0]
         x_PD = x_TD.index_select(0, token_P)
         w_Q = routing.topk_weights_TK.reshape(-1).index_select(0, slot_Q)
-        pilots_PD = all_to_all(x_PD, sp.pilots_sent, sp.pilots_recv, g.cross_group)
-        w_recv_Q = all_to_all(w_Q, sp.replicas_sent, sp.replicas_recv, g.cross_group)
-        meta_Q = _exchange(plan.meta_N[:Q], sp.replicas_sent, sp.replicas_recv, g.cross_group)
+        pilots_PD = all_to_all_uneven(x_PD, sp.pilots_sent, sp.pilots_recv, g.cross_group)
+        w_recv_Q = all_to_all_uneven(w_Q, sp.replicas_sent, sp.replicas_recv, g.cross_group)
+        meta_Q = all_to_all_uneven(
+            plan.meta_N[:Q], sp.replicas_sent, sp.replicas_recv, g.cross_group
+        )
 
         # holder: replicas for this node's experts, by (node expert, source node, token)
         order_Q, pilot_Q = holder_order(meta_Q, sp, lay)
         rep_QD = pilots_PD.index_select(0, pilot_Q)
-        recv_RD = all_to_all(rep_QD, sp.intra_sent, sp.intra_recv, g.node_group)
+        recv_RD = all_to_all_uneven(rep_QD, sp.intra_sent, sp.intra_recv, g.node_group)
 
         # expert: rows by local expert, then source rank, then token (PFT's order)
         idx_R = expert_order(sp, lay, x_TD.device)
@@ -161,13 +145,13 @@ class RBDDispatcher(Dispatcher):
         inv_R = torch.empty_like(st.idx_R)
         inv_R[st.idx_R] = torch.arange(st.idx_R.shape[0], device=inv_R.device)
         y_recv_RD = y_RD.index_select(0, inv_R)
-        y_QD = all_to_all(y_recv_RD, sp.intra_recv, sp.intra_sent, g.node_group)
+        y_QD = all_to_all_uneven(y_recv_RD, sp.intra_recv, sp.intra_sent, g.node_group)
         w_Q1 = st.w_Q.to(y_QD.dtype).unsqueeze(1)
         # sum over this node's experts on the holder: one row per (token, node) goes back
         node_sum_PD = y_QD.new_zeros(st.pilots_held, y_QD.shape[1]).index_add(
             0, st.pilot_Q, y_QD * w_Q1
         )
-        y_PD = all_to_all(node_sum_PD, sp.pilots_recv, sp.pilots_sent, g.cross_group)
+        y_PD = all_to_all_uneven(node_sum_PD, sp.pilots_recv, sp.pilots_sent, g.cross_group)
         return y_PD.new_zeros(st.T, y_PD.shape[1]).index_add(0, st.token_P, y_PD)
 
     def _stats(self, sp: Splits, x_TD: torch.Tensor) -> dict[str, float]:
