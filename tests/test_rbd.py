@@ -17,6 +17,7 @@ import torch.multiprocessing as mp
 
 from xmoe.config import load_config
 from xmoe.moe.dispatch import Routing
+from xmoe.moe.pft import PFTDispatcher
 from xmoe.moe.rbd import RBDDispatcher
 from xmoe.parallel.groups import create_parallel_state
 
@@ -31,7 +32,7 @@ CASES = [
     (1, 1, 2, [5, 8, 3, 7], True, "random"),
     (2, 2, 2, [7, 5, 6, 9], False, "node0"),  # node 1 receives nothing
     (2, 1, 2, [0, 0, 0, 0], False, "random"),  # no tokens at all
-    # (4, 2, 3, [8, 6, 7, 5], True, "random"),  # one node: PFT
+    (4, 2, 3, [8, 6, 7, 5], True, "random"),  # one node: PFT
 ]
 
 
@@ -97,6 +98,12 @@ def _run_case(case_id: int, case, states: dict) -> None:
     torch.testing.assert_close(gw, want[2][rank], msg=tag)
     torch.testing.assert_close(gexp, want[3][rank * El : (rank + 1) * El], msg=tag)
 
+    # PFT on the same inputs: the same expert rows, outputs and gradients
+    p, pout, pgx, pgw, pgexp = run(PFTDispatcher(cfg, states[L]))
+    assert torch.equal(d.x_RD, p.x_RD) and d.counts_El == p.counts_El, tag
+    for got, ref in ((out, pout), (gx, pgx), (gw, pgw), (gexp, pgexp)):
+        torch.testing.assert_close(got, ref, msg=tag)
+
     # experts see rows by local expert, then source rank, then token
     rows = []
     for le in range(El):
@@ -110,14 +117,17 @@ def _run_case(case_id: int, case, states: dict) -> None:
         int(sum(r.shape[0] for r in rows[le * W : (le + 1) * W])) for le in range(El)
     ]
 
-    if rbd.fallback is None:
-        # counters against a brute-force count of the routing table
+    # counters against a brute-force count of the routing table (-1 = dropped)
+    kept = _kept(ids[rank], keeps[rank])
+    st = d.stats
+    if rbd.fallback is not None:
+        assert st["inter_node_rows"] == 0 and st["dedup_ratio"] == 1.0, tag
+        assert st["intra_node_rows"] == int(((kept >= 0) & (kept // El != rank)).sum()), tag
+    else:
         node = rank // L
-        kept = ids[rank] if keeps[rank] is None else ids[rank].masked_fill(~keeps[rank], -1)
         pairs = {(t, e // (L * El)) for t, row in enumerate(kept.tolist()) for e in row if e >= 0}
         other = {p for p in pairs if p[1] != node}
         copies = int((kept >= 0).sum())
-        st = d.stats
         assert st["inter_node_rows"] == len(other), tag
         assert st["pilot_rows"] == len(pairs), tag
         assert st["routed_rows"] == copies, tag
@@ -128,10 +138,14 @@ def _run_case(case_id: int, case, states: dict) -> None:
         held = 0
         for i in range(W // L):
             s = i * L + rank % L
-            k_s = ids[s] if keeps[s] is None else ids[s].masked_fill(~keeps[s], -1)
+            k_s = _kept(ids[s], keeps[s])
             owner = k_s // El
             held += int(((k_s >= 0) & (owner // L == node) & (owner != rank)).sum())
         assert st["intra_node_rows"] == held, tag
+
+
+def _kept(ids_TK: torch.Tensor, keep_TK: torch.Tensor | None) -> torch.Tensor:
+    return ids_TK if keep_TK is None else ids_TK.masked_fill(~keep_TK, -1)
 
 
 def _worker(rank: int, init_file: str) -> None:

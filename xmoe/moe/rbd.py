@@ -70,6 +70,21 @@ def groups_from_state(parallel_state: Any, num_experts: int) -> RBDGroups:
     )
 
 
+def _one_node_stats(pft: dict[str, float], x_TD: torch.Tensor) -> dict[str, float]:
+    """RBD's counters for a one-node EP group, where PFT runs: nothing crosses nodes."""
+    routed = pft["sent_rows"]
+    return {
+        "routed_rows": routed,
+        "pilot_rows": routed,
+        "dedup_ratio": 1.0,
+        "inter_node_rows": 0.0,
+        "inter_node_bytes": 0.0,
+        "pft_inter_node_rows": 0.0,
+        "intra_node_rows": pft["a2a_bytes"] / (x_TD.shape[1] * x_TD.element_size()),
+        "intra_node_bytes": pft["a2a_bytes"],
+    }
+
+
 @dataclass
 class _State:
     T: int
@@ -98,7 +113,10 @@ class RBDDispatcher(Dispatcher):
 
     def dispatch(self, x_TD: torch.Tensor, routing: Routing) -> Dispatched:
         if self.fallback is not None:
-            return self.fallback.dispatch(x_TD, routing)
+            d = self.fallback.dispatch(x_TD, routing)
+            if self.groups is not None:
+                d.stats.update(_one_node_stats(d.stats, x_TD))
+            return d
         g = self.groups
         lay = g.layout
         K = routing.top_k
