@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import torch
 
-from xmoe.kernels.backend import HAVE_TRITON, kernel, next_pow2, use_triton
+from xmoe.kernels.backend import HAVE_TRITON, acc_dtype, kernel, next_pow2, use_triton
 from xmoe.kernels.permute import gather_rows, unpermute
 
 if HAVE_TRITON:
@@ -60,10 +60,11 @@ def row_dot_torch(
     T, K = dest_row_TK.shape
     dest_N = dest_row_TK.reshape(-1)
     slot_M = (dest_N >= 0).nonzero().squeeze(1)
+    acc = acc_dtype(a_TD.dtype)
     dots_M = (
-        a_TD.index_select(0, slot_M // K).float() * rows_RD.index_select(0, dest_N[slot_M]).float()
+        a_TD.index_select(0, slot_M // K).to(acc) * rows_RD.index_select(0, dest_N[slot_M]).to(acc)
     ).sum(1)
-    out_N = torch.zeros(T * K, dtype=torch.float32, device=a_TD.device)
+    out_N = torch.zeros(T * K, dtype=acc, device=a_TD.device)
     out_N[slot_M] = dots_M
     return out_N.view(T, K)
 

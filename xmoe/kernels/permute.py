@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import torch
 
-from xmoe.kernels.backend import HAVE_TRITON, kernel, next_pow2, use_triton
+from xmoe.kernels.backend import HAVE_TRITON, acc_dtype, kernel, next_pow2, use_triton
 
 if HAVE_TRITON:
     import triton
@@ -103,7 +103,8 @@ def gather_rows_torch(
 ) -> torch.Tensor:
     out_RD = x_TD.index_select(0, src_slot_R // top_k)
     if w_N is not None:
-        out_RD = (out_RD.float() * w_N[src_slot_R].float()[:, None]).to(x_TD.dtype)
+        acc = acc_dtype(x_TD.dtype)
+        out_RD = (out_RD.to(acc) * w_N[src_slot_R].to(acc)[:, None]).to(x_TD.dtype)
     return out_RD
 
 
@@ -148,10 +149,11 @@ def unpermute_torch(
     D = rows_RD.shape[1]
     valid_N = (dest_row_TK >= 0).reshape(-1)
     slot_M = valid_N.nonzero().squeeze(1)
-    vals_MD = rows_RD.index_select(0, dest_row_TK.reshape(-1)[slot_M]).float()
+    acc = acc_dtype(rows_RD.dtype)
+    vals_MD = rows_RD.index_select(0, dest_row_TK.reshape(-1)[slot_M]).to(acc)
     if w_TK is not None:
-        vals_MD = vals_MD * w_TK.reshape(-1)[slot_M].float()[:, None]
-    y_TD = torch.zeros(T, D, dtype=torch.float32, device=rows_RD.device)
+        vals_MD = vals_MD * w_TK.reshape(-1)[slot_M].to(acc)[:, None]
+    y_TD = torch.zeros(T, D, dtype=acc, device=rows_RD.device)
     y_TD.index_add_(0, slot_M // K, vals_MD)
     return y_TD.to(rows_RD.dtype)
 

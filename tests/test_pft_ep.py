@@ -1,0 +1,84 @@
+"""PFT with EP = 2 and 4 on real gloo ranks equals one rank holding every expert.
+
+Each rank builds the same global problem from a shared seed. The ground truth runs the
+reference layer (EP = 1, all experts) on every rank's tokens separately, since capacity
+is a per-rank decision over local tokens; the loss sums over ranks. Then outputs and input
+gradients must match per rank, local expert gradients must match their slice, and router
+and shared-expert gradients summed over ranks must match.
+"""
+
+import pytest
+import torch
+import torch.distributed as dist
+from ep_spawn import run_ranks
+
+from xmoe.config import load_config
+from xmoe.moe.layer import MoELayer
+from xmoe.parallel.groups import create_parallel_state
+
+D = 16
+BASE = [f"model.hidden={D}", "moe.expert_hidden=8", "moe.num_experts=8"]
+# (overrides, tokens per rank for W=2 / W=4, routing)
+CASES = [
+    ([], [13, 9, 11, 6], "random"),
+    (["moe.capacity_factor=0.7", "moe.top_k=3"], [12, 10, 14, 9], "random"),
+    (["moe.num_shared_experts=0", "moe.activation=gelu"], [7, 0, 5, 8], "random"),
+    (["moe.top_k=1"], [10, 6, 9, 4], "last_rank_idle"),  # last rank's experts get no rows
+]
+
+
+def _layers(overrides, W, state):
+    torch.manual_seed(5)
+    ref = MoELayer(load_config("tiny", [*BASE, *overrides])).double()
+    ep = MoELayer(
+        load_config("tiny", [*BASE, *overrides, "moe.dispatcher=pft", f"parallel.ep={W}"]), state
+    ).double()
+    El = 8 // W
+    lo = state.ep_rank * El
+    with torch.no_grad():
+        for name, p in ep.named_parameters():
+            full = dict(ref.named_parameters())[name]
+            p.copy_(full[lo : lo + El] if name.startswith("experts.") else full)
+    return ref, ep, lo, El
+
+
+def _check(rank, W):
+    state = create_parallel_state(load_config("tiny", [*BASE, f"parallel.ep={W}"]), rank, W)
+    for case_id, (overrides, tokens, routing) in enumerate(CASES):
+        tokens = tokens[:W]
+        ref, ep, lo, El = _layers(overrides, W, state)
+        g = torch.Generator().manual_seed(100 + case_id)
+        xs = [torch.randn(T, D, generator=g, dtype=torch.float64) for T in tokens]
+        gys = [torch.randn(T, D, generator=g, dtype=torch.float64) for T in tokens]
+        if routing == "last_rank_idle":
+            xs = [x.abs() for x in xs]
+            with torch.no_grad():
+                for layer in (ref, ep):
+                    layer.router.weight_ED[8 - El :] = -1.0
+        # ground truth: every rank's tokens through the one-rank reference
+        xr = [x.clone().requires_grad_() for x in xs]
+        ys = [ref(x) for x in xr]
+        sum((y * gy).sum() for y, gy in zip(ys, gys)).backward()
+
+        x = xs[rank].clone().requires_grad_()
+        y = ep(x)
+        (y * gys[rank]).sum().backward()
+        tag = f"case {case_id} rank {rank}/{W}"
+        torch.testing.assert_close(y, ys[rank], msg=tag)
+        torch.testing.assert_close(x.grad, xr[rank].grad, msg=tag)
+        ref_params = dict(ref.named_parameters())
+        for name, p in ep.named_parameters():
+            want = ref_params[name].grad
+            grad = p.grad if p.grad is not None else torch.zeros_like(p)
+            if name.startswith("experts."):
+                want = want[lo : lo + El]
+            else:
+                dist.all_reduce(grad)
+            torch.testing.assert_close(grad, want, msg=f"{tag} {name}")
+        if routing == "last_rank_idle" and rank == W - 1:
+            assert ep.last_stats["dispatcher"]["rows"] == 0
+
+
+@pytest.mark.parametrize("world", [2, 4])
+def test_pft_ep_equals_single_rank(world):
+    run_ranks(world, _check)

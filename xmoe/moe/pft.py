@@ -1,0 +1,149 @@
+"""PFT: padding-free token dispatch over expert parallelism.
+
+  router ids/weights -> routing metadata (counts, rows; no sort needed on GPU)
+  -> counts exchange (one small all-to-all) -> ONE host sync for every split size
+  -> permute: one copy of each kept (token, k) row, grouped by global expert
+  -> uneven all-to-all (rows for rank j are contiguous: experts are split evenly)
+  -> regroup the received rows by local expert (they arrive by source rank)
+  -> grouped-GEMM experts
+  -> the reverse: regroup back, all-to-all back, weighted unpermute-combine.
+
+No buffer anywhere is padded to a capacity; dropped assignments (Routing.keep_TK) are
+never copied nor sent. Rows reach the experts ordered by local expert, then source rank,
+then (token, k): the order RBD reproduces. For backward only index tensors, the expert
+outputs (needed for the combine-weight gradient) and split lists are kept.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from xmoe.config import Config
+from xmoe.kernels.combine import combine
+from xmoe.kernels.permute import gather_rows, permute
+from xmoe.kernels.routing import routing_metadata
+from xmoe.moe.dispatch import Dispatched, Dispatcher, Routing
+from xmoe.parallel.collectives import all_to_all_uneven, exchange_counts, group_size
+
+
+class _RowPermutation(torch.autograd.Function):
+    """out[i] = x[idx[i]] for a permutation idx; backward applies the inverse."""
+
+    @staticmethod
+    def forward(ctx, x_RD, idx_R, inv_R):
+        ctx.save_for_backward(inv_R)
+        return gather_rows(x_RD, idx_R, 1)
+
+    @staticmethod
+    def backward(ctx, grad_RD):
+        (inv_R,) = ctx.saved_tensors
+        return gather_rows(grad_RD.contiguous(), inv_R, 1), None, None
+
+
+def _chunk_permutation(counts_WEl: list[list[int]], device) -> tuple[torch.Tensor, torch.Tensor]:
+    """Index turning rows ordered (source rank, local expert) into (local expert, source
+    rank) order, and its inverse. Built from host counts: no sync."""
+    W, El = len(counts_WEl), len(counts_WEl[0])
+    src_start = {}
+    pos = 0
+    for w in range(W):
+        for e in range(El):
+            src_start[w, e] = pos
+            pos += counts_WEl[w][e]
+    shift, sizes, inv_shift, inv_sizes = [], [], [], []
+    dst = 0
+    dst_start = {}
+    for e in range(El):
+        for w in range(W):
+            n = counts_WEl[w][e]
+            dst_start[w, e] = dst
+            shift.append(src_start[w, e] - dst)
+            sizes.append(n)
+            dst += n
+    for w in range(W):
+        for e in range(El):
+            inv_shift.append(dst_start[w, e] - src_start[w, e])
+            inv_sizes.append(counts_WEl[w][e])
+    R = pos
+
+    def build(shifts: list[int], lengths: list[int]) -> torch.Tensor:
+        s = torch.tensor(shifts, dtype=torch.int64).to(device)
+        n = torch.tensor(lengths, dtype=torch.int64).to(device)
+        return torch.repeat_interleave(s, n, output_size=R) + torch.arange(R, device=device)
+
+    return build(shift, sizes), build(inv_shift, inv_sizes)
+
+
+@dataclass
+class PFTState:
+    """What combine needs to send the expert outputs home and sum them per token."""
+
+    dest_row_TK: torch.Tensor
+    src_slot_S: torch.Tensor  # kept assignment (t*K+k) of each sent row
+    weights_TK: torch.Tensor
+    send_splits: list[int]
+    recv_splits: list[int]
+    regroup: tuple[torch.Tensor, torch.Tensor] | None
+
+
+class PFTDispatcher(Dispatcher):
+    """Padding-free dispatch and combine, dropless or dropping by the router's keep mask."""
+
+    def __init__(self, cfg: Config, parallel_state: Any = None) -> None:
+        super().__init__()
+        self.num_experts = cfg.moe.num_experts
+        self.group = None if parallel_state is None else parallel_state.ep_group
+        self.ep = 1 if parallel_state is None else parallel_state.ep
+        if self.ep > 1 and group_size(self.group) != self.ep:
+            raise ValueError(
+                f"PFTDispatcher: parallel.ep={self.ep} but the EP process group has "
+                f"{group_size(self.group)} ranks; create the parallel state after init_process_group"
+            )
+
+    def dispatch(self, x_TD: torch.Tensor, routing: Routing) -> Dispatched:
+        E, W = self.num_experts, self.ep
+        El = E // W
+        meta = routing_metadata(routing.topk_ids_TK, routing.keep_TK, E)
+        if W == 1:
+            counts_El = meta.counts_E.tolist()  # the one host sync
+            send = recv = [sum(counts_El)]
+            counts_WEl = [counts_El]
+        else:
+            recv_WEl = exchange_counts(meta.counts_E, self.group)
+            host = torch.cat([meta.counts_E, recv_WEl.reshape(-1)]).tolist()  # the one host sync
+            send = [sum(host[w * El : (w + 1) * El]) for w in range(W)]
+            counts_WEl = [host[E + w * El : E + (w + 1) * El] for w in range(W)]
+            recv = [sum(c) for c in counts_WEl]
+            counts_El = [sum(counts_WEl[w][e] for w in range(W)) for e in range(El)]
+
+        slot_S = meta.src_slot_N[: sum(send)]
+        x_SD = permute(x_TD, slot_S, meta.dest_row_TK)
+        x_RD = all_to_all_uneven(x_SD, send, recv, self.group)
+        regroup = None
+        if W > 1 and El > 1:
+            regroup = _chunk_permutation(counts_WEl, x_TD.device)
+            x_RD = _RowPermutation.apply(x_RD, *regroup)
+        state = PFTState(meta.dest_row_TK, slot_S, routing.topk_weights_TK, send, recv, regroup)
+        row_bytes = x_TD.shape[1] * x_TD.element_size()
+        stats = {
+            "rows": float(sum(counts_El)),
+            "sent_rows": float(sum(send)),
+            "a2a_bytes": float(row_bytes * (sum(send) - send[self._rank()])) if W > 1 else 0.0,
+        }
+        return Dispatched(x_RD, counts_El, state, stats)
+
+    def combine(self, y_RD: torch.Tensor, dispatched: Dispatched) -> torch.Tensor:
+        st: PFTState = dispatched.state
+        if st.regroup is not None:
+            idx_R, inv_R = st.regroup
+            y_RD = _RowPermutation.apply(y_RD, inv_R, idx_R)
+        y_SD = all_to_all_uneven(y_RD, st.recv_splits, st.send_splits, self.group)
+        return combine(y_SD, st.weights_TK, st.src_slot_S, st.dest_row_TK)
+
+    def _rank(self) -> int:
+        import torch.distributed as dist
+
+        return dist.get_rank(self.group)
