@@ -1,4 +1,4 @@
-"""PFT with EP = 2 and 4 on real gloo ranks equals one rank holding every expert.
+"""PFT (EP = 2, 4) and padded (EP = 2) on real gloo ranks equal one rank holding every expert.
 
 Each rank builds the same global problem from a shared seed. The ground truth runs the
 reference layer (EP = 1, all experts) on every rank's tokens separately, since capacity
@@ -27,11 +27,14 @@ CASES = [
 ]
 
 
-def _layers(overrides, W, state):
+def _layers(dispatcher, overrides, W, state):
     torch.manual_seed(5)
     ref = MoELayer(load_config("tiny", [*BASE, *overrides])).double()
     ep = MoELayer(
-        load_config("tiny", [*BASE, *overrides, "moe.dispatcher=pft", f"parallel.ep={W}"]), state
+        load_config(
+            "tiny", [*BASE, *overrides, f"moe.dispatcher={dispatcher}", f"parallel.ep={W}"]
+        ),
+        state,
     ).double()
     El = 8 // W
     lo = state.ep_rank * El
@@ -42,11 +45,11 @@ def _layers(overrides, W, state):
     return ref, ep, lo, El
 
 
-def _check(rank, W):
+def _check(rank, W, dispatcher):
     state = create_parallel_state(load_config("tiny", [*BASE, f"parallel.ep={W}"]), rank, W)
     for case_id, (overrides, tokens, routing) in enumerate(CASES):
         tokens = tokens[:W]
-        ref, ep, lo, El = _layers(overrides, W, state)
+        ref, ep, lo, El = _layers(dispatcher, overrides, W, state)
         g = torch.Generator().manual_seed(100 + case_id)
         xs = [torch.randn(T, D, generator=g, dtype=torch.float64) for T in tokens]
         gys = [torch.randn(T, D, generator=g, dtype=torch.float64) for T in tokens]
@@ -63,7 +66,7 @@ def _check(rank, W):
         x = xs[rank].clone().requires_grad_()
         y = ep(x)
         (y * gys[rank]).sum().backward()
-        tag = f"case {case_id} rank {rank}/{W}"
+        tag = f"{dispatcher} case {case_id} rank {rank}/{W}"
         torch.testing.assert_close(y, ys[rank], msg=tag)
         torch.testing.assert_close(x.grad, xr[rank].grad, msg=tag)
         ref_params = dict(ref.named_parameters())
@@ -75,10 +78,10 @@ def _check(rank, W):
             else:
                 dist.all_reduce(grad)
             torch.testing.assert_close(grad, want, msg=f"{tag} {name}")
-        if routing == "last_rank_idle" and rank == W - 1:
+        if routing == "last_rank_idle" and rank == W - 1 and dispatcher == "pft":
             assert ep.last_stats["dispatcher"]["rows"] == 0
 
 
-@pytest.mark.parametrize("world", [2, 4])
-def test_pft_ep_equals_single_rank(world):
-    run_ranks(world, _check)
+@pytest.mark.parametrize("dispatcher,world", [("pft", 2), ("pft", 4), ("padded", 2)])
+def test_ep_equals_single_rank(dispatcher, world):
+    run_ranks(world, _check, dispatcher)
