@@ -194,7 +194,7 @@ def _prepare(kw: dict) -> tuple:
 
     site = S.load(kw["site"])
     root = runs.runs_root(kw["runs_dir"])
-    name = kw["name"] or runs.default_name(kw["model"], site.name)
+    name = runs.check_name(kw["name"] or runs.default_name(kw["model"], site.name))
     run_dir = root / name
     if not kw["dry_run"]:
         runs.claim(run_dir, force=kw["force"], resume=kw["resume"])

@@ -31,6 +31,10 @@ def start(run_dir: Path, script: str) -> str:
             stdin=subprocess.DEVNULL,
             start_new_session=True,
         )
+    # wait for the exec, so that the pid is recognisably this run's from now on
+    deadline = time.monotonic() + 5
+    while proc.poll() is None and not _alive(proc.pid, run_dir) and time.monotonic() < deadline:
+        time.sleep(0.01)
     return f"local-{proc.pid}"
 
 
@@ -42,15 +46,18 @@ def _pid(job_id: str) -> int:
 
 
 def _alive(pid: int, run_dir: Path) -> bool:
-    """The pid runs and is still our run.sh (pids are reused)."""
+    """The pid runs and is still our run.sh (pids are reused; an exited child is a zombie)."""
     try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
         cmdline = Path(f"/proc/{pid}/cmdline").read_bytes().decode(errors="replace")
     except OSError:
-        try:
-            os.kill(pid, 0)
-        except OSError:
-            return False
-        return True
+        return False
+    if stat.rsplit(")", 1)[-1].split()[0] == "Z":
+        try:  # reap it when it is our own child
+            os.waitpid(pid, os.WNOHANG)
+        except ChildProcessError:
+            pass
+        return False
     return str(run_dir) in cmdline
 
 

@@ -18,9 +18,8 @@ from pathlib import Path
 from typing import Any
 
 from xmoectl import UserError, shell
+from xmoectl.runs import check_name
 from xmoectl.sites import SiteProfile, check_slurm_value
-
-_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*\Z")
 
 
 @dataclass
@@ -118,11 +117,10 @@ def resolve(
 
     if nodes < 1:
         raise UserError(f"--nodes {nodes} must be >= 1")
-    name = run_dir.name
-    if not _NAME.match(name):
-        raise UserError(f"run name {name!r} may hold only letters, digits, '.', '_' and '-'")
+    name = check_name(run_dir.name)
     for value, what in ((account, "--account"), (partition, "--partition"), (qos, "--qos")):
         check_slurm_value(value, what)
+    time_min = parse_time(time or site.slurm.time)
     if site.scheduler == "local":
         if nodes != 1:
             raise UserError(f"site {site.name!r} runs on this machine only: use --nodes 1")
@@ -149,7 +147,7 @@ def resolve(
         tasks_per_node=tpn,
         run_dir=run_dir.resolve(),
         name=name,
-        time_min=parse_time(time or site.slurm.time),
+        time_min=time_min,
         account=account or site.slurm.account,
         partition=partition or site.slurm.partition,
         qos=qos or site.slurm.qos,

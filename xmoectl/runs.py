@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shlex
 import subprocess
 import sys
@@ -22,6 +23,14 @@ from typing import Any
 from xmoectl import UserError, source_tree
 
 MANIFEST = "manifest.json"
+_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*\Z")
+
+
+def check_name(name: str) -> str:
+    """Run names become folder names and job names: a safe, flat subset."""
+    if not _NAME.match(name):
+        raise UserError(f"run name {name!r} may hold only letters, digits, '.', '_' and '-'")
+    return name
 
 
 def runs_root(runs_dir: str | None = None) -> Path:
@@ -89,11 +98,12 @@ def make_manifest(job: Any, argv: list[str] | None = None) -> dict[str, Any]:
         "script": job.script_name,
         "job_id": None,
     }
-    try:  # parameter and FLOP counts when the arithmetic module is there
+    try:  # parameter and FLOP counts (torch-free arithmetic), informative only
         from xmoe import flops
 
-        info["model_stats"] = flops.summary(job.config)  # type: ignore[attr-defined]
-    except Exception:  # noqa: BLE001 - optional information only
+        info["params"] = flops.param_counts(job.config)
+        info["flops_per_token"] = flops.flops_per_token(job.config)
+    except (ImportError, AttributeError):
         pass
     return info
 
@@ -206,5 +216,7 @@ def format_metrics(m: dict[str, Any] | None) -> str:
     for key in ("step", "loss", "tokens_per_s", "mfu"):
         if key in m:
             v = m[key]
+            if v is None:
+                continue
             parts.append(f"{key}={v:.4g}" if isinstance(v, float) else f"{key}={v}")
     return " ".join(parts) or json.dumps(m)[:120]
