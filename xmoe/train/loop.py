@@ -1,0 +1,221 @@
+"""The training loop: one readable function on top of the DeepSpeed engine.
+
+`train(cfg, run_dir, ...)` sets up the parallel layout, model, engine and data, optionally
+resumes, then runs `cfg.train.steps` optimizer steps. Each step is `train_step` (forward,
+backward and optimizer update over the gradient-accumulation micro-batches); between steps
+sit the places for reliability hooks (bad-step skipping, signals, a hang watchdog) marked
+`# hook:`. Metrics are averaged over each log window and written by rank 0.
+"""
+
+from __future__ import annotations
+
+import random
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+from xmoe.config import Config
+from xmoe.flops import flops_per_token
+
+
+@dataclass
+class StepResult:
+    """What one optimizer step measured on this rank (losses averaged over micro-batches)."""
+
+    loss: float
+    lm_loss: float
+    aux_loss: float
+    z_loss: float
+    grad_norm: float
+    lr: float
+    tokens: int  # tokens this rank processed
+    load_LE: torch.Tensor  # routed tokens per expert per MoE layer (this rank, all micro-batches)
+    dropped_fraction: float
+
+
+def train_step(engine: Any, data: Any, model: Any, accum: int) -> StepResult:
+    """Forward/backward over `accum` micro-batches, then one optimizer update."""
+    device = engine.device
+    sums = torch.zeros(4, dtype=torch.float64)
+    moe = model.moe_layers()
+    load_LE = torch.zeros(len(moe), model.cfg.moe.num_experts, dtype=torch.long)
+    dropped = 0.0
+    tokens = 0
+    lr = engine.get_lr()[0]  # the rate this step's update uses
+    for _ in range(accum):
+        batch = data.next_batch().to(device, non_blocking=True)
+        inputs, targets = batch[:, :-1], batch[:, 1:]
+        loss, parts = engine(inputs, targets)
+        engine.backward(loss)
+        engine.step()  # DeepSpeed applies the update only at the accumulation boundary
+        sums += torch.tensor(
+            [loss.item(), parts.lm_loss.item(), parts.aux_loss.item(), parts.z_loss.item()],
+            dtype=torch.float64,
+        )
+        for i, layer in enumerate(moe):
+            load_LE[i] += layer.last_stats["tokens_per_expert"].cpu()
+            dropped += layer.last_stats["dropped_fraction"] / max(1, len(moe))
+        tokens += inputs.numel()
+    grad_norm = engine.get_global_grad_norm()
+    grad_norm = float(grad_norm) if grad_norm is not None else float("nan")
+    loss, lm, aux, z = (sums / accum).tolist()
+    return StepResult(loss, lm, aux, z, grad_norm, lr, tokens, load_LE, dropped / accum)
+
+
+def update_expert_bias(model: Any, load_LE: torch.Tensor) -> None:
+    """Aux-loss-free balancing: move each router's bias by the step's global load."""
+    for layer, load_E in zip(model.moe_layers(), load_LE):
+        layer.router.update_expert_bias(load_E)
+
+
+@dataclass
+class Window:
+    """Sums over one logging window, reduced across ranks when written."""
+
+    steps: int = 0
+    t0: float = field(default_factory=time.perf_counter)
+    losses: torch.Tensor = field(default_factory=lambda: torch.zeros(5, dtype=torch.float64))
+    tokens: int = 0
+    load_LE: torch.Tensor | None = None
+
+    def add(self, r: StepResult) -> None:
+        self.steps += 1
+        self.losses += torch.tensor(
+            [r.loss, r.lm_loss, r.aux_loss, r.z_loss, r.dropped_fraction], dtype=torch.float64
+        )
+        self.tokens += r.tokens
+        self.load_LE = r.load_LE.clone() if self.load_LE is None else self.load_LE + r.load_LE
+
+
+def _all_reduce_sum(t: torch.Tensor, group: Any = None) -> torch.Tensor:
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        dist.all_reduce(t, group=group)
+    return t
+
+
+def _window_record(
+    w: Window, step: int, last: StepResult, cfg: Config, pstate: Any, peak: float | None, device
+) -> dict[str, Any]:
+    elapsed = time.perf_counter() - w.t0
+    # loss means over DP ranks; tokens and expert loads summed over all ranks
+    losses = _all_reduce_sum(w.losses.clone(), pstate.dp_group) / (w.steps * pstate.dp)
+    tokens = _all_reduce_sum(torch.tensor([float(w.tokens)], dtype=torch.float64))[0].item()
+    load_LE = _all_reduce_sum(w.load_LE.double().clone()) if w.load_LE is not None else None
+    loss, lm, aux, z, dropped = losses.tolist()
+    if pstate.tp > 1:
+        tokens /= pstate.tp  # TP ranks of one group see the same tokens
+    tokens_per_s = tokens / elapsed
+    tflops = flops_per_token(cfg, dropped) * tokens_per_s / pstate.world / 1e12
+    balance = []
+    if load_LE is not None:
+        mean = load_LE.mean(1).clamp_min(1e-9)
+        balance = [round(v, 4) for v in (load_LE.max(1).values / mean).tolist()]
+    from xmoe.train.metrics import peak_memory_gib
+
+    return {
+        "step": step,
+        "loss": loss,
+        "lm_loss": lm,
+        "aux_loss": aux,
+        "z_loss": z,
+        "lr": last.lr,
+        "grad_norm": last.grad_norm,
+        "tokens_per_s": tokens_per_s,
+        "tflops_per_gpu": tflops,
+        "mfu": (tflops / peak) if peak else None,
+        "peak_mem_gib": peak_memory_gib(device),
+        "step_time_s": elapsed / w.steps,
+        "dropped_fraction": dropped,
+        "expert_load_max_mean": balance,
+    }
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def train(
+    cfg: Config,
+    run_dir: Path,
+    resume: bool = False,
+    peak_tflops: float | None = None,
+    stop_after: int | None = None,
+) -> list[dict[str, Any]]:
+    """Train `cfg` writing into `run_dir`; returns the metric records rank 0 wrote.
+
+    `stop_after` ends this process after that many global steps (the schedule still
+    spans `train.steps`): an interrupted run, for tests and planned restarts.
+    """
+    from xmoe.data import build_train_data
+    from xmoe.model import Transformer
+    from xmoe.parallel.launch import setup_parallel
+    from xmoe.train.checkpoint import latest_tag, load_checkpoint, save_checkpoint
+    from xmoe.train.engine import build_engine
+    from xmoe.train.metrics import MetricsWriter, resolve_peak_tflops
+
+    t = cfg.train
+    pstate = setup_parallel(cfg)
+    run_dir = Path(run_dir)
+    ckpt_dir = run_dir / "checkpoints"
+    is_main = pstate.rank == 0
+    if is_main:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        (run_dir / "config.yaml").write_text(cfg.to_yaml())
+
+    seed_everything(t.seed)  # identical dense init on every rank; experts seed themselves
+    model = Transformer(cfg, pstate)
+    engine = build_engine(cfg, model, pstate)
+    accum = engine.gradient_accumulation_steps()
+    device = torch.device(engine.device)
+    data = build_train_data(cfg, pstate.dp_rank, pstate.dp)
+
+    step = 0
+    if resume and latest_tag(ckpt_dir) is not None:
+        step, data_state = load_checkpoint(engine, ckpt_dir, pstate)
+        data.load_state_dict(data_state)
+        if is_main:
+            print(f"resumed from {ckpt_dir / latest_tag(ckpt_dir)} at step {step}", flush=True)
+    else:
+        # ranks differ from here on only through their data (dropout-free model)
+        seed_everything(t.seed + pstate.rank)
+
+    peak = resolve_peak_tflops(peak_tflops, t.peak_tflops, device)
+    writer = MetricsWriter(run_dir, is_main, t.tensorboard)
+    records: list[dict[str, Any]] = []
+    if is_main:
+        print(
+            f"training {cfg.preset or 'custom'}: {t.steps} steps, world {pstate.world} "
+            f"(tp {pstate.tp}, ep {pstate.ep}, dp {pstate.dp}), accumulation {accum}, "
+            f"device {device.type}, peak {'n/a' if peak is None else f'{peak:g} TFLOP/s'}",
+            flush=True,
+        )
+    window = Window()
+    engine.train()
+    last_step = t.steps if stop_after is None else min(t.steps, stop_after)
+    while step < last_step:
+        # hook: watchdog heartbeat / signal check (checkpoint-and-exit) before the step
+        result = train_step(engine, data, model, accum)
+        step += 1
+        # hook: bad-step policy (non-finite loss or grad norm) after the step
+        if cfg.moe.expert_bias:
+            update_expert_bias(model, _all_reduce_sum(result.load_LE.clone()))
+        window.add(result)
+        if step % t.log_interval == 0 or step == t.steps:
+            record = _window_record(window, step, result, cfg, pstate, peak, device)
+            writer.write(record)
+            records.append(record)
+            window = Window()
+        if t.save_interval and (step % t.save_interval == 0):
+            save_checkpoint(
+                engine, ckpt_dir, step, cfg.to_yaml(), data.state_dict(), pstate, t.keep_last
+            )
+            window.t0 = time.perf_counter()  # saving is not training time
+    writer.close()
+    return records
