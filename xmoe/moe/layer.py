@@ -64,22 +64,26 @@ class MoELayer(nn.Module):
         self.num_local_experts = e.num_experts // ep
         self.router = Router(e, m.hidden, init_std=m.init_std)
         self.dispatcher = make_dispatcher(cfg, parallel_state)
-        self.experts = GroupedExperts(
-            self.num_local_experts,
-            m.hidden,
-            e.expert_hidden,
-            e.activation,
-            init_std=m.init_std,
-            grouped_gemm=e.grouped_gemm,
-            ep_size=ep,
-            first_expert=ep_rank * self.num_local_experts,
-            init_seed=cfg.train.seed * 1009 + layer_idx,
-        )
+        self.experts = None  # DeepSpeed's MoE layer (owns_routing) brings its own experts
+        if not getattr(self.dispatcher, "owns_routing", False):
+            self.experts = GroupedExperts(
+                self.num_local_experts,
+                m.hidden,
+                e.expert_hidden,
+                e.activation,
+                init_std=m.init_std,
+                grouped_gemm=e.grouped_gemm,
+                ep_size=ep,
+                first_expert=ep_rank * self.num_local_experts,
+                init_seed=cfg.train.seed * 1009 + layer_idx,
+            )
         self.shared = None
         if e.num_shared_experts > 0:
             self.shared = DenseMLP(
                 m.hidden, e.num_shared_experts * e.expert_hidden, e.activation, m.init_std
             )
+        self._streams: dict[Any, Any] = {}
+        self._side_stream = None
         self.last_stats: dict[str, Any] = {}
         self.last_aux_loss: torch.Tensor | None = None
         self.last_z_loss: torch.Tensor | None = None
@@ -87,16 +91,42 @@ class MoELayer(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         shape = x.shape
         x_TD = x.reshape(-1, shape[-1])
-        r = self.router(x_TD)
-        dispatched = self.dispatcher.dispatch(x_TD, r.routing)
-        y_RD = self.experts(dispatched.x_RD, dispatched.counts_El)
-        out_TD = self.dispatcher.combine(y_RD, dispatched)
-        if self.shared is not None:
-            out_TD = out_TD + self.shared(x_TD)
-        self.last_aux_loss, self.last_z_loss = r.aux_loss, r.z_loss
-        self.last_stats = {
-            "tokens_per_expert": r.tokens_per_expert_E.detach(),
-            "dropped_fraction": r.dropped_fraction,
-            "dispatcher": dict(dispatched.stats),
-        }
+        shared_TD = self._shared_forward(x_TD) if self.shared is not None else None
+        if getattr(self.dispatcher, "owns_routing", False):
+            # DeepSpeed's MoE layer brings its own gate and experts (xmoe.moe.deepspeed_moe)
+            out_TD, aux, z, stats = self.dispatcher.forward_routed(x_TD)
+            self.last_aux_loss, self.last_z_loss, self.last_stats = aux, z, stats
+        else:
+            r = self.router(x_TD)
+            dispatched = self.dispatcher.dispatch(x_TD, r.routing)
+            y_RD = self.experts(dispatched.x_RD, dispatched.counts_El)
+            out_TD = self.dispatcher.combine(y_RD, dispatched)
+            self.last_aux_loss, self.last_z_loss = r.aux_loss, r.z_loss
+            self.last_stats = {
+                "tokens_per_expert": r.tokens_per_expert_E.detach(),
+                "dropped_fraction": r.dropped_fraction,
+                "dispatcher": dict(dispatched.stats),
+            }
+        if shared_TD is not None:
+            if self._side_stream is not None:
+                torch.cuda.current_stream().wait_stream(self._side_stream)
+            out_TD = out_TD + shared_TD
         return out_TD.reshape(shape)
+
+    def _shared_forward(self, x_TD: torch.Tensor) -> torch.Tensor:
+        """Shared experts; with moe.overlap_shared on a GPU, on a side stream so they run
+        while the dispatch waits for its host sync and all-to-all (autograd replays the
+        backward on the same stream)."""
+        self._side_stream = None
+        if not (self.cfg.moe.overlap_shared and x_TD.is_cuda):
+            return self.shared(x_TD)
+        main = torch.cuda.current_stream()
+        side = self._streams.get(x_TD.device)
+        if side is None:
+            side = self._streams[x_TD.device] = torch.cuda.Stream(x_TD.device)
+        side.wait_stream(main)
+        with torch.cuda.stream(side):
+            shared_TD = self.shared(x_TD)
+        shared_TD.record_stream(main)
+        self._side_stream = side
+        return shared_TD
