@@ -242,12 +242,20 @@ def submit(follow: bool | None, **kw) -> None:
     if kw["dry_run"]:
         click.echo(script, nl=False)
         return
+    fresh = not job.run_dir.exists()
     runs.write_run(job, script)
     click.echo(f"run directory: {job.run_dir}")
-    if job.site.scheduler == "local":
-        job_id = local.start(job.run_dir, job.script_name)
-    else:
-        job_id = slurm.submit(job, R.sbatch_options(job))
+    try:
+        if job.site.scheduler == "local":
+            job_id = local.start(job.run_dir, job.script_name)
+        else:
+            job_id = slurm.submit(job, R.sbatch_options(job))
+    except UserError:
+        if fresh:  # nothing was submitted: leave no half-made run behind
+            import shutil
+
+            shutil.rmtree(job.run_dir, ignore_errors=True)
+        raise
     runs.update_manifest(
         job.run_dir, job_id=job_id, submitted=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
     )

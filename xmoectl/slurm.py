@@ -9,7 +9,9 @@ lines read as comments. There is a single source for what runs.
 
 from __future__ import annotations
 
+import os
 import subprocess
+import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -77,11 +79,26 @@ def submit(job: Any, options: list[tuple[str, Any]]) -> str:
     folder = job.run_dir / "submitit"
     executor = submitit.SlurmExecutor(folder=folder, max_num_timeout=0)
     executor.update_parameters(**executor_parameters(options))
-    try:
-        sjob = executor.submit(ScriptJob(str(job.run_dir / job.script_name)))
-    except Exception as e:  # sbatch refused: no partition, bad account, Slurm down...
-        msg = str(e).strip().splitlines()
-        raise UserError(f"sbatch refused the job: {msg[-1] if msg else e}") from None
+    # sbatch's complaints would reach the terminal directly: catch them for a one-line error
+    with tempfile.TemporaryFile() as err:
+        saved = os.dup(2)
+        os.dup2(err.fileno(), 2)
+        try:
+            sjob = executor.submit(ScriptJob(str(job.run_dir / job.script_name)))
+        except Exception as e:  # sbatch refused: no partition, bad account, Slurm down...
+            failure = e
+        else:
+            failure = None
+        finally:
+            os.dup2(saved, 2)
+            os.close(saved)
+        if failure is not None:
+            err.seek(0)
+            lines = [
+                ln.strip() for ln in err.read().decode(errors="replace").splitlines() if ln.strip()
+            ]
+            lines = lines or str(failure).strip().splitlines() or [type(failure).__name__]
+            raise UserError(f"sbatch refused the job: {lines[-1]}")
     return str(sjob.job_id)
 
 
