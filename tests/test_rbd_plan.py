@@ -8,10 +8,10 @@ import torch
 from xmoe.moe.rbd_plan import (
     NodeLayout,
     expert_order,
-    holder_order,
+    holder_plan,
     host_splits,
     node_limited_topk,
-    pilot_rows,
+    pilot_plan,
     plan_sender,
 )
 
@@ -41,11 +41,19 @@ def _simulate(W: int, L: int, El: int, K: int, tokens: list[int], drop: bool, D:
     # sender: pilots, metadata and weights, chunked by destination node
     sent = []
     for s in range(W):
-        token_P, slot_Q = pilot_rows(plans[s], splits[s], K)
+        pp = pilot_plan(plans[s], splits[s], tokens[s], K, N)
+        slot_Q, P = pp.slot_Q, pp.src_slot_P.numel()
         Q = slot_Q.numel()
+        token_P = pp.src_slot_P // N
+        assert torch.equal(pp.dest_row_TN.reshape(-1)[pp.src_slot_P], torch.arange(P))
+        assert int((pp.dest_row_TN >= 0).sum()) == P
+        # pilots leave grouped by destination node, as the splits say
+        assert (pp.src_slot_P % N).tolist() == sum(
+            ([j] * n for j, n in enumerate(splits[s].pilots_sent)), []
+        )
         sent.append(
             (
-                token_P,
+                pp,
                 xs[s][token_P].split(splits[s].pilots_sent),
                 plans[s].meta_N[:Q].split(splits[s].replicas_sent),
                 rts[s][1].reshape(-1)[slot_Q].split(splits[s].replicas_sent),
@@ -62,8 +70,14 @@ def _simulate(W: int, L: int, El: int, K: int, tokens: list[int], drop: bool, D:
         w = torch.cat([sent[s][3][j] for s in srcs])
         assert pil.shape[0] == sum(splits[h].pilots_recv)
         assert meta.shape[0] == sum(splits[h].replicas_recv)
-        order_Q, pilot_Q = holder_order(meta, splits[h], lays[h])
-        holders[h] = (pil, w[order_Q], pilot_Q, pil[pilot_Q].split(splits[h].intra_sent))
+        hp = holder_plan(meta, splits[h], lays[h], K)
+        P_h, Kh = hp.dest_row_PK.shape
+        S = hp.src_slot_S.numel()
+        assert torch.equal(hp.dest_row_PK.reshape(-1)[hp.src_slot_S], torch.arange(S))
+        assert torch.equal(torch.sort(hp.w_slot_Q).values, torch.sort(hp.src_slot_S).values)
+        w_PK = torch.zeros(P_h * Kh).scatter(0, hp.w_slot_Q, w).view(P_h, Kh)
+        rep = pil[hp.src_slot_S // Kh]
+        holders[h] = (pil, w_PK, hp, rep.split(splits[h].intra_sent))
     # expert rank (j, lp) receives from holders (j, lr)
     outs = {}
     for r in range(W):
@@ -99,15 +113,25 @@ def _simulate(W: int, L: int, El: int, K: int, tokens: list[int], drop: bool, D:
     back = {}
     for h in range(W):
         j, lo = divmod(h, L)
-        pil, w_Q, pilot_Q, _ = holders[h]
-        y_Q = torch.cat([outs[j * L + lp][lo] for lp in range(L)])
-        acc = torch.zeros_like(pil).index_add(0, pilot_Q, y_Q * w_Q[:, None])
+        pil, w_PK, hp, _ = holders[h]
+        y_S = torch.cat([outs[j * L + lp][lo] for lp in range(L)])
+        dest_PK = hp.dest_row_PK
+        w_valid_PK = torch.where(dest_PK >= 0, w_PK, 0.0)
+        acc = (
+            (y_S[dest_PK.clamp_min(0)] * w_valid_PK[..., None]).sum(1)
+            if y_S.numel()
+            else torch.zeros_like(pil)
+        )
         back[h] = acc.split(splits[h].pilots_recv)
     for s in range(W):
         i, lo = divmod(s, L)
-        token_P = sent[s][0]
+        dest_TN = sent[s][0].dest_row_TN
         y_P = torch.cat([back[j * L + lo][i] for j in range(N)])
-        out = torch.zeros_like(xs[s]).index_add(0, token_P, y_P)
+        out = (
+            (y_P[dest_TN.clamp_min(0)] * (dest_TN >= 0)[..., None]).sum(1)
+            if y_P.numel()
+            else torch.zeros_like(xs[s])
+        )
         ids, w, keep = rts[s]
         w_eff = w if keep is None else w * keep
         want = (xs[s][:, None, :] * (ids + 1.0)[..., None] * w_eff[..., None]).sum(1)

@@ -25,14 +25,18 @@ from typing import Any
 import torch
 
 from xmoe.config import Config, ConfigError
+from xmoe.kernels.combine import combine
+from xmoe.kernels.permute import gather_rows, permute, unpermute
 from xmoe.moe.dispatch import Dispatched, Dispatcher, Routing
 from xmoe.moe.rbd_plan import (
+    HolderPlan,
     NodeLayout,
+    PilotPlan,
     Splits,
     expert_order,
-    holder_order,
+    holder_plan,
     host_splits,
-    pilot_rows,
+    pilot_plan,
     plan_sender,
 )
 from xmoe.parallel.collectives import all_to_all_uneven, exchange_counts
@@ -85,14 +89,29 @@ def _one_node_stats(pft: dict[str, float], x_TD: torch.Tensor) -> dict[str, floa
     }
 
 
+class _SumOverNodes(torch.autograd.Function):
+    """out_TD[t] = sum of the rows returned for token t from each node (the adjoint of
+    sending its pilots): a gather per token forward, a gather per pilot backward."""
+
+    @staticmethod
+    def forward(ctx, y_PD, src_slot_P, dest_row_TN):
+        ctx.save_for_backward(src_slot_P)
+        ctx.nodes = dest_row_TN.shape[1]
+        return unpermute(y_PD.contiguous(), dest_row_TN)
+
+    @staticmethod
+    def backward(ctx, grad_TD):
+        (src_slot_P,) = ctx.saved_tensors
+        return gather_rows(grad_TD.contiguous(), src_slot_P, ctx.nodes), None, None
+
+
 @dataclass
 class _State:
-    T: int
-    token_P: torch.Tensor  # token of every pilot this rank sent, in send order
-    pilot_Q: torch.Tensor  # received pilot row of every replica this holder sent
-    w_Q: torch.Tensor  # gate weight of every replica this holder sent
-    pilots_held: int
+    pilots: PilotPlan
+    holder: HolderPlan
+    w_PK: torch.Tensor  # gate weights of the held pilots' replicas, as a (pilot, slot) table
     idx_R: torch.Tensor  # intra-node receive row of every expert-grouped row
+    inv_R: torch.Tensor
     splits: Splits
 
 
@@ -126,10 +145,11 @@ class RBDDispatcher(Dispatcher):
         sp = host_splits(sent_WC, recv_WC, lay)
 
         # sender: one pilot row per (token, node), gate weights per replica
-        token_P, slot_Q = pilot_rows(plan, sp, K)
-        Q = slot_Q.shape[0]
-        x_PD = x_TD.index_select(0, token_P)
-        w_Q = routing.topk_weights_TK.reshape(-1).index_select(0, slot_Q)
+        T = x_TD.shape[0]
+        pp = pilot_plan(plan, sp, T, K, lay.nodes)
+        Q = pp.slot_Q.shape[0]
+        x_PD = permute(x_TD, pp.src_slot_P, pp.dest_row_TN)
+        w_Q = routing.topk_weights_TK.reshape(-1).index_select(0, pp.slot_Q)
         pilots_PD = all_to_all_uneven(x_PD, sp.pilots_sent, sp.pilots_recv, g.cross_group)
         w_recv_Q = all_to_all_uneven(w_Q, sp.replicas_sent, sp.replicas_recv, g.cross_group)
         meta_Q = all_to_all_uneven(
@@ -137,22 +157,18 @@ class RBDDispatcher(Dispatcher):
         )
 
         # holder: replicas for this node's experts, by (node expert, source node, token)
-        order_Q, pilot_Q = holder_order(meta_Q, sp, lay)
-        rep_QD = pilots_PD.index_select(0, pilot_Q)
-        recv_RD = all_to_all_uneven(rep_QD, sp.intra_sent, sp.intra_recv, g.node_group)
+        hp = holder_plan(meta_Q, sp, lay, K)
+        P_held, Kh = hp.dest_row_PK.shape
+        w_PK = w_recv_Q.new_zeros(P_held * Kh).scatter(0, hp.w_slot_Q, w_recv_Q).view(P_held, Kh)
+        rep_SD = permute(pilots_PD, hp.src_slot_S, hp.dest_row_PK)
+        recv_RD = all_to_all_uneven(rep_SD, sp.intra_sent, sp.intra_recv, g.node_group)
 
         # expert: rows by local expert, then source rank, then token (PFT's order)
         idx_R = expert_order(sp, lay, x_TD.device)
-        x_RD = recv_RD.index_select(0, idx_R)
-        state = _State(
-            x_TD.shape[0],
-            token_P,
-            pilot_Q,
-            w_recv_Q.index_select(0, order_Q),
-            pilots_PD.shape[0],
-            idx_R,
-            sp,
-        )
+        inv_R = torch.empty_like(idx_R)
+        inv_R[idx_R] = torch.arange(idx_R.shape[0], device=idx_R.device)
+        x_RD = permute(recv_RD, idx_R, inv_R.view(-1, 1))
+        state = _State(pp, hp, w_PK, idx_R, inv_R, sp)
         return Dispatched(x_RD, sp.counts_El, state, self._stats(sp, x_TD))
 
     def combine(self, y_RD: torch.Tensor, dispatched: Dispatched) -> torch.Tensor:
@@ -160,17 +176,12 @@ class RBDDispatcher(Dispatcher):
             return self.fallback.combine(y_RD, dispatched)
         g, st = self.groups, dispatched.state
         sp = st.splits
-        inv_R = torch.empty_like(st.idx_R)
-        inv_R[st.idx_R] = torch.arange(st.idx_R.shape[0], device=inv_R.device)
-        y_recv_RD = y_RD.index_select(0, inv_R)
-        y_QD = all_to_all_uneven(y_recv_RD, sp.intra_recv, sp.intra_sent, g.node_group)
-        w_Q1 = st.w_Q.to(y_QD.dtype).unsqueeze(1)
-        # sum over this node's experts on the holder: one row per (token, node) goes back
-        node_sum_PD = y_QD.new_zeros(st.pilots_held, y_QD.shape[1]).index_add(
-            0, st.pilot_Q, y_QD * w_Q1
-        )
+        y_recv_RD = permute(y_RD, st.inv_R, st.idx_R.view(-1, 1))
+        y_SD = all_to_all_uneven(y_recv_RD, sp.intra_recv, sp.intra_sent, g.node_group)
+        # the holder sums the node's weighted expert outputs: one row per (token, node) returns
+        node_sum_PD = combine(y_SD, st.w_PK, st.holder.src_slot_S, st.holder.dest_row_PK)
         y_PD = all_to_all_uneven(node_sum_PD, sp.pilots_recv, sp.pilots_sent, g.cross_group)
-        return y_PD.new_zeros(st.T, y_PD.shape[1]).index_add(0, st.token_P, y_PD)
+        return _SumOverNodes.apply(y_PD, st.pilots.src_slot_P, st.pilots.dest_row_TN)
 
     def _stats(self, sp: Splits, x_TD: torch.Tensor) -> dict[str, float]:
         """This rank's dispatch-direction traffic; combine sends the same rows back."""

@@ -76,6 +76,7 @@ class SenderPlan:
     order_N: torch.Tensor  # flat assignment t*K+k, in replica order (kept first)
     meta_N: torch.Tensor  # per replica: pilot index inside its node chunk * En + ne
     pilot_pos_N: torch.Tensor  # positions in replica order that start a pilot, pilots first
+    pair_N: torch.Tensor  # node * T + token of every position in replica order
     msg_WC: torch.Tensor  # int64 [W, El+1+L], the counts sent to every EP rank
 
 
@@ -115,7 +116,7 @@ def plan_sender(
     msg_NLC[:, :, :El] = counts_NLE
     msg_NLC[:, layout.local, El] = pilots_N
     msg_NLC[:, layout.local, El + 1 :] = counts_NLE.sum(-1)
-    return SenderPlan(order_N, meta_N, pilot_pos_N, msg_NLC.view(layout.world, -1))
+    return SenderPlan(order_N, meta_N, pilot_pos_N, pair_N, msg_NLC.view(layout.world, -1))
 
 
 @dataclass
@@ -157,23 +158,51 @@ def host_splits(sent_WC: list[list[int]], recv_WC: list[list[int]], layout: Node
     )
 
 
-def pilot_rows(plan: SenderPlan, splits: Splits, top_k: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """(token of each pilot in send order, flat t*K+k of each replica in send order)."""
+@dataclass
+class PilotPlan:
+    """The sender's pilots as a (token, node) table, the shape the permute kernels take.
+
+    Pilot p stands for slot t * N + j of a [T, N] table: `permute(x_TD, src_slot_P,
+    dest_row_TN)` copies the pilots and `unpermute(y_PD, dest_row_TN)` sums a token's
+    returning rows over its nodes, both without atomics.
+    """
+
+    src_slot_P: torch.Tensor  # t * N + j of every pilot, in send order
+    dest_row_TN: torch.Tensor  # pilot row of (token, node), -1 where none
+    slot_Q: torch.Tensor  # flat assignment t * K + k of every replica, in send order
+
+
+def pilot_plan(plan: SenderPlan, splits: Splits, T: int, top_k: int, nodes: int) -> PilotPlan:
     P, Q = sum(splits.pilots_sent), sum(splits.replicas_sent)
     slot_Q = plan.order_N[:Q]
-    token_P = slot_Q[plan.pilot_pos_N[:P]] // top_k
-    return token_P, slot_Q
+    pos_P = plan.pilot_pos_N[:P]
+    token_P = slot_Q[pos_P] // top_k
+    node_P = plan.pair_N[pos_P] // max(T, 1)
+    src_slot_P = token_P * nodes + node_P
+    dest_row_TN = torch.full((T * nodes,), -1, dtype=torch.int64, device=slot_Q.device)
+    dest_row_TN[src_slot_P] = torch.arange(P, device=slot_Q.device)
+    return PilotPlan(src_slot_P, dest_row_TN.view(T, nodes), slot_Q)
 
 
-def holder_order(
-    meta_Q: torch.Tensor, splits: Splits, layout: NodeLayout
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """For the replicas a holder received: (intra-node send order, pilot row of each, sent order).
+@dataclass
+class HolderPlan:
+    """The holder's received pilots as a (pilot, replica slot) table of up to Kh replicas.
 
-    Returns `order_Q` (received replica -> position in the intra-node send buffer, as a
-    gather index) and `pilot_Q` (the received pilot row each sent replica copies).
+    `permute(pilots_PD, src_slot_S, dest_row_PK)` makes the replicas in intra-node send
+    order; `combine(y_SD, w_PK, src_slot_S, dest_row_PK)` weights and sums them back into
+    their pilots, exactly as PFT combines a token's k expert outputs.
     """
+
+    src_slot_S: torch.Tensor  # pilot * Kh + slot of every replica, in intra-node send order
+    dest_row_PK: torch.Tensor  # send row of (pilot, slot), -1 where the pilot has fewer
+    w_slot_Q: torch.Tensor  # pilot * Kh + slot of every replica, in receive order
+
+
+def holder_plan(meta_Q: torch.Tensor, splits: Splits, layout: NodeLayout, top_k: int) -> HolderPlan:
+    """Order a holder's received replicas for the intra-node exchange: by (node expert,
+    source node, token), which is (destination rank, local expert, source node, token)."""
     En, N = layout.experts_per_node, layout.nodes
+    Kh = min(top_k, En)
     dev = meta_Q.device
     Q = meta_Q.shape[0]
     P = sum(splits.pilots_recv)
@@ -185,10 +214,18 @@ def holder_order(
         torch.tensor(splits.replicas_recv, dtype=torch.int64, device=dev),
         output_size=Q,
     )
+    # pilots are numbered by (source node, token), and a pilot's replicas arrive together
     pilot_Q = meta_Q // En + pilot_start_N[chunk_Q]
-    # (ne, source node, token) order: pilots are numbered by (source node, token) already
-    order_Q = torch.sort(meta_Q % En * max(P, 1) + pilot_Q).indices
-    return order_Q, pilot_Q[order_Q]
+    pos_Q = torch.arange(Q, device=dev)
+    first_Q = torch.ones(Q, dtype=torch.bool, device=dev)
+    first_Q[1:] = pilot_Q[1:] != pilot_Q[:-1]
+    start_Q = torch.cummax(torch.where(first_Q, pos_Q, 0), 0).values
+    w_slot_Q = pilot_Q * Kh + (pos_Q - start_Q)
+    send_order_S = torch.sort(meta_Q % En * max(P, 1) + pilot_Q).indices
+    src_slot_S = w_slot_Q[send_order_S]
+    dest_row_PK = torch.full((P * Kh,), -1, dtype=torch.int64, device=dev)
+    dest_row_PK[src_slot_S] = pos_Q
+    return HolderPlan(src_slot_S, dest_row_PK.view(P, Kh), w_slot_Q)
 
 
 def expert_order(splits: Splits, layout: NodeLayout, device: torch.device) -> torch.Tensor:
