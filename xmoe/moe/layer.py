@@ -18,6 +18,8 @@ from xmoe.moe.dispatch import Dispatcher
 from xmoe.moe.experts import DenseMLP, GroupedExperts
 from xmoe.moe.reference import ReferenceDispatcher
 from xmoe.moe.router import Router
+from xmoe.moe.ssmb import TPRouter, run_moe_block
+from xmoe.parallel.tensor_parallel import TPGroup
 
 
 def _ep_size(parallel_state: Any) -> int:
@@ -62,7 +64,13 @@ class MoELayer(nn.Module):
         self.cfg = cfg
         self.ep = ep
         self.num_local_experts = e.num_experts // ep
-        self.router = Router(e, m.hidden, init_std=m.init_std)
+        # tp > 1: the block runs inside the sequence-parallel region (xmoe.moe.ssmb)
+        self.tp = TPGroup.from_state(parallel_state)
+        self.ssmb = cfg.parallel.ssmb
+        if self.tp is None:
+            self.router = Router(e, m.hidden, init_std=m.init_std)
+        else:
+            self.router = TPRouter(e, m.hidden, self.tp, self.ssmb, init_std=m.init_std)
         self.dispatcher = make_dispatcher(cfg, parallel_state)
         self.experts = None  # DeepSpeed's MoE layer (owns_routing) brings its own experts
         if not getattr(self.dispatcher, "owns_routing", False):
@@ -89,6 +97,13 @@ class MoELayer(nn.Module):
         self.last_z_loss: torch.Tensor | None = None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.tp is not None:
+            # x is this TP rank's rows of the sequence: SSMB routes them as they are,
+            # plain TP gathers the full sequence first
+            return run_moe_block(self._forward_tokens, x, self.tp, self.ssmb)
+        return self._forward_tokens(x)
+
+    def _forward_tokens(self, x: torch.Tensor) -> torch.Tensor:
         shape = x.shape
         x_TD = x.reshape(-1, shape[-1])
         shared_TD = self._shared_forward(x_TD) if self.shared is not None else None
