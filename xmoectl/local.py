@@ -18,11 +18,13 @@ from typing import Any
 from xmoectl import UserError
 
 LOG = "train.log"
+CANCELLED = "cancelled"
 
 
 def start(run_dir: Path, script: str) -> str:
     """Start `bash run.sh` detached; returns the job id."""
     (run_dir / "exit_code").unlink(missing_ok=True)
+    (run_dir / CANCELLED).unlink(missing_ok=True)
     with (run_dir / LOG).open("ab") as log:
         proc = subprocess.Popen(
             ["bash", str(run_dir / script)],
@@ -65,6 +67,8 @@ def job_state(run_dir: Path, job_id: str) -> dict[str, str]:
     code_file = run_dir / "exit_code"
     if _alive(_pid(job_id), run_dir):
         return {"state": "RUNNING", "elapsed": ""}
+    if (run_dir / CANCELLED).is_file():  # the trainer may stop cleanly (status 0) on SIGTERM
+        return {"state": "CANCELLED", "elapsed": ""}
     if code_file.is_file():
         code = code_file.read_text().strip()
         if code == "0":
@@ -78,6 +82,7 @@ def job_state(run_dir: Path, job_id: str) -> dict[str, str]:
 def cancel(run_dir: Path, job_id: str) -> None:
     pid = _pid(job_id)
     if _alive(pid, run_dir):
+        (run_dir / CANCELLED).write_text(time.strftime("%Y-%m-%dT%H:%M:%SZ\n", time.gmtime()))
         os.killpg(pid, signal.SIGTERM)
 
 
@@ -100,6 +105,6 @@ def follow(run_dir: Path, job_id: str, out: Any = None, poll_s: float = 0.2) -> 
             if done:
                 return job_state(run_dir, job_id)["state"]
             time.sleep(poll_s)
-    except KeyboardInterrupt:
+    except KeyboardInterrupt:  # ctrl-C while following stops the run, as in a plain terminal
         cancel(run_dir, job_id)
-        raise
+        return "CANCELLED"

@@ -1,0 +1,433 @@
+"""Per-GPU memory and step time of one training layout on one site (torch-free arithmetic).
+
+The planner (`xmoectl.planner`) calls `evaluate(cfg, layout, hw, nodes)` for every
+candidate layout. Everything here is closed-form so that a plan over thousands of layouts
+answers in a fraction of a second on a login node. Sizes are bytes, times seconds; "GiB"
+is 2**30 bytes. docs/PLANNER.md derives every term and records how the predictions
+compare with measurements.
+
+Memory (the busiest GPU, as `torch.cuda.max_memory_allocated` would see it):
+  weights + gradients + optimizer states (ZeRO over DP for dense parameters, over
+  expert-DP for experts) + ZeRO buckets + saved activations of every layer (or only the
+  layer inputs with activation checkpointing) + the LM head and loss + the transient
+  buffers of the layer being back-propagated. A GPU needs that times the allocator's
+  fragmentation plus the runtime's own context (CUDA/HIP, NCCL/RCCL buffers).
+Step time (no overlap assumed between compute and communication, as the trainer runs):
+  accumulation x (dense GEMMs + attention + expert grouped GEMMs on the busiest GPU +
+  all-to-alls) + gradient reduction (reduce-scatter + all-gather over DP and expert-DP)
+  + the optimizer's memory-bound update.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+GIB = 2**30
+ACT_BYTES = 2  # bf16 activations
+F32 = 4
+DISPATCHERS = ("pft", "rbd", "padded", "deepspeed")
+# DeepSpeed's default ZeRO bucket sizes (elements): reduce_bucket_size, allgather_bucket_size
+ZERO_BUCKET_ELEMS = 500_000_000
+
+
+@dataclass(frozen=True)
+class Hardware:
+    """One node type as the cost model sees it; built from a site profile (+ measurements)."""
+
+    gpus_per_node: int
+    hbm_gib: float
+    peak_tflops: float  # bf16 datasheet peak per device
+    gemm_tflops: float  # achievable on large bf16 GEMMs (measured, or a fraction of the peak)
+    intra_gbs: float  # all-to-all GB/s per GPU inside a node
+    inter_gbs: float  # all-to-all GB/s per GPU across nodes (its share of the node's NICs)
+    allreduce_intra_gbs: float  # all-reduce bus bandwidth inside a node
+    node_nic_gbs: float  # all NICs of a node together (bus bandwidth across nodes)
+    hbm_tbs: float = 1.5  # device memory bandwidth (the optimizer update is bound by it)
+    source: str = "datasheet"
+
+
+@dataclass(frozen=True)
+class Assumptions:
+    """The model's knobs; defaults are documented in docs/PLANNER.md with their origin."""
+
+    # busiest GPU's routed rows over the mean early in training (memory headroom, dropless)
+    imbalance: float = 1.5
+    # the same ratio once the balancing losses have done their work (step time)
+    time_imbalance: float = 1.15
+    # achievable GEMM rate as a fraction of the datasheet peak when nothing was measured
+    gemm_fraction: float = 0.7
+    dense_efficiency: float = 0.85  # dense layers at model shapes, relative to large GEMMs
+    attention_efficiency: float = 0.5  # fused attention relative to large GEMMs
+    # grouped GEMM: efficiency = expert_max * M / (M + expert_half_rows), M rows per expert
+    expert_max: float = 0.9
+    expert_half_rows: float = 448.0
+    latency_intra_s: float = 20e-6  # per collective inside a node
+    latency_inter_s: float = 50e-6  # per collective across nodes
+    fragmentation: float = 1.08  # caching allocator's reserve over the allocated peak
+    context_gib: float = 1.5  # runtime context and collective buffers, outside the allocator
+
+
+@dataclass(frozen=True)
+class Layout:
+    """One way to lay a run out on the ranks; `overrides` turns it into config settings."""
+
+    tp: int = 1
+    ep: int = 1
+    dispatcher: str = "pft"
+    micro_batch: int = 1
+    checkpointing: bool = False
+    zero_stage: int = 1
+    capacity_factor: float | None = None  # None = dropless
+    ssmb: bool = True
+
+    def label(self) -> str:
+        cap = "dropless" if not self.capacity_factor else f"cf{self.capacity_factor:g}"
+        ssmb = "" if self.tp == 1 or self.ssmb else " noSSMB"
+        ac = " AC" if self.checkpointing else ""
+        return (
+            f"TP{self.tp} EP{self.ep} {self.dispatcher} mb{self.micro_batch} "
+            f"Z{self.zero_stage} {cap}{ac}{ssmb}"
+        )
+
+    def overrides(self) -> list[str]:
+        cf = "null" if not self.capacity_factor else f"{self.capacity_factor:g}"
+        return [
+            f"parallel.tp={self.tp}",
+            f"parallel.ep={self.ep}",
+            f"parallel.ssmb={str(self.ssmb).lower()}",
+            f"parallel.zero_stage={self.zero_stage}",
+            f"moe.dispatcher={self.dispatcher}",
+            f"moe.capacity_factor={cf}",
+            f"train.micro_batch={self.micro_batch}",
+            f"train.activation_checkpointing={str(self.checkpointing).lower()}",
+        ]
+
+
+@dataclass
+class Estimate:
+    """Predicted memory (GiB) and time (s) of one layout, and why it is rejected, if it is."""
+
+    layout: Layout
+    memory: dict[str, float] = field(default_factory=dict)
+    time: dict[str, float] = field(default_factory=dict)
+    reason: str = ""  # empty = fits
+
+    @property
+    def fits(self) -> bool:
+        return not self.reason
+
+    @property
+    def peak_gib(self) -> float:
+        return self.memory["peak_allocated"]
+
+    @property
+    def needed_gib(self) -> float:
+        return self.memory["needed"]
+
+    @property
+    def step_s(self) -> float:
+        return self.time["step"]
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "layout": asdict(self.layout),
+            "label": self.layout.label(),
+            "fits": self.fits,
+            "reason": self.reason,
+            "memory_gib": {k: round(v, 3) for k, v in self.memory.items()},
+            "time_s": {k: round(v, 6) for k, v in self.time.items()},
+        }
+
+
+# --------------------------------------------------------------------------- shapes
+
+
+def _mats(activation: str) -> int:
+    return 3 if activation == "swiglu" else 2
+
+
+def expected_unique_nodes(num_experts: int, top_k: int, nodes: int) -> float:
+    """E[distinct nodes among a token's top-k experts], experts spread evenly over `nodes`.
+
+    Uniform routing picks k distinct experts; a node holding E/n of them is missed with
+    probability C(E - E/n, k) / C(E, k). RBD sends one pilot row per distinct remote node.
+    """
+    if nodes <= 1:
+        return 1.0
+    per_node = num_experts // nodes
+    miss = math.comb(num_experts - per_node, top_k) / math.comb(num_experts, top_k)
+    return nodes * (1.0 - miss)
+
+
+def local_params(cfg: Any, layout: Layout) -> tuple[float, float]:
+    """(dense, expert) parameters held by one GPU.
+
+    Attention, dense MLPs, the embedding and the LM head shard over TP (Megatron style);
+    norms, routers and shared experts are replicated (under SSMB the MoE block runs on a
+    sequence slice with whole weights); routed experts shard over EP.
+    """
+    from xmoe.flops import param_counts
+
+    p = param_counts(cfg)
+    t = layout.tp
+    sharded = p["attention"] + p["dense_mlp"] + p["embedding"] + p["lm_head"]
+    replicated = p["norms"] + p["router"] + p["shared_experts"]
+    return sharded / t + replicated, p["routed_experts"] / layout.ep
+
+
+def rows_factor(cfg: Any, layout: Layout, imbalance: float) -> float:
+    """Routed rows on the busiest GPU over the mean when routing is `imbalance`-skewed."""
+    cf = layout.capacity_factor
+    if layout.dispatcher == "padded":
+        return cf or imbalance  # always padded to capacity
+    if layout.dispatcher == "deepspeed":
+        return cf or imbalance  # dropless DeepSpeed pads every expert to the busiest one
+    return min(imbalance, cf) if cf else imbalance
+
+
+# --------------------------------------------------------------------------- memory
+
+
+def activation_bytes_per_token(cfg: Any, layout: Layout, imbalance: float) -> dict[str, float]:
+    """Bytes saved for backward per token of this GPU's micro-batch, one layer of each kind.
+
+    Counted from what autograd keeps in `xmoe.model.transformer`: RMSNorm saves its fp32
+    input and bf16 normalised output; attention its QKV output, the fp32 RoPE halves, q/k/
+    v/o for the fused kernel and the output projection's input; a MoE block its router's
+    fp32 input and logits/probabilities, the received rows, the expert intermediates and
+    the returned rows for the weighted combine. TP divides what is sharded; SSMB divides
+    the whole MoE block but its entry norm.
+    """
+    m, e = cfg.model, cfg.moe
+    D, V, E, k, F = m.hidden, m.vocab_size, e.num_experts, e.top_k, e.expert_hidden
+    b, t = ACT_BYTES, layout.tp
+    moe_share = 1.0 / t if layout.ssmb else 1.0
+    r = rows_factor(cfg, layout, imbalance)
+    norm = (F32 + b) * D
+    attention = norm + b * D + (3 * b + 2 * F32 + 2 * b + 2 * b) * D / t
+    dense_mlp = norm + b * D + 3 * b * m.ffn_hidden / t
+    saved_inter = 3 if e.activation == "swiglu" else 2
+    routed = k * r * (b * D + saved_inter * b * F) + k * b * D
+    shared = 0.0
+    if e.num_shared_experts:
+        shared = b * D + saved_inter * b * e.num_shared_experts * F + b * D
+    router = F32 * D + 2 * F32 * E
+    padded = 0.0
+    if layout.dispatcher in ("padded", "deepspeed"):
+        # GShard-style dense dispatch mask and combine weights: T x E x C, C = T k cf / E
+        tokens = layout.micro_batch * m.seq_len * moe_share
+        padded = 2 * b * tokens * k * r
+    moe = norm + moe_share * (router + routed + shared + padded)
+    head = norm + b * D + (b + 2 * F32) * V / t
+    return {"attention": attention, "dense_mlp": dense_mlp, "moe": moe, "head": head}
+
+
+def memory_estimate(
+    cfg: Any, layout: Layout, hw: Hardware, world: int, a: Assumptions
+) -> dict[str, float]:
+    """Per-GPU memory by part, in GiB; `peak_allocated` and `needed` are the totals."""
+    m, e = cfg.model, cfg.moe
+    pbytes = 4 if cfg.train.dtype == "fp32" else 2
+    dense, expert = local_params(cfg, layout)
+    dp, edp = world // layout.tp, world // layout.ep
+    shard = 1 if layout.zero_stage == 0 else None
+    dense_part = dense / (shard or dp)
+    expert_part = expert / (shard or edp)
+    weights = pbytes * (dense + expert)
+    if layout.zero_stage >= 2:
+        grads = F32 * (dense_part + expert_part)  # reduce-scattered straight into fp32 shards
+    else:
+        grads = pbytes * (dense + expert) + F32 * (dense_part + expert_part)
+    optimizer = 3 * F32 * (dense_part + expert_part)  # fp32 master, Adam m and v
+    buckets = pbytes * min(ZERO_BUCKET_ELEMS, dense + expert)
+
+    T = layout.micro_batch * m.seq_len  # tokens of one micro-batch on this DP rank
+    per_tok = activation_bytes_per_token(cfg, layout, a.imbalance)
+    moe_layers = m.layers - m.dense_layers
+    layers = (
+        m.dense_layers * (per_tok["attention"] + per_tok["dense_mlp"])
+        + moe_layers * (per_tok["attention"] + per_tok["moe"])
+    ) * T
+    biggest = (
+        max(
+            per_tok["attention"] + (per_tok["moe"] if moe_layers else per_tok["dense_mlp"]),
+            per_tok["attention"] + per_tok["dense_mlp"],
+        )
+        * T
+    )
+    if layout.checkpointing:
+        # only each block's input stays; backward recomputes one block at a time
+        activations = m.layers * ACT_BYTES * m.hidden * T + biggest
+    else:
+        activations = layers
+    head = per_tok["head"] * T
+    # the layer being back-propagated: gradients mirror its saved tensors, plus the
+    # all-to-all send and receive buffers of its routed rows
+    moe_tokens = T / layout.tp if layout.ssmb else T
+    r = rows_factor(cfg, layout, a.imbalance)
+    a2a = 2 * e.top_k * r * ACT_BYTES * m.hidden * moe_tokens if moe_layers else 0.0
+    if layout.dispatcher == "rbd":
+        a2a *= 1.5  # pilot rows are staged once more between the two exchanges
+    transient = biggest + a2a
+
+    parts = {
+        "weights": weights,
+        "gradients": grads,
+        "optimizer": optimizer,
+        "zero_buckets": buckets,
+        "activations": activations,
+        "lm_head_loss": head,
+        "transient": transient,
+    }
+    out = {k: v / GIB for k, v in parts.items()}
+    out["peak_allocated"] = sum(out.values())
+    out["needed"] = out["peak_allocated"] * a.fragmentation + a.context_gib
+    return out
+
+
+# --------------------------------------------------------------------------- time
+
+
+def _group_nodes(ranks: range, gpn: int) -> int:
+    return len({r // gpn for r in ranks})
+
+
+def _allreduce_bw(hw: Hardware, members: int, nodes: int, concurrent: int) -> float:
+    """Bus bandwidth of a ring over `members` ranks on `nodes` nodes while `concurrent`
+    such groups share each node's NICs."""
+    if members <= 1:
+        return float("inf")
+    if nodes <= 1:
+        return hw.allreduce_intra_gbs
+    return min(hw.allreduce_intra_gbs, hw.node_nic_gbs / max(1, concurrent))
+
+
+def time_estimate(
+    cfg: Any, layout: Layout, hw: Hardware, world: int, a: Assumptions
+) -> dict[str, float]:
+    """Seconds per optimizer step by part (`step` is the total) and tokens/s, TFLOP/s."""
+    from xmoe.flops import flops_breakdown, flops_per_token
+
+    m, e = cfg.model, cfg.moe
+    gpn = hw.gpus_per_node
+    t, ep = layout.tp, layout.ep
+    dp = world // t
+    accum = cfg.train.global_batch // (layout.micro_batch * dp)
+    T = layout.micro_batch * m.seq_len
+    moe_tokens = T / t if layout.ssmb else T
+    moe_layers = m.layers - m.dense_layers
+    fb = flops_breakdown(cfg)
+    recompute = 4 / 3 if layout.checkpointing else 1.0
+    gemm = hw.gemm_tflops * 1e12
+
+    dense_flops = 3 * T / t * (fb["attention_proj"] + fb["dense_mlp"]) * recompute
+    dense_flops += 3 * T / t * fb["lm_head"]
+    dense_flops += 3 * moe_tokens * (fb["router"] + fb["shared_experts"]) * recompute
+    attn_flops = 3 * T / t * fb["attention_scores"] * recompute
+    r = rows_factor(cfg, layout, a.time_imbalance)
+    rows_per_expert = moe_tokens * e.top_k * ep / e.num_experts
+    expert_eff = a.expert_max * rows_per_expert / (rows_per_expert + a.expert_half_rows)
+    expert_flops = 3 * moe_tokens * r * fb["routed_experts"] * recompute
+    dense_s = dense_flops / (gemm * a.dense_efficiency)
+    attn_s = attn_flops / (gemm * a.attention_efficiency)
+    expert_s = expert_flops / (gemm * expert_eff) if expert_flops else 0.0
+
+    a2a_s = 0.0
+    if moe_layers and ep > 1:
+        per_layer = (6 if layout.checkpointing else 4) * _all_to_all_s(
+            cfg, layout, hw, moe_tokens, r, a
+        )
+        a2a_s = moe_layers * per_layer
+    tp_s = _tensor_parallel_s(cfg, layout, hw, T, a) if t > 1 else 0.0
+    micro = dense_s + attn_s + expert_s + a2a_s + tp_s
+
+    pbytes = 4 if cfg.train.dtype == "fp32" else 2
+    dense_p, expert_p = local_params(cfg, layout)
+    grad_s = 0.0
+    for params, members, stride, concurrent in (
+        (dense_p, dp, t, t),
+        (expert_p, world // ep, ep, min(ep, gpn)),
+    ):
+        if members <= 1:
+            continue
+        nodes = _group_nodes(range(0, members * stride, stride), gpn)
+        bw = _allreduce_bw(hw, members, nodes, concurrent) * 1e9
+        once = (members - 1) / members * pbytes * params / bw
+        # ZeRO-2 reduce-scatters every micro-batch; ZeRO-1 once per step; then all-gather
+        scatters = accum if layout.zero_stage >= 2 else 1
+        lat = a.latency_inter_s if nodes > 1 else a.latency_intra_s
+        grad_s += (scatters + 1) * once + (scatters + 1) * lat
+    shards = dense_p / (dp if layout.zero_stage else 1) + expert_p / (
+        world // ep if layout.zero_stage else 1
+    )
+    optim_s = 30 * shards / (hw.hbm_tbs * 1e12)  # fp32 master/m/v/grad read+write, bf16 out
+
+    step = accum * micro + grad_s + optim_s
+    tokens_per_s = cfg.train.global_batch * m.seq_len / step
+    return {
+        "step": step,
+        "accumulation": float(accum),
+        "dense": accum * dense_s,
+        "attention": accum * attn_s,
+        "experts": accum * expert_s,
+        "all_to_all": accum * a2a_s,
+        "tensor_parallel": accum * tp_s,
+        "grad_reduce": grad_s,
+        "optimizer": optim_s,
+        "tokens_per_s": tokens_per_s,
+        "tflops_per_gpu": flops_per_token(cfg) * tokens_per_s / world / 1e12,
+    }
+
+
+def _tensor_parallel_s(cfg: Any, layout: Layout, hw: Hardware, T: int, a: Assumptions) -> float:
+    """TP traffic of one micro-batch: Megatron's two all-reduces per attention (or dense
+    MLP) block, forward and backward, and SSMB's all-gather at each MoE block's exit
+    (forward) and entry (backward); recomputation repeats the forward ones."""
+    m, t = cfg.model, layout.tp
+    act = ACT_BYTES * m.hidden * T
+    bw = hw.allreduce_intra_gbs * 1e9
+    all_reduce = 2 * (t - 1) / t * act / bw + a.latency_intra_s
+    all_gather = (t - 1) / t * act / bw + a.latency_intra_s
+    fwd = 2 if layout.checkpointing else 1
+    moe_layers = m.layers - m.dense_layers
+    blocks = m.layers + m.dense_layers  # attention everywhere, dense MLPs where present
+    per_moe = (fwd + 1) * all_gather if layout.ssmb else 0.0  # plain TP: MoE block replicated
+    return blocks * (fwd + 1) * all_reduce + moe_layers * per_moe
+
+
+def _all_to_all_s(
+    cfg: Any, layout: Layout, hw: Hardware, moe_tokens: float, r: float, a: Assumptions
+) -> float:
+    """One dispatch (or combine) exchange of one MoE layer on the busiest GPU."""
+    m, e = cfg.model, cfg.moe
+    gpn, ep, k = hw.gpus_per_node, layout.ep, e.top_k
+    row = ACT_BYTES * m.hidden
+    local = min(ep, gpn)  # EP ranks on one node (EP blocks are consecutive ranks)
+    ep_nodes = max(1, ep // gpn)
+    rows = moe_tokens * k * r  # padded dispatchers: r is the capacity factor, buffers travel whole
+    intra_bytes = rows * (local - 1) / ep * row
+    inter_bytes = rows * (ep - local) / ep * row
+    count_exchange = a.latency_inter_s if ep_nodes > 1 else a.latency_intra_s
+    if layout.dispatcher == "rbd" and ep_nodes > 1:
+        # one pilot per (token, remote node) crosses; replicas fan out inside the node after
+        remote = expected_unique_nodes(e.num_experts, k, ep_nodes) * (ep_nodes - 1) / ep_nodes
+        inter = moe_tokens * remote * row / (hw.inter_gbs * 1e9)
+        intra = rows * (local - 1) / local * row / (hw.intra_gbs * 1e9)
+        return inter + intra + a.latency_inter_s + a.latency_intra_s + count_exchange
+    intra = intra_bytes / (hw.intra_gbs * 1e9)
+    inter = inter_bytes / (hw.inter_gbs * 1e9) if inter_bytes else 0.0
+    lat = a.latency_inter_s if ep_nodes > 1 else a.latency_intra_s
+    extra = a.latency_intra_s if layout.dispatcher == "rbd" else 0.0  # a second, empty stage
+    return max(intra, inter) + lat + count_exchange + extra
+
+
+def evaluate(cfg: Any, layout: Layout, hw: Hardware, world: int, a: Assumptions) -> Estimate:
+    """Memory and time of `layout`; `reason` says why it does not fit, if it does not."""
+    est = Estimate(layout)
+    est.memory = memory_estimate(cfg, layout, hw, world, a)
+    est.time = time_estimate(cfg, layout, hw, world, a)
+    if est.needed_gib > hw.hbm_gib:
+        est.reason = f"needs {est.needed_gib:.1f} GiB > {hw.hbm_gib:g} GiB HBM"
+    return est

@@ -1,0 +1,512 @@
+"""Choose a run's parallel layout from the site's nodes: behind `xmoectl plan` and `submit`.
+
+`make_plan(cfg, site, nodes)` enumerates layouts (TP with SSMB, EP, dispatcher PFT or RBD,
+micro-batch, activation checkpointing, ZeRO stage, dropless or capacity factor), predicts
+each one's per-GPU memory and step time with `xmoectl.costmodel`, rejects those that do not
+fit the GPU's memory (saying by how much) and ranks the rest by predicted step time.
+Layout fields the user fixed (`--set parallel.ep=8`) are kept as given. When nothing fits,
+the plan names the smallest node count that would.
+
+Measured figures written by `xmoectl preflight` (`<site>.measured.json`) replace the
+datasheet ones of the site profile.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Any
+
+from xmoectl import UserError, resource_dir
+from xmoectl.costmodel import Assumptions, Estimate, Hardware, Layout, evaluate
+from xmoectl.sites import SiteProfile
+
+# config field -> Layout attribute: what the planner chooses unless the user fixed it
+LAYOUT_FIELDS = {
+    "parallel.tp": "tp",
+    "parallel.ep": "ep",
+    "parallel.ssmb": "ssmb",
+    "parallel.zero_stage": "zero_stage",
+    "moe.dispatcher": "dispatcher",
+    "moe.capacity_factor": "capacity_factor",
+    "train.micro_batch": "micro_batch",
+    "train.activation_checkpointing": "checkpointing",
+}
+DEFAULT_DISPATCHERS = ("pft", "rbd")
+MAX_MICRO_BATCH = 64
+MEASURED_SUFFIX = ".measured.json"
+
+
+class PlanError(UserError):
+    """A plan that cannot be made from this input; the message says what to change."""
+
+
+# --------------------------------------------------------------------------- hardware
+
+
+def measured_candidates(site: SiteProfile) -> list[Path]:
+    """Where preflight results for `site` may live: beside a user's profile, then the
+    user's config folder (never inside the installed package)."""
+    out = []
+    if site.source:
+        src = Path(site.source).resolve()
+        if src.parent != resource_dir("site_profiles").resolve():
+            out.append(src.with_name(site.name + MEASURED_SUFFIX))
+    config_home = Path(os.environ.get("XDG_CONFIG_HOME") or Path.home() / ".config")
+    out.append(config_home / "xmoe" / "site_profiles" / (site.name + MEASURED_SUFFIX))
+    return out
+
+
+def load_measured(site: SiteProfile) -> tuple[dict[str, Any], str] | None:
+    """(measured values, file) of the first preflight result found for `site`."""
+    for path in measured_candidates(site):
+        if path.is_file():
+            try:
+                data = json.loads(path.read_text())
+            except (OSError, ValueError) as e:
+                raise PlanError(
+                    f"{path}: unreadable preflight results ({e}); rerun `xmoectl preflight`"
+                ) from None
+            if not isinstance(data, dict):
+                raise PlanError(
+                    f"{path}: preflight results must be a JSON object; rerun `xmoectl preflight`"
+                )
+            return data, str(path)
+    return None
+
+
+def _num(data: dict[str, Any], *keys: str) -> float:
+    cur: Any = data
+    for k in keys:
+        if not isinstance(cur, dict) or k not in cur:
+            return 0.0
+        cur = cur[k]
+    return (
+        float(cur)
+        if isinstance(cur, (int, float)) and not isinstance(cur, bool) and cur > 0
+        else 0.0
+    )
+
+
+def hardware(
+    site: SiteProfile, measured: dict[str, Any] | None = None, a: Assumptions | None = None
+) -> Hardware:
+    """The site's node for the cost model: the profile's figures, measured ones preferred."""
+    from xmoe.flops import datasheet_peak_tflops
+
+    a = a or Assumptions()
+    n = site.node
+    gpn = n.gpus
+    if not gpn or not n.hbm_gb:
+        raise PlanError(
+            f"site {site.name!r} does not describe its accelerators (node.gpus, node.hbm_gb): "
+            "the planner needs them; add them to the profile"
+        )
+    peak = n.peak_tflops_bf16 or datasheet_peak_tflops(n.gpu_model) or 0.0
+    if not peak:
+        raise PlanError(f"site {site.name!r}: set node.peak_tflops_bf16 (bf16 TFLOP/s per GPU)")
+    m = measured or {}
+    intra = _num(m, "intra_node", "all_to_all_gbs") or n.intra_node_gbs or 50.0
+    nic_total = n.nics * n.inter_node_gbs
+    inter = _num(m, "inter_node", "all_to_all_gbs") or (nic_total / gpn if nic_total else 0.0)
+    return Hardware(
+        gpus_per_node=gpn,
+        hbm_gib=_num(m, "hbm_gib") or n.hbm_gb,
+        peak_tflops=peak,
+        gemm_tflops=_num(m, "gemm_tflops") or peak * a.gemm_fraction,
+        intra_gbs=intra,
+        inter_gbs=inter,
+        allreduce_intra_gbs=_num(m, "intra_node", "all_reduce_busbw_gbs") or intra,
+        node_nic_gbs=_num(m, "inter_node", "all_reduce_busbw_gbs") or nic_total,
+        hbm_tbs=_num(m, "copy_tbs") or 1.5,
+        source="measured" if m else "datasheet",
+    )
+
+
+# --------------------------------------------------------------------------- enumeration
+
+
+def fixed_fields(cfg: Any, overrides: list[str] | tuple[str, ...]) -> dict[str, Any]:
+    """Layout attributes the user set with `--set` (their values as the config holds them)."""
+    from xmoe.config import parse_override
+
+    fixed = {}
+    for item in overrides:
+        key, _ = parse_override(item)
+        if key in LAYOUT_FIELDS:
+            sec, name = key.split(".")
+            fixed[LAYOUT_FIELDS[key]] = getattr(getattr(cfg, sec), name)
+    return fixed
+
+
+def config_layout(cfg: Any) -> Layout:
+    """The layout a config already names (the preset's, or what the user wrote)."""
+    p, e, t = cfg.parallel, cfg.moe, cfg.train
+    return Layout(
+        tp=p.tp,
+        ep=p.ep,
+        dispatcher=e.dispatcher,
+        micro_batch=t.micro_batch,
+        checkpointing=t.activation_checkpointing,
+        zero_stage=p.zero_stage,
+        capacity_factor=e.capacity_factor or None,
+        ssmb=p.ssmb,
+    )
+
+
+def _divisors(n: int) -> list[int]:
+    return [d for d in range(1, n + 1) if n % d == 0]
+
+
+def structural_problem(cfg: Any, layout: Layout, gpn: int, world: int) -> str:
+    """Why `layout` cannot run at all on `world` ranks ('' when it can)."""
+    m, e, t = cfg.model, cfg.moe, cfg.train
+    if world % layout.tp or gpn % layout.tp:
+        return f"TP{layout.tp} must divide the {gpn} GPUs of a node"
+    if m.heads % layout.tp:
+        return f"TP{layout.tp} does not divide the {m.heads} heads"
+    if e.num_experts % layout.ep or world % layout.ep:
+        return f"EP{layout.ep} must divide {e.num_experts} experts and {world} ranks"
+    dp = world // layout.tp
+    if t.global_batch % (layout.micro_batch * dp):
+        return f"global batch {t.global_batch} is not a multiple of micro-batch x DP = {layout.micro_batch} x {dp}"
+    if layout.tp > 1 and layout.micro_batch * m.seq_len % layout.tp:
+        return f"micro-batch x seq_len is not divisible by TP{layout.tp}"
+    if layout.dispatcher == "rbd" and (layout.ep <= gpn or layout.ep % gpn):
+        return f"RBD needs EP spanning whole nodes (EP a multiple of {gpn}, > {gpn})"
+    return ""
+
+
+def enumerate_layouts(
+    cfg: Any,
+    gpn: int,
+    world: int,
+    fixed: dict[str, Any] | None = None,
+    dispatchers: tuple[str, ...] = DEFAULT_DISPATCHERS,
+) -> list[Layout]:
+    """Every runnable layout, with the `fixed` attributes held at the user's values."""
+    fixed = fixed or {}
+    m, e, t = cfg.model, cfg.moe, cfg.train
+    cf = e.capacity_factor or None
+    choices: dict[str, list[Any]] = {
+        "tp": [x for x in (1, 2, 4, 8) if gpn % x == 0 and m.heads % x == 0],
+        "ep": [x for x in _divisors(e.num_experts) if world % x == 0],
+        "dispatcher": list(dispatchers),
+        "micro_batch": [x for x in _divisors(t.global_batch) if x <= MAX_MICRO_BATCH],
+        "checkpointing": [False, True],
+        "zero_stage": [1, 2],
+        "capacity_factor": list(dict.fromkeys([cf, None])),
+        "ssmb": [True],
+    }
+    for name, value in fixed.items():
+        choices[name] = [value]
+    out = []
+    for tp in choices["tp"]:
+        for ep in choices["ep"]:
+            for disp in choices["dispatcher"]:
+                for mb in choices["micro_batch"]:
+                    for ac in choices["checkpointing"]:
+                        for z in choices["zero_stage"]:
+                            for c in choices["capacity_factor"]:
+                                for s in choices["ssmb"]:
+                                    lay = Layout(tp, ep, disp, mb, ac, z, c, s)
+                                    if not structural_problem(cfg, lay, gpn, world):
+                                        out.append(lay)
+    return out
+
+
+# --------------------------------------------------------------------------- the plan
+
+
+@dataclass
+class Plan:
+    """A ranked set of layouts for one (model, site, node count), and the one chosen."""
+
+    model: str
+    site: str
+    nodes: int
+    gpus_per_node: int
+    seq_len: int
+    global_batch: int
+    hardware: Hardware
+    assumptions: Assumptions
+    estimates: list[Estimate] = field(default_factory=list)  # fitting first, fastest first
+    fixed: dict[str, Any] = field(default_factory=dict)
+    measured_file: str = ""
+    min_nodes: int | None = None  # when nothing fits: the smallest node count that would
+    config_layout: Layout = field(default_factory=Layout)  # what the config itself names
+    config_problem: str = ""  # why the config's own layout cannot run here ('' = it can)
+
+    @property
+    def world(self) -> int:
+        return self.nodes * self.gpus_per_node
+
+    @property
+    def feasible(self) -> list[Estimate]:
+        return [x for x in self.estimates if x.fits]
+
+    @property
+    def rejected(self) -> list[Estimate]:
+        return [x for x in self.estimates if not x.fits]
+
+    @property
+    def chosen(self) -> Estimate | None:
+        feasible = self.feasible
+        return feasible[0] if feasible else None
+
+    def overrides(self) -> list[str]:
+        """The chosen layout as `--set` overrides (empty when nothing fits)."""
+        return self.chosen.layout.overrides() if self.chosen else []
+
+    def no_fit_message(self) -> str:
+        best = min(self.estimates, key=lambda x: x.needed_gib) if self.estimates else None
+        need = f" (the leanest layout, {best.layout.label()}, {best.reason})" if best else ""
+        where = (
+            f"{self.model} does not fit on {self.nodes} node(s) of {self.site} at any layout{need}"
+        )
+        if self.min_nodes:
+            return f"{where}: the smallest node count that fits is {self.min_nodes} (--nodes {self.min_nodes})"
+        return f"{where}, nor on any node count up to {NODE_SEARCH_LIMIT}: shorten model.seq_len or shrink the model"
+
+    def to_dict(self) -> dict[str, Any]:
+        from dataclasses import asdict
+
+        chosen = self.chosen
+        return {
+            "model": self.model,
+            "site": self.site,
+            "nodes": self.nodes,
+            "gpus_per_node": self.gpus_per_node,
+            "world_size": self.world,
+            "seq_len": self.seq_len,
+            "global_batch": self.global_batch,
+            "hardware": asdict(self.hardware),
+            "measured_file": self.measured_file,
+            "assumptions": asdict(self.assumptions),
+            "fixed": self.fixed,
+            "config_layout": asdict(self.config_layout),
+            "config_problem": self.config_problem,
+            "chosen": chosen.to_dict() if chosen else None,
+            "overrides": self.overrides(),
+            "min_nodes": self.min_nodes,
+            "feasible": len(self.feasible),
+            "rejected": len(self.rejected),
+            "layouts": [x.to_dict() for x in self.estimates],
+        }
+
+
+NODE_SEARCH_LIMIT = 65536
+
+
+def _changes(layout: Layout, base: Layout) -> int:
+    return sum(getattr(layout, f) != getattr(base, f) for f in LAYOUT_FIELDS.values())
+
+
+def rank(estimates: list[Estimate], base: Layout) -> list[Estimate]:
+    """Fitting layouts fastest first (ties: fewer changes to the config, then less memory),
+    then the rejected ones, fastest first."""
+    return sorted(
+        estimates,
+        key=lambda x: (not x.fits, round(x.step_s, 9), _changes(x.layout, base), x.peak_gib),
+    )
+
+
+def make_plan(
+    cfg: Any,
+    site: SiteProfile,
+    nodes: int,
+    *,
+    overrides: list[str] | tuple[str, ...] = (),
+    assumptions: Assumptions | None = None,
+    dispatchers: tuple[str, ...] = DEFAULT_DISPATCHERS,
+    gpus_per_node: int = 0,
+    use_measured: bool = True,
+    model_name: str = "",
+) -> Plan:
+    """Rank every layout of `cfg` on `nodes` nodes of `site`; see the module docstring."""
+    if nodes < 1:
+        raise PlanError(f"--nodes {nodes} must be >= 1")
+    a = assumptions or Assumptions()
+    found = load_measured(site) if use_measured else None
+    hw = hardware(site, found[0] if found else None, a)
+    if gpus_per_node:
+        hw = replace(hw, gpus_per_node=gpus_per_node)
+    gpn = hw.gpus_per_node
+    world = nodes * gpn
+    if nodes > 1 and not hw.inter_gbs:
+        raise PlanError(
+            f"site {site.name!r} has no inter-node network in its profile (node.nics, "
+            "node.inter_node_gbs): plan with --nodes 1 or describe the NICs"
+        )
+    fixed = fixed_fields(cfg, overrides)
+    plan = Plan(
+        model=model_name or cfg.preset or "custom",
+        site=site.name,
+        nodes=nodes,
+        gpus_per_node=gpn,
+        seq_len=cfg.model.seq_len,
+        global_batch=cfg.train.global_batch,
+        hardware=hw,
+        assumptions=a,
+        fixed=fixed,
+        measured_file=found[1] if found else "",
+    )
+    plan.config_layout = replace(config_layout(cfg), **fixed)
+    plan.config_problem = structural_problem(cfg, plan.config_layout, gpn, world)
+    layouts = enumerate_layouts(cfg, gpn, world, fixed, dispatchers)
+    if not plan.config_problem and plan.config_layout not in layouts:
+        layouts.append(plan.config_layout)  # always shown beside the plan, e.g. `padded`
+    if not layouts:
+        lay = replace(config_layout(cfg), **fixed)
+        why = structural_problem(cfg, lay, gpn, world) or "no layout satisfies the constraints"
+        raise PlanError(f"no runnable layout of {plan.model} on {world} ranks: {why}")
+    plan.estimates = rank([evaluate(cfg, lay, hw, world, a) for lay in layouts], plan.config_layout)
+    if not plan.feasible:
+        plan.min_nodes = smallest_fitting_nodes(cfg, hw, nodes, fixed, a)
+    return plan
+
+
+def _fits_somehow(
+    cfg: Any, hw: Hardware, world: int, fixed: dict[str, Any], a: Assumptions
+) -> bool:
+    """Does the leanest layout fit on `world` ranks (global batch assumed adjustable)?"""
+    m, e = cfg.model, cfg.moe
+    tps = (
+        [fixed["tp"]]
+        if "tp" in fixed
+        else [x for x in (1, 2, 4, 8) if hw.gpus_per_node % x == 0 and m.heads % x == 0]
+    )
+    eps = (
+        [fixed["ep"]] if "ep" in fixed else [x for x in _divisors(e.num_experts) if world % x == 0]
+    )
+    for tp in tps:
+        for ep in eps:
+            if world % ep or world % tp:
+                continue
+            lay = Layout(
+                tp=tp,
+                ep=ep,
+                dispatcher=fixed.get("dispatcher", "pft"),
+                micro_batch=fixed.get("micro_batch", 1),
+                checkpointing=fixed.get("checkpointing", True),
+                zero_stage=fixed.get("zero_stage", 2),
+                capacity_factor=fixed.get("capacity_factor", e.capacity_factor or None),
+                ssmb=fixed.get("ssmb", True),
+            )
+            if evaluate(cfg, lay, hw, world, a).fits:
+                return True
+    return False
+
+
+def smallest_fitting_nodes(
+    cfg: Any, hw: Hardware, nodes: int, fixed: dict[str, Any], a: Assumptions
+) -> int | None:
+    """The fewest nodes above `nodes` on which the leanest layout fits (None: none up to
+    NODE_SEARCH_LIMIT). Doubling finds a node count that fits, bisection the edge."""
+    gpn = hw.gpus_per_node
+    hi = nodes * 2
+    while hi <= NODE_SEARCH_LIMIT and not _fits_somehow(cfg, hw, hi * gpn, fixed, a):
+        hi *= 2
+    if hi > NODE_SEARCH_LIMIT:
+        return None
+    lo = max(nodes, hi // 2)  # does not fit (or is the starting count)
+    while hi - lo > 1:
+        mid = (lo + hi) // 2
+        if _fits_somehow(cfg, hw, mid * gpn, fixed, a):
+            hi = mid
+        else:
+            lo = mid
+    return hi
+
+
+# --------------------------------------------------------------------------- output
+
+
+def format_plan(plan: Plan, top: int = 10, show_all: bool = False) -> str:
+    """The human table: ranked fitting layouts, the rejected ones with reasons, the choice."""
+    hw = plan.hardware
+    lines = [
+        f"plan: {plan.model} on {plan.site}, {plan.nodes} node(s) x {plan.gpus_per_node} GPUs "
+        f"= {plan.world} ranks, seq {plan.seq_len}, global batch {plan.global_batch}",
+        f"hardware ({hw.source}{': ' + plan.measured_file if plan.measured_file else ''}): "
+        f"{hw.hbm_gib:g} GiB HBM, GEMM {hw.gemm_tflops:.0f} TFLOP/s "
+        f"(peak {hw.peak_tflops:g}), all-to-all {hw.intra_gbs:g} GB/s in a node, "
+        f"{hw.inter_gbs:g} GB/s per GPU across nodes",
+    ]
+    if plan.fixed:
+        lines.append("fixed by you: " + ", ".join(f"{k}={v}" for k, v in plan.fixed.items()))
+    head = f"{'#':>4}  {'layout':<42} {'mem GiB':>8} {'step s':>9} {'tok/s':>10} {'TFLOP/s':>8} {'a2a %':>6}"
+    feasible, rejected = plan.feasible, plan.rejected
+    lines += ["", f"fitting layouts ({len(feasible)}), fastest first:", head]
+    for i, x in enumerate(feasible if show_all else feasible[:top], 1):
+        lines.append(_row(str(i), x))
+    if not feasible:
+        lines.append("     (none)")
+    if plan.chosen and not show_all:
+        # the rejected layouts that matter: those that would have beaten the chosen one
+        faster = [x for x in rejected if x.step_s < plan.chosen.step_s]
+        title = f"rejected layouts ({len(rejected)}); the {len(faster)} predicted faster than the chosen one:"
+        rejected = faster
+    elif not plan.chosen:
+        rejected = sorted(rejected, key=lambda x: x.needed_gib)
+        title = f"rejected layouts ({len(rejected)}), leanest first:"
+    else:
+        title = f"rejected layouts ({len(rejected)}), fastest first:"
+    shown = rejected if show_all else rejected[:top]
+    lines += ["", title]
+    for x in shown:
+        lines.append(f"      {x.layout.label():<42} {x.reason}")
+    if len(shown) < len(rejected):
+        lines.append(f"      ... {len(rejected) - len(shown)} more (--all lists every layout)")
+    lines.append("")
+    lines.append(_config_line(plan))
+    if plan.chosen:
+        c = plan.chosen
+        lines.append(
+            f"chosen: {c.layout.label()}  ({c.needed_gib:.1f} of {hw.hbm_gib:g} GiB, "
+            f"{c.step_s:.3g} s/step, {c.time['tflops_per_gpu']:.1f} TFLOP/s per GPU predicted)"
+        )
+        lines.append("as config: " + " ".join(f"--set {o}" for o in plan.overrides()))
+    else:
+        lines.append("chosen: none. " + plan.no_fit_message())
+    return "\n".join(lines) + "\n"
+
+
+def config_estimate(plan: Plan) -> tuple[int, Estimate] | None:
+    """(rank from 1, estimate) of the layout the config itself names, if it was enumerated."""
+    for i, x in enumerate(plan.estimates, 1):
+        if x.layout == plan.config_layout:
+            return i, x
+    return None
+
+
+def _config_line(plan: Plan) -> str:
+    lay = plan.config_layout
+    found = config_estimate(plan)
+    if found is None:
+        why = plan.config_problem or "its dispatcher is not among those planned"
+        return f"the config's own layout, {lay.label()}: not runnable here ({why})"
+    i, x = found
+    if not x.fits:
+        return f"the config's own layout, {lay.label()}: rejected, {x.reason}"
+    best = plan.chosen
+    slower = x.step_s / best.step_s if best else 1.0
+    return (
+        f"the config's own layout, {lay.label()}: rank {i} of {len(plan.feasible)}, "
+        f"{x.needed_gib:.1f} GiB, {x.step_s:.3g} s/step ({slower:.2f}x the chosen one's time)"
+    )
+
+
+def _row(tag: str, x: Estimate) -> str:
+    t = x.time
+    a2a = 100 * t["all_to_all"] / t["step"] if t["step"] else 0.0
+    return (
+        f"{tag:>4}  {x.layout.label():<42} {x.needed_gib:>8.1f} {t['step']:>9.3g} "
+        f"{t['tokens_per_s']:>10.4g} {t['tflops_per_gpu']:>8.1f} {a2a:>6.1f}"
+    )
+
+
+def plan_json(plan: Plan) -> str:
+    return json.dumps(plan.to_dict(), indent=2) + "\n"
