@@ -339,6 +339,15 @@ def validate(cfg: Config, world_size: int | None = None) -> None:
         )
     if p.tp > 1 and m.heads % p.tp:
         raise ConfigError(f"parallel.tp={p.tp} does not divide model.heads={m.heads}")
+    if p.tp > 1 and m.dense_layers and m.ffn_hidden % p.tp:
+        raise ConfigError(
+            f"parallel.tp={p.tp} does not divide model.ffn_hidden={m.ffn_hidden} of the dense "
+            "layers: choose tp dividing it"
+        )
+    if p.tp > 1 and e.dispatcher == "deepspeed":
+        raise ConfigError(
+            "moe.dispatcher=deepspeed does not run with parallel.tp > 1: use pft, rbd or padded"
+        )
     if p.zero_stage not in (0, 1, 2):
         raise ConfigError(f"parallel.zero_stage={p.zero_stage} must be 0, 1 or 2")
     if p.node_size < 0:
@@ -370,6 +379,11 @@ def validate_layout(cfg: Config, world_size: int) -> None:
     if p.node_size and world_size % p.node_size:
         raise ConfigError(
             f"parallel.node_size={p.node_size} does not divide the world size {world_size}"
+        )
+    if p.tp > 1 and p.node_size and p.node_size % p.tp:
+        raise ConfigError(
+            f"parallel.tp={p.tp} does not divide parallel.node_size={p.node_size}: a "
+            "tensor-parallel group must stay inside one node; choose tp dividing the ranks per node"
         )
     if t.global_batch % (t.micro_batch * dp):
         raise ConfigError(

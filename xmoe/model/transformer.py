@@ -4,6 +4,12 @@ tokens -> embedding -> [RMSNorm -> causal RoPE attention -> RMSNorm -> (dense ML
 x layers -> RMSNorm -> LM head. The first `dense_layers` layers use a dense SwiGLU MLP;
 the rest are MoE blocks (routed experts + shared experts). Shapes: B batch, S sequence,
 D model dim, H heads, Dh head dim, V vocabulary.
+
+With tensor parallelism (tp > 1, `xmoe.parallel.tensor_parallel`) the residual stream,
+the norms, the MoE blocks (SSMB) and the LM head work on this TP rank's contiguous 1/tp
+of the flattened B*S tokens ([T, D] rows, T = B*S/tp); attention (heads split) and the
+dense MLPs (hidden units split) gather the full sequence and reduce-scatter their output.
+tp = 1 runs the plain [B, S, D] code below unchanged.
 """
 
 from __future__ import annotations
@@ -19,6 +25,17 @@ from torch.utils.checkpoint import checkpoint
 from xmoe.config import Config
 from xmoe.moe.experts import DenseMLP
 from xmoe.moe.layer import MoELayer
+from xmoe.parallel.tensor_parallel import (
+    TPGroup,
+    column_parallel_,
+    gather_replicated,
+    gather_sequence,
+    mark_experts_for_grad_norm,
+    reduce_from_tp,
+    reduce_scatter_sequence,
+    row_parallel_,
+    sum_grads_over_tp,
+)
 
 
 class RMSNorm(nn.Module):
@@ -56,7 +73,7 @@ def apply_rope(x_BHSE: torch.Tensor, cos_SF: torch.Tensor, sin_SF: torch.Tensor)
 class Attention(nn.Module):
     """Multi-head causal self-attention through `scaled_dot_product_attention`."""
 
-    def __init__(self, cfg: Config) -> None:
+    def __init__(self, cfg: Config, tp: TPGroup | None = None) -> None:
         super().__init__()
         m = cfg.model
         self.heads = m.heads
@@ -66,15 +83,19 @@ class Attention(nn.Module):
         self.wo = nn.Linear(m.hidden, m.hidden, bias=False)
         for p in self.parameters():
             nn.init.normal_(p, std=m.init_std)
+        if tp is not None:  # this rank's heads: QKV column-parallel, output row-parallel
+            self.heads //= tp.size
+            column_parallel_(self.wqkv, tp, blocks=3)
+            row_parallel_(self.wo, tp)
 
     def forward(self, x_BSD: torch.Tensor) -> torch.Tensor:
-        B, S, D = x_BSD.shape
+        B, S, _ = x_BSD.shape
         qkv = self.wqkv(x_BSD).view(B, S, 3, self.heads, self.head_dim)
         q, k, v = qkv.permute(2, 0, 3, 1, 4)  # each [B, H, S, Dh]
         cos, sin = rope_tables(S, self.head_dim, self.theta, x_BSD.device)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         o = F.scaled_dot_product_attention(q, k, v, is_causal=True)
-        return self.wo(o.transpose(1, 2).reshape(B, S, D))
+        return self.wo(o.transpose(1, 2).reshape(B, S, self.heads * self.head_dim))
 
 
 class Block(nn.Module):
@@ -83,18 +104,36 @@ class Block(nn.Module):
     def __init__(self, cfg: Config, layer_idx: int, parallel_state: Any = None) -> None:
         super().__init__()
         m = cfg.model
+        self.tp = TPGroup.from_state(parallel_state)
         self.attn_norm = RMSNorm(m.hidden, m.norm_eps)
-        self.attn = Attention(cfg)
+        self.attn = Attention(cfg, self.tp)
         self.ffn_norm = RMSNorm(m.hidden, m.norm_eps)
         self.is_moe = layer_idx >= m.dense_layers
         if self.is_moe:
             self.ffn: nn.Module = MoELayer(cfg, parallel_state, layer_idx)
         else:
             self.ffn = DenseMLP(m.hidden, m.ffn_hidden, "swiglu", m.init_std)
+            if self.tp is not None:
+                column_parallel_(self.ffn.w1, self.tp)
+                column_parallel_(self.ffn.w3, self.tp)
+                row_parallel_(self.ffn.w2, self.tp)
 
-    def forward(self, x_BSD: torch.Tensor) -> torch.Tensor:
+    def forward(self, x_BSD: torch.Tensor, seq_len: int = 0) -> torch.Tensor:
+        if self.tp is not None:
+            return self._forward_sequence_parallel(x_BSD, seq_len)
         x_BSD = x_BSD + self.attn(self.attn_norm(x_BSD))
         return x_BSD + self.ffn(self.ffn_norm(x_BSD))
+
+    def _forward_sequence_parallel(self, x_TD: torch.Tensor, seq_len: int) -> torch.Tensor:
+        """x_TD: this TP rank's rows of the B*S tokens; the MoE block stays on them (SSMB)."""
+        tp = self.tp
+        h_TD = gather_sequence(self.attn_norm(x_TD), tp)
+        a_TD = self.attn(h_TD.view(-1, seq_len, h_TD.shape[-1])).reshape(h_TD.shape)
+        x_TD = x_TD + reduce_scatter_sequence(a_TD, tp)
+        h_TD = self.ffn_norm(x_TD)
+        if self.is_moe:
+            return x_TD + self.ffn(h_TD)
+        return x_TD + reduce_scatter_sequence(self.ffn(gather_sequence(h_TD, tp)), tp)
 
 
 @dataclass
@@ -113,6 +152,7 @@ class Transformer(nn.Module):
         super().__init__()
         m = cfg.model
         self.cfg = cfg
+        self.tp = TPGroup.from_state(parallel_state)
         self.embed = nn.Embedding(m.vocab_size, m.hidden)
         nn.init.normal_(self.embed.weight, std=m.init_std)
         self.layers = nn.ModuleList(Block(cfg, i, parallel_state) for i in range(m.layers))
@@ -122,6 +162,10 @@ class Transformer(nn.Module):
             self.head.weight = self.embed.weight
         else:
             nn.init.normal_(self.head.weight, std=m.init_std)
+        if self.tp is not None:
+            # replicated weights see 1/tp of the tokens: their gradients sum over TP
+            sum_grads_over_tp(self, self.tp)
+            mark_experts_for_grad_norm(self)
 
     def moe_layers(self) -> list[MoELayer]:
         return [blk.ffn for blk in self.layers if blk.is_moe]
@@ -134,12 +178,23 @@ class Transformer(nn.Module):
         return self.logits(tokens_BS)
 
     def logits(self, tokens_BS: torch.Tensor) -> torch.Tensor:
-        x = self.embed(tokens_BS)
+        logits = self._local_logits(tokens_BS)
+        if self.tp is None:
+            return logits
+        return gather_replicated(logits, self.tp).view(*tokens_BS.shape, -1)
+
+    def _local_logits(self, tokens_BS: torch.Tensor) -> torch.Tensor:
+        """[B, S, V]; with tp > 1 [T, V] for this TP rank's rows of the B*S tokens."""
+        S = tokens_BS.shape[1]
+        if self.tp is None:
+            x = self.embed(tokens_BS)
+        else:
+            x = self.embed(tokens_BS.reshape(-1)[self.tp.rows(tokens_BS.numel())])
         for blk in self.layers:
             if self.cfg.train.activation_checkpointing and self.training:
-                x = checkpoint(blk, x, use_reentrant=False)
+                x = checkpoint(blk, x, S, use_reentrant=False)
             else:
-                x = blk(x)
+                x = blk(x, S)
         return self.head(self.norm(x))
 
     def loss(
@@ -150,8 +205,14 @@ class Transformer(nn.Module):
         total = lm + aux_coef * sum_l aux_l + z_coef * sum_l z_l (per-layer terms summed,
         as Switch/ST-MoE do); the logged aux/z are layer means of the unscaled terms.
         """
-        logits = self.logits(tokens_BS)
-        lm = F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), targets_BS.reshape(-1))
+        logits = self._local_logits(tokens_BS)
+        if self.tp is None:
+            lm = F.cross_entropy(
+                logits.float().reshape(-1, logits.shape[-1]), targets_BS.reshape(-1)
+            )
+        else:  # this rank's share of the mean over all B*S tokens
+            targets_T = targets_BS.reshape(-1)[self.tp.rows(targets_BS.numel())]
+            lm = F.cross_entropy(logits.float(), targets_T, reduction="sum") / targets_BS.numel()
         total = lm
         moe = self.moe_layers()
         zero = lm.detach() * 0.0
@@ -162,4 +223,7 @@ class Transformer(nn.Module):
             e = self.cfg.moe
             total = lm + e.aux_loss_coef * aux.sum() + e.z_loss_coef * z.sum()
             aux_mean, z_mean = aux.detach().mean(), z.detach().mean()
+        if self.tp is not None:  # add up the TP ranks' shares (backward: each its own)
+            summed = reduce_from_tp(torch.stack([total, lm.detach(), aux_mean, z_mean]), self.tp)
+            total, (lm, aux_mean, z_mean) = summed[0], summed[1:].detach()
         return total, LossParts(lm.detach(), aux_mean, z_mean)

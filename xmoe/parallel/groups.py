@@ -30,6 +30,11 @@ def build_groups(world: int, tp: int, ep: int, node_size: int) -> dict[str, list
             f"tp={tp}, ep={ep} and node_size={node_size} must each divide the world size {world}"
         )
     node_size = node_size or world
+    if node_size % tp:
+        raise ConfigError(
+            f"tp={tp} does not divide the {node_size} ranks per node: a tensor-parallel group "
+            "must stay inside one node; choose tp dividing the ranks per node"
+        )
     ranks = list(range(world))
     tp_groups = [ranks[i : i + tp] for i in range(0, world, tp)]
     dp_groups = [ranks[i::tp] for i in range(tp)]
