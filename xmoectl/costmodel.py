@@ -193,12 +193,15 @@ def rows_factor(cfg: Any, layout: Layout, imbalance: float) -> float:
 def activation_bytes_per_token(cfg: Any, layout: Layout, imbalance: float) -> dict[str, float]:
     """Bytes saved for backward per token of this GPU's micro-batch, one layer of each kind.
 
-    Counted from what autograd keeps in `xmoe.model.transformer`: RMSNorm saves its fp32
-    input and bf16 normalised output; attention its QKV output, the fp32 RoPE halves, q/k/
-    v/o for the fused kernel and the output projection's input; a MoE block its router's
-    fp32 input and logits/probabilities, the received rows, the expert intermediates and
-    the returned rows for the weighted combine. TP divides what is sharded; SSMB divides
-    the whole MoE block but its entry norm.
+    Counted from what autograd keeps in `xmoe.model.transformer` (checked tensor by tensor
+    with saved-tensor hooks, tests/test_planner_activations.py): RMSNorm saves its fp32
+    input and bf16 normalised output; attention the QKV projection's input and output, the
+    roped q and k, the fused kernel's output and the output projection's input; a SwiGLU
+    MLP four tensors of its hidden width (GELU two); a MoE block its router's fp32 input,
+    probabilities and logits, the received rows, the expert intermediates, the returned rows
+    for the weighted combine and int64 row indices. TP divides what is sharded; SSMB
+    divides the whole MoE block but its entry norm. The LM head keeps the fp32
+    log-probabilities.
     """
     m, e = cfg.model, cfg.moe
     D, V, E, k, F = m.hidden, m.vocab_size, e.num_experts, e.top_k, e.expert_hidden
@@ -206,13 +209,13 @@ def activation_bytes_per_token(cfg: Any, layout: Layout, imbalance: float) -> di
     moe_share = 1.0 / t if layout.ssmb else 1.0
     r = rows_factor(cfg, layout, imbalance)
     norm = (F32 + b) * D
-    attention = norm + b * D + (3 * b + 2 * F32 + 2 * b + 2 * b) * D / t
-    dense_mlp = norm + b * D + 3 * b * m.ffn_hidden / t
-    saved_inter = 3 if e.activation == "swiglu" else 2
-    routed = k * r * (b * D + saved_inter * b * F) + k * b * D
+    attention = norm + b * D + (3 * b + 2 * b + b + b) * D / t
+    dense_mlp = norm + b * D + 4 * b * m.ffn_hidden / t
+    saved_inter = 4 if e.activation == "swiglu" else 2
+    routed = k * r * (b * D + saved_inter * b * F) + k * b * D + 3 * 8 * k
     shared = 0.0
     if e.num_shared_experts:
-        shared = b * D + saved_inter * b * e.num_shared_experts * F + b * D
+        shared = b * D + saved_inter * b * e.num_shared_experts * F
     router = F32 * D + 2 * F32 * E
     padded = 0.0
     if layout.dispatcher in ("padded", "deepspeed"):
@@ -220,8 +223,16 @@ def activation_bytes_per_token(cfg: Any, layout: Layout, imbalance: float) -> di
         tokens = layout.micro_batch * m.seq_len * moe_share
         padded = 2 * b * tokens * k * r
     moe = norm + moe_share * (router + routed + shared + padded)
-    head = norm + b * D + (b + 2 * F32) * V / t
-    return {"attention": attention, "dense_mlp": dense_mlp, "moe": moe, "head": head}
+    head = norm + b * D + F32 * V / t
+    # the loss's transient peak: bf16 logits, their fp32 copy, then the fp32 gradient
+    loss_peak = (b + 2 * F32) * V / t
+    return {
+        "attention": attention,
+        "dense_mlp": dense_mlp,
+        "moe": moe,
+        "head": head,
+        "loss_peak": loss_peak,
+    }
 
 
 def memory_estimate(
@@ -270,7 +281,7 @@ def memory_estimate(
     a2a = 2 * e.top_k * r * ACT_BYTES * m.hidden * moe_tokens if moe_layers else 0.0
     if layout.dispatcher == "rbd":
         a2a *= 1.5  # pilot rows are staged once more between the two exchanges
-    transient = biggest + a2a
+    transient = max(biggest + a2a, per_tok["loss_peak"] * T)
 
     parts = {
         "weights": weights,
