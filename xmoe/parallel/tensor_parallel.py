@@ -172,7 +172,7 @@ def reduce_from_tp(x: torch.Tensor, tp: TPGroup) -> torch.Tensor:
 # --------------------------------------------------------------------------- linears
 
 
-def _shard(weight: torch.Tensor, dim: int, tp: TPGroup, blocks: int) -> torch.Tensor:
+def shard_tensor(weight: torch.Tensor, dim: int, tp: TPGroup, blocks: int) -> torch.Tensor:
     """This rank's 1/tp of every one of `blocks` equal blocks along `dim` (e.g. Q, K, V)."""
     size = weight.shape[dim]
     if size % (blocks * tp.size):
@@ -183,20 +183,21 @@ def _shard(weight: torch.Tensor, dim: int, tp: TPGroup, blocks: int) -> torch.Te
     return torch.cat([p.chunk(tp.size, dim)[tp.rank] for p in parts], dim).contiguous()
 
 
-def _replace_weight(linear: nn.Linear, weight: torch.Tensor, dim: int) -> None:
+def _replace_weight(linear: nn.Linear, weight: torch.Tensor, dim: int, blocks: int) -> None:
     if linear.bias is not None:
         raise ValueError("tensor-parallel linears here are bias-free")
     linear.weight = nn.Parameter(weight, requires_grad=linear.weight.requires_grad)
     linear.out_features, linear.in_features = weight.shape
     linear.weight.tensor_model_parallel = True
     linear.weight.partition_dim = dim
+    linear.weight.partition_blocks = blocks
 
 
 @torch.no_grad()
 def column_parallel_(linear: nn.Linear, tp: TPGroup, blocks: int = 1) -> nn.Linear:
     """Keep this rank's output units (rows of `weight`): input the full sequence, output a
     1/tp slice of the features. `blocks` > 1 splits each stacked block alike (QKV)."""
-    _replace_weight(linear, _shard(linear.weight, 0, tp, blocks), 0)
+    _replace_weight(linear, shard_tensor(linear.weight, 0, tp, blocks), 0, blocks)
     return linear
 
 
@@ -204,7 +205,7 @@ def column_parallel_(linear: nn.Linear, tp: TPGroup, blocks: int = 1) -> nn.Line
 def row_parallel_(linear: nn.Linear, tp: TPGroup) -> nn.Linear:
     """Keep this rank's input units (columns of `weight`): the output is this rank's
     partial sum, to be finished by `reduce_scatter_sequence`."""
-    _replace_weight(linear, _shard(linear.weight, 1, tp, 1), 1)
+    _replace_weight(linear, shard_tensor(linear.weight, 1, tp, 1), 1, 1)
     return linear
 
 
