@@ -36,6 +36,7 @@ def _simulate(W: int, L: int, El: int, K: int, tokens: list[int], drop: bool, D:
     rts = [_routing(T, K, E, 100 + s, drop) for s, T in enumerate(tokens)]
     plans = [plan_sender(ids, keep, lay) for (ids, _, keep), lay in zip(rts, lays)]
     recv_msgs = [[plans[s].msg_WC[r].tolist() for s in range(W)] for r in range(W)]
+    recv_dev = [torch.stack([plans[s].msg_WC[r] for s in range(W)]) for r in range(W)]
     splits = [host_splits(p.msg_WC.tolist(), recv_msgs[s], lays[s]) for s, p in enumerate(plans)]
 
     # sender: pilots, metadata and weights, chunked by destination node
@@ -70,7 +71,7 @@ def _simulate(W: int, L: int, El: int, K: int, tokens: list[int], drop: bool, D:
         w = torch.cat([sent[s][3][j] for s in srcs])
         assert pil.shape[0] == sum(splits[h].pilots_recv)
         assert meta.shape[0] == sum(splits[h].replicas_recv)
-        hp = holder_plan(meta, splits[h], lays[h], K)
+        hp = holder_plan(meta, recv_dev[h], splits[h], lays[h], K)
         P_h, Kh = hp.dest_row_PK.shape
         S = hp.src_slot_S.numel()
         assert torch.equal(hp.dest_row_PK.reshape(-1)[hp.src_slot_S], torch.arange(S))
@@ -84,7 +85,7 @@ def _simulate(W: int, L: int, El: int, K: int, tokens: list[int], drop: bool, D:
         j, lp = divmod(r, L)
         recv = torch.cat([holders[j * L + lr][3][lp] for lr in range(L)])
         assert [holders[j * L + lr][3][lp].shape[0] for lr in range(L)] == splits[r].intra_recv
-        idx_R = expert_order(splits[r], lays[r], recv.device)
+        idx_R = expert_order(recv_dev[r], lays[r], sum(splits[r].counts_El))
         x_RD = recv[idx_R]
         # brute force: local expert, then source rank, then token
         want = []

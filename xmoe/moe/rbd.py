@@ -157,14 +157,14 @@ class RBDDispatcher(Dispatcher):
         )
 
         # holder: replicas for this node's experts, by (node expert, source node, token)
-        hp = holder_plan(meta_Q, sp, lay, K)
+        hp = holder_plan(meta_Q, recv_msg_WC, sp, lay, K)
         P_held, Kh = hp.dest_row_PK.shape
         w_PK = w_recv_Q.new_zeros(P_held * Kh).scatter(0, hp.w_slot_Q, w_recv_Q).view(P_held, Kh)
         rep_SD = permute(pilots_PD, hp.src_slot_S, hp.dest_row_PK)
         recv_RD = all_to_all_uneven(rep_SD, sp.intra_sent, sp.intra_recv, g.node_group)
 
         # expert: rows by local expert, then source rank, then token (PFT's order)
-        idx_R = expert_order(sp, lay, x_TD.device)
+        idx_R = expert_order(recv_msg_WC, lay, sum(sp.counts_El))
         inv_R = torch.empty_like(idx_R)
         inv_R[idx_R] = torch.arange(idx_R.shape[0], device=idx_R.device)
         x_RD = permute(recv_RD, idx_R, inv_R.view(-1, 1))

@@ -74,7 +74,7 @@ class SenderPlan:
     """
 
     order_N: torch.Tensor  # flat assignment t*K+k, in replica order (kept first)
-    meta_N: torch.Tensor  # per replica: pilot index inside its node chunk * En + ne
+    meta_N: torch.Tensor  # per replica: (pilot index in its node chunk * Kh + slot) * En + ne
     pilot_pos_N: torch.Tensor  # positions in replica order that start a pilot, pilots first
     pair_N: torch.Tensor  # node * T + token of every position in replica order
     msg_WC: torch.Tensor  # int64 [W, El+1+L], the counts sent to every EP rank
@@ -106,9 +106,12 @@ def plan_sender(
     pilots_N = torch.bincount(torch.where(first_N, pair_N // max(T, 1), N), minlength=N + 1)[:N]
     pilot_start_N = torch.cumsum(pilots_N, 0) - pilots_N
     node_N = (pair_N // max(T, 1)).clamp_max(N - 1)
-    meta_N = (pilot_idx_N - pilot_start_N[node_N]) * En + key_sorted_N % En
     # stable sort of "not a pilot start" lists the pilot starts first, in replica order
     pilot_pos_N = torch.sort((~first_N).to(torch.int32), stable=True).indices
+    # a replica's slot: its place among its pilot's replicas (they are contiguous)
+    slot_N = torch.arange(T * K, device=dev) - pilot_pos_N[pilot_idx_N.clamp_min(0)]
+    Kh = min(K, En)
+    meta_N = ((pilot_idx_N - pilot_start_N[node_N]) * Kh + slot_N) * En + key_sorted_N % En
 
     counts_E = torch.bincount(kept_ids_N, minlength=E + 1)[:E]
     counts_NLE = counts_E.view(N, L, El)
@@ -130,7 +133,6 @@ class Splits:
     intra_sent: list[int]  # [L] replica rows this holder sends to each rank of its node
     intra_recv: list[int]  # [L] rows this expert rank receives from each holder of its node
     counts_El: list[int]  # rows per local expert, as the experts see them
-    blocks_LEN: list[int]  # received rows per (holder lr, local expert le, source node i)
 
 
 def host_splits(sent_WC: list[list[int]], recv_WC: list[list[int]], layout: NodeLayout) -> Splits:
@@ -143,8 +145,8 @@ def host_splits(sent_WC: list[list[int]], recv_WC: list[list[int]], layout: Node
     pilots_recv = [m[El] for m in from_holder]
     replicas_recv = [sum(m[El + 1 :]) for m in from_holder]
     intra_sent = [sum(m[El + 1 + lp] for m in from_holder) for lp in range(L)]
-    blocks_LEN = [recv_WC[i * L + lr][le] for lr in range(L) for le in range(El) for i in range(N)]
-    intra_recv = [sum(blocks_LEN[lr * El * N : (lr + 1) * El * N]) for lr in range(L)]
+    # an expert rank gets, from holder lr, the rows of every source (i, lr) for its experts
+    intra_recv = [sum(sum(recv_WC[i * L + lr][:El]) for i in range(N)) for lr in range(L)]
     counts_El = [sum(recv_WC[s][le] for s in range(layout.world)) for le in range(El)]
     return Splits(
         pilots_sent,
@@ -154,7 +156,6 @@ def host_splits(sent_WC: list[list[int]], recv_WC: list[list[int]], layout: Node
         intra_sent,
         intra_recv,
         counts_El,
-        blocks_LEN,
     )
 
 
@@ -198,60 +199,50 @@ class HolderPlan:
     w_slot_Q: torch.Tensor  # pilot * Kh + slot of every replica, in receive order
 
 
-def holder_plan(meta_Q: torch.Tensor, splits: Splits, layout: NodeLayout, top_k: int) -> HolderPlan:
+def holder_plan(
+    meta_Q: torch.Tensor, recv_msg_WC: torch.Tensor, splits: Splits, layout: NodeLayout, top_k: int
+) -> HolderPlan:
     """Order a holder's received replicas for the intra-node exchange: by (node expert,
-    source node, token), which is (destination rank, local expert, source node, token)."""
-    En, N = layout.experts_per_node, layout.nodes
+    source node, token), which is (destination rank, local expert, source node, token).
+    `recv_msg_WC` is the received counts message still on the device (no host copies)."""
+    En, L, El = layout.experts_per_node, layout.node_size, layout.local_experts
     Kh = min(top_k, En)
     dev = meta_Q.device
     Q = meta_Q.shape[0]
     P = sum(splits.pilots_recv)
-    pilot_start_N = torch.tensor(
-        [sum(splits.pilots_recv[:i]) for i in range(N)], dtype=torch.int64, device=dev
-    )
+    from_holder_NC = recv_msg_WC.view(layout.nodes, L, -1)[:, layout.local]
+    pilots_N = from_holder_NC[:, El]
+    pilot_start_N = torch.cumsum(pilots_N, 0) - pilots_N
     chunk_Q = torch.repeat_interleave(
-        torch.arange(N, device=dev),
-        torch.tensor(splits.replicas_recv, dtype=torch.int64, device=dev),
-        output_size=Q,
+        torch.arange(layout.nodes, device=dev), from_holder_NC[:, El + 1 :].sum(-1), output_size=Q
     )
-    # pilots are numbered by (source node, token), and a pilot's replicas arrive together
-    pilot_Q = meta_Q // En + pilot_start_N[chunk_Q]
-    pos_Q = torch.arange(Q, device=dev)
-    first_Q = torch.ones(Q, dtype=torch.bool, device=dev)
-    first_Q[1:] = pilot_Q[1:] != pilot_Q[:-1]
-    start_Q = torch.cummax(torch.where(first_Q, pos_Q, 0), 0).values
-    w_slot_Q = pilot_Q * Kh + (pos_Q - start_Q)
-    send_order_S = torch.sort(meta_Q % En * max(P, 1) + pilot_Q).indices
+    # pilots are numbered by (source node, token); the sender packed each replica's slot
+    w_slot_Q = meta_Q // En + pilot_start_N[chunk_Q] * Kh
+    send_order_S = torch.sort(meta_Q % En * max(P * Kh, 1) + w_slot_Q).indices
     src_slot_S = w_slot_Q[send_order_S]
     dest_row_PK = torch.full((P * Kh,), -1, dtype=torch.int64, device=dev)
-    dest_row_PK[src_slot_S] = pos_Q
+    dest_row_PK[src_slot_S] = torch.arange(Q, device=dev)
     return HolderPlan(src_slot_S, dest_row_PK.view(P, Kh), w_slot_Q)
 
 
-def expert_order(splits: Splits, layout: NodeLayout, device: torch.device) -> torch.Tensor:
+def expert_order(recv_msg_WC: torch.Tensor, layout: NodeLayout, rows: int) -> torch.Tensor:
     """Gather index from the intra-node receive buffer to the expert-grouped rows.
 
     Received blocks come as (holder lr, local expert le, source node i); the experts take
     them as (le, i, lr), i.e. by local expert and then by source rank, as PFT hands them.
+    Built on the device from the received counts, `rows` (their total) from the host.
     """
     N, L, El = layout.nodes, layout.node_size, layout.local_experts
-    sizes = splits.blocks_LEN
-    starts, acc = [], 0
-    for n in sizes:
-        starts.append(acc)
-        acc += n
-    tgt_sizes, tgt_starts = [], []
-    for le in range(El):
-        for i in range(N):
-            for lr in range(L):
-                b = (lr * El + le) * N + i
-                tgt_sizes.append(sizes[b])
-                tgt_starts.append(starts[b])
-    R = acc
-    sizes_B = torch.tensor(tgt_sizes, dtype=torch.int64, device=device)
-    starts_B = torch.tensor(tgt_starts, dtype=torch.int64, device=device)
-    shift_B = starts_B - (torch.cumsum(sizes_B, 0) - sizes_B)
-    return torch.repeat_interleave(shift_B, sizes_B, output_size=R) + torch.arange(R, device=device)
+    dev = recv_msg_WC.device
+    sizes_NLE = recv_msg_WC.view(N, L, -1)[:, :, :El]
+    sizes_LEN = sizes_NLE.permute(1, 2, 0).reshape(-1)
+    starts_LEN = (torch.cumsum(sizes_LEN, 0) - sizes_LEN).view(L, El, N)
+    tgt_sizes_B = sizes_NLE.permute(2, 0, 1).reshape(-1)  # (le, i, lr)
+    tgt_starts_B = starts_LEN.permute(1, 2, 0).reshape(-1)
+    shift_B = tgt_starts_B - (torch.cumsum(tgt_sizes_B, 0) - tgt_sizes_B)
+    return torch.repeat_interleave(shift_B, tgt_sizes_B, output_size=rows) + torch.arange(
+        rows, device=dev
+    )
 
 
 def node_limited_topk(
