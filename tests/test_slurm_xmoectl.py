@@ -192,3 +192,30 @@ def test_cancelled_job_reads_cancelled(tmp_path):
         ["sacct", "-j", job_id, "-X", "-n", "-P", "-o", "State"], capture_output=True, text=True
     )
     assert acct.stdout.split()[0] == "CANCELLED"
+
+
+def test_torchrun_launcher_trains_on_two_nodes(tmp_path):
+    """The torchrun launch block (one task per node, c10d rendezvous) on the same cluster."""
+    prof = yaml.safe_load((resource_dir("site_profiles") / "local-slurm.yaml").read_text())
+    prof.update(name="local-slurm-torchrun", launcher="torchrun")
+    prof["srun"] = {"cpus_per_task": 2}
+    site = tmp_path / "local-slurm-torchrun.yaml"
+    site.write_text(yaml.safe_dump(prof))
+    runs_dir = tmp_path / "runs"
+    r = xmoectl(
+        "submit", "--site", str(site), "--nodes", "2", "--name", "tr", "--set", "train.micro_batch=2",
+        "--set", "train.steps=10", "--set", "train.log_interval=5", runs_dir=runs_dir,
+    )  # fmt: skip
+    run_dir, job_id = submitted(r)
+    assert (
+        "torch.distributed.run --nnodes=2 --nproc-per-node=2"
+        in (run_dir / "job.sbatch").read_text()
+    )
+    state = wait_for(job_id, slurm.TERMINAL, 480)
+    log = xmoectl("logs", "tr", runs_dir=runs_dir).stdout
+    assert state == "COMPLETED", log[-3000:]
+    assert "world 4" in log
+    steps = [
+        json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines() if x.strip()
+    ]
+    assert [m["step"] for m in steps if "loss" in m][-1] == 10

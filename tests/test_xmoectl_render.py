@@ -328,3 +328,33 @@ def test_unquoted_template_value_is_refused(tmp_path, monkeypatch):
     assert env.from_string("echo {{ value|q }}\n").render(value="$(id)") == "echo '$(id)'\n"
     assert shell.quote_expand("a${B}c$(d)") == "a\"${B}\"'c$(d)'"
     assert os.environ.get("B") is None or True
+
+
+@pytest.mark.parametrize("restart, tail", [("0", []), ("2", ["--resume"])])
+def test_requeued_job_resumes(tmp_path, restart, tail):
+    """A job Slurm restarts (requeue after node failure or preemption) passes --resume."""
+    job = render.resolve(
+        S.load("local-slurm"),
+        "tiny",
+        2,
+        tmp_path / "r",
+        overrides=["train.micro_batch=2"],
+        force=True,
+    )
+    script = tmp_path / "job.sbatch"
+    script.write_text(render.render_script(job))
+    stubs = f"""
+scontrol() {{ echo n1; }}
+srun() {{ printf '%s\\0' "$@" > {tmp_path}/srun.argv; }}
+export SLURM_JOB_ID=7 SLURM_JOB_NODELIST=n1 SLURM_RESTART_COUNT={restart}
+source {script}
+"""
+    r = subprocess.run(
+        ["bash", "-c", stubs], capture_output=True, text=True, cwd=tmp_path, timeout=60
+    )
+    assert r.returncode == 0, r.stderr
+    argv = (tmp_path / "srun.argv").read_text().split("\0")[:-1]
+    assert argv[-len(render.trainer_args(job)) - len(tail) :] == [*render.trainer_args(job), *tail]
+    assert "--force" in render.trainer_args(
+        job
+    )  # --force reaches the trainer; --resume wins over it

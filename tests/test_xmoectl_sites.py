@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 
@@ -102,7 +103,7 @@ def test_search_path_order(tmp_path, monkeypatch):
     assert S.load("frontier").description == "from ./site_profiles"
     assert S.load("frontier").name == "frontier"
     assert S.load("h200").source.endswith("h200.yaml")  # bundled still found
-    r = xmoectl("sites", "list", cwd=tmp_path, env={**__import__("os").environ})
+    r = xmoectl("sites", "list", cwd=tmp_path, env=dict(os.environ))
     assert r.returncode == 0 and "mysite" in r.stdout
 
 

@@ -211,6 +211,7 @@ def _prepare(kw: dict) -> tuple:
         tasks_per_node=kw["tasks_per_node"],
         env_prefix=kw["env_prefix"],
         resume=kw["resume"],
+        force=kw["force"],
     )
     return job, render.render_script(job)
 
@@ -338,9 +339,9 @@ def status(run: str | None, runs_dir: str | None) -> None:
     st = _state(d, m)
     click.echo(f"run:     {d}")
     click.echo(f"site:    {m.get('site')}  nodes={m.get('nodes')} ranks={m.get('world_size')}")
-    click.echo(
-        f"job:     {m.get('job_id') or '-'}  {st['state']}  elapsed {st.get('elapsed') or '-'}"
-    )
+    reason = f"  ({st['reason']})" if st.get("reason") and st["state"] == "PENDING" else ""
+    job_id = m.get("job_id") or "-"
+    click.echo(f"job:     {job_id}  {st['state']}  elapsed {st.get('elapsed') or '-'}{reason}")
     click.echo(f"metrics: {runs.format_metrics(runs.last_metrics(d))}")
 
 

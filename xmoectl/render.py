@@ -40,6 +40,7 @@ class Job:
     python: str = ""  # interpreter that runs the trainer
     bindir: str = ""  # the built environment's bin folder, put first on PATH ("" = as is)
     resume: bool = False
+    force: bool = False  # start over in a run directory that already holds metrics
     peak_tflops: float = 0.0
     overrides: list[str] = field(default_factory=list)
 
@@ -111,6 +112,7 @@ def resolve(
     tasks_per_node: int = 0,
     env_prefix: str | None = None,
     resume: bool = False,
+    force: bool = False,
 ) -> Job:
     """Check and assemble a run; raises UserError/ConfigError (one line) on bad input."""
     from xmoe.config import load_config, validate_layout
@@ -154,6 +156,7 @@ def resolve(
         python=python,
         bindir=bindir,
         resume=resume,
+        force=force and not resume,
         peak_tflops=peak,
         overrides=list(overrides),
     )
@@ -220,6 +223,8 @@ def trainer_args(job: Job) -> list[str]:
     args = ["--config", str(job.run_dir / "config.yaml"), "--run-dir", str(job.run_dir)]
     if job.resume:
         args.append("--resume")
+    elif job.force:
+        args.append("--force")
     if job.peak_tflops:
         args += ["--peak-tflops", f"{job.peak_tflops:g}"]
     return args
