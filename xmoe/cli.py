@@ -83,8 +83,14 @@ def check_run_dir(run_dir: Path, resume: bool, force: bool) -> None:
     default=None,
     help="Peak TFLOP/s per device for MFU (else config, $XMOE_PEAK_TFLOPS, datasheet).",
 )
+@click.option(
+    "--stop-after",
+    type=click.IntRange(1),
+    default=None,
+    help="Stop after this many global steps; the LR schedule still spans train.steps.",
+)
 @_one_line_errors
-def train(config_name, overrides, run_dir, resume, force, peak_tflops) -> None:
+def train(config_name, overrides, run_dir, resume, force, peak_tflops, stop_after) -> None:
     """Train a model with DeepSpeed on this process's share of the ranks."""
     cfg = load_config(config_name, list(overrides))
     if run_dir is None:
@@ -94,7 +100,7 @@ def train(config_name, overrides, run_dir, resume, force, peak_tflops) -> None:
     check_run_dir(run_dir, resume, force)
     from xmoe.train.loop import train as run_training
 
-    run_training(cfg, run_dir, resume=resume, peak_tflops=peak_tflops)
+    run_training(cfg, run_dir, resume=resume, peak_tflops=peak_tflops, stop_after=stop_after)
 
 
 def _shared_default_run_dir(cfg: Config) -> Path:

@@ -152,11 +152,15 @@ def _read_yaml(text: str, origin: str) -> dict[str, Any]:
     except yaml.YAMLError as e:
         mark = getattr(e, "problem_mark", None)
         where = f" line {mark.line + 1}" if mark is not None else ""
-        raise ConfigError(f"{origin}:{where} is not valid YAML ({getattr(e, 'problem', e)})") from None
+        raise ConfigError(
+            f"{origin}:{where} is not valid YAML ({getattr(e, 'problem', e)})"
+        ) from None
     if data is None:
         return {}
     if not isinstance(data, dict):
-        raise ConfigError(f"{origin}: expected a mapping of sections (model, moe, ...), got {type(data).__name__}")
+        raise ConfigError(
+            f"{origin}: expected a mapping of sections (model, moe, ...), got {type(data).__name__}"
+        )
     return data
 
 
@@ -220,6 +224,12 @@ def _coerce(value: Any, tp: Any, where: str) -> Any:
     if tp is float:
         if isinstance(value, (int, float)) and not isinstance(value, bool):
             return float(value)
+        if isinstance(value, str):
+            # YAML 1.1 reads "1e-3" (no dot) as a string; users write it that way
+            try:
+                return float(value)
+            except ValueError:
+                pass
         raise ConfigError(f"{where}: expected a number, got {value!r}")
     if tp is str:
         if isinstance(value, (str, int, float)) and not isinstance(value, bool):
@@ -231,7 +241,9 @@ def _coerce(value: Any, tp: Any, where: str) -> Any:
 def _unknown(key: str, known: list[str], where: str) -> ConfigError:
     close = difflib.get_close_matches(key, known, n=1)
     hint = f"; did you mean {where + '.' if where else ''}{close[0]}?" if close else ""
-    return ConfigError(f"unknown key {where + '.' if where else ''}{key}{hint} (known: {', '.join(known)})")
+    return ConfigError(
+        f"unknown key {where + '.' if where else ''}{key}{hint} (known: {', '.join(known)})"
+    )
 
 
 def _apply(cfg: Config, data: dict[str, Any], origin: str) -> None:
@@ -315,7 +327,9 @@ def validate(cfg: Config, world_size: int | None = None) -> None:
     if (m.hidden // m.heads) % 2:
         raise ConfigError(f"model.hidden/model.heads={m.hidden // m.heads} must be even for RoPE")
     if not 0 <= m.dense_layers <= m.layers:
-        raise ConfigError(f"model.dense_layers={m.dense_layers} must be between 0 and model.layers={m.layers}")
+        raise ConfigError(
+            f"model.dense_layers={m.dense_layers} must be between 0 and model.layers={m.layers}"
+        )
     _positive(e.num_experts, "moe.num_experts")
     _positive(e.expert_hidden, "moe.expert_hidden")
     if not 1 <= e.top_k <= e.num_experts:
@@ -328,7 +342,9 @@ def validate(cfg: Config, world_size: int | None = None) -> None:
     _choice(e.dispatcher, DISPATCHERS, "moe.dispatcher")
     _choice(e.grouped_gemm, GROUPED_GEMM, "moe.grouped_gemm")
     if e.capacity_factor is not None and e.capacity_factor < 0:
-        raise ConfigError(f"moe.capacity_factor={e.capacity_factor} must be > 0 (or null for dropless)")
+        raise ConfigError(
+            f"moe.capacity_factor={e.capacity_factor} must be > 0 (or null for dropless)"
+        )
     if e.max_nodes_per_token < 0:
         raise ConfigError(f"moe.max_nodes_per_token={e.max_nodes_per_token} must be >= 0 (0 = off)")
     for name in ("ep", "tp"):
@@ -358,11 +374,15 @@ def validate(cfg: Config, world_size: int | None = None) -> None:
     if t.min_lr < 0 or t.min_lr > t.lr:
         raise ConfigError(f"train.min_lr={t.min_lr} must be between 0 and train.lr={t.lr}")
     if t.warmup_steps < 0 or t.save_interval < 0 or t.keep_last < 1:
-        raise ConfigError("train.warmup_steps and train.save_interval must be >= 0, train.keep_last >= 1")
+        raise ConfigError(
+            "train.warmup_steps and train.save_interval must be >= 0, train.keep_last >= 1"
+        )
     _choice(t.dtype, DTYPES, "train.dtype")
     _choice(d.source, DATA_SOURCES, "data.source")
     if d.source == "indexed" and not d.path:
-        raise ConfigError("data.source=indexed needs data.path (a prefix, or 'w1 prefix1 w2 prefix2')")
+        raise ConfigError(
+            "data.source=indexed needs data.path (a prefix, or 'w1 prefix1 w2 prefix2')"
+        )
     if world_size is not None:
         validate_layout(cfg, world_size)
 
@@ -375,7 +395,9 @@ def validate_layout(cfg: Config, world_size: int) -> None:
     dp = world_size // p.tp
     # TP ranks act as extra expert-parallel ranks under SSMB, so EP spans TP x DP ranks.
     if world_size % p.ep:
-        raise ConfigError(f"parallel.ep={p.ep} does not divide the world size {world_size}: choose ep dividing it")
+        raise ConfigError(
+            f"parallel.ep={p.ep} does not divide the world size {world_size}: choose ep dividing it"
+        )
     if p.node_size and world_size % p.node_size:
         raise ConfigError(
             f"parallel.node_size={p.node_size} does not divide the world size {world_size}"

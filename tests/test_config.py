@@ -1,0 +1,67 @@
+"""Every impossible setting is refused through the CLI: one line naming the field, exit 2."""
+
+import pytest
+from click.testing import CliRunner
+from helpers import run_xmoe
+
+from xmoe.cli import main
+from xmoe.config import load_config
+
+
+@pytest.mark.parametrize(
+    "override,words",
+    [
+        ("model.heads=5", ["model.hidden=128", "model.heads=5"]),
+        ("moe.top_k=9", ["moe.top_k=9", "moe.num_experts=8"]),
+        ("parallel.ep=3", ["parallel.ep=3", "moe.num_experts"]),
+        ("parallel.ep=2", ["parallel.ep=2", "world size 1"]),
+        ("train.global_batch=12", ["train.global_batch=12", "multiple of 8"]),
+        ("moe.topk=2", ["unknown key moe.topk", "moe.top_k"]),
+        ("train.steps=many", ["train.steps", "integer"]),
+        ("moe.dispatcher=fast", ["moe.dispatcher='fast'", "reference"]),
+        ("trian.steps=3", ["unknown key trian", "train"]),
+    ],
+)
+def test_invalid_setting_exits_2_with_one_line(tmp_path, override, words):
+    result = CliRunner().invoke(
+        main, ["train", "--config", "tiny", "--set", override, "--run-dir", str(tmp_path / "r")]
+    )
+    assert result.exit_code == 2, result.output
+    lines = result.output.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: "), result.output
+    for w in words:
+        assert w in lines[0], (w, lines[0])
+    assert not (tmp_path / "r").exists()  # refused before anything was written
+
+
+def test_invalid_setting_as_a_real_process(tmp_path):
+    proc = run_xmoe(
+        ["train", "--set", "moe.top_k=0", "--run-dir", str(tmp_path / "r")], timeout=120
+    )
+    assert proc.returncode == 2
+    assert proc.stderr.strip().splitlines() == [
+        "error: moe.top_k=0 must be between 1 and moe.num_experts=8"
+    ]
+    assert "Traceback" not in proc.stdout + proc.stderr
+
+
+def test_unknown_preset_and_missing_file(tmp_path):
+    r = CliRunner().invoke(main, ["info", "--config", "tinny"])
+    assert r.exit_code == 2 and "did you mean tiny" in r.output
+    r = CliRunner().invoke(main, ["info", "--config", str(tmp_path / "nope.yaml")])
+    assert r.exit_code == 2 and "does not exist" in r.output
+
+
+def test_info_prints_counts():
+    r = CliRunner().invoke(main, ["info", "--config", "small"])
+    assert r.exit_code == 0
+    assert "total parameters:     11.01B" in r.output
+    assert "activated parameters: 1.65B" in r.output
+
+
+def test_presets_load_and_overrides_apply():
+    for name in ("tiny", "small", "medium", "large", "super"):
+        cfg = load_config(name)
+        assert cfg.preset == name
+    cfg = load_config("tiny", ["moe.top_k=3", "train.lr=1e-3", "moe.capacity_factor=null"])
+    assert cfg.moe.top_k == 3 and cfg.train.lr == 1e-3 and cfg.moe.dropless
