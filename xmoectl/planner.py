@@ -270,7 +270,8 @@ class Plan:
             return f"{where}: the smallest node count that fits is {self.min_nodes} (--nodes {self.min_nodes})"
         return f"{where}, nor on any node count up to {NODE_SEARCH_LIMIT}: shorten model.seq_len or shrink the model"
 
-    def to_dict(self) -> dict[str, Any]:
+    def to_dict(self, limit: int | None = None) -> dict[str, Any]:
+        """JSON-ready; `limit` keeps that many fitting and that many rejected layouts."""
         from dataclasses import asdict
 
         chosen = self.chosen
@@ -293,8 +294,13 @@ class Plan:
             "min_nodes": self.min_nodes,
             "feasible": len(self.feasible),
             "rejected": len(self.rejected),
-            "layouts": [x.to_dict() for x in self.estimates],
+            "layouts": [x.to_dict() for x in self._listed(limit)],
         }
+
+    def _listed(self, limit: int | None) -> list[Estimate]:
+        if limit is None:
+            return self.estimates
+        return self.feasible[:limit] + self.rejected[:limit]
 
 
 NODE_SEARCH_LIMIT = 65536
@@ -324,8 +330,12 @@ def make_plan(
     gpus_per_node: int = 0,
     use_measured: bool = True,
     model_name: str = "",
+    limits: dict[str, Any] | None = None,
 ) -> Plan:
-    """Rank every layout of `cfg` on `nodes` nodes of `site`; see the module docstring."""
+    """Rank every layout of `cfg` on `nodes` nodes of `site`; see the module docstring.
+
+    `limits` holds layout attributes at a value without the user having fixed them (what
+    this installation can run)."""
     if nodes < 1:
         raise PlanError(f"--nodes {nodes} must be >= 1")
     a = assumptions or Assumptions()
@@ -341,6 +351,7 @@ def make_plan(
             "node.inter_node_gbs): plan with --nodes 1 or describe the NICs"
         )
     fixed = fixed_fields(cfg, overrides)
+    held = {**(limits or {}), **fixed}
     plan = Plan(
         model=model_name or cfg.preset or "custom",
         site=site.name,
@@ -355,16 +366,20 @@ def make_plan(
     )
     plan.config_layout = replace(config_layout(cfg), **fixed)
     plan.config_problem = structural_problem(cfg, plan.config_layout, gpn, world)
-    layouts = enumerate_layouts(cfg, gpn, world, fixed, dispatchers)
+    layouts = enumerate_layouts(cfg, gpn, world, held, dispatchers)
     if not plan.config_problem and plan.config_layout not in layouts:
         layouts.append(plan.config_layout)  # always shown beside the plan, e.g. `padded`
     if not layouts:
-        lay = replace(config_layout(cfg), **fixed)
-        why = structural_problem(cfg, lay, gpn, world) or "no layout satisfies the constraints"
+        simplest = replace(Layout(capacity_factor=cfg.moe.capacity_factor or None), **held)
+        why = (
+            structural_problem(cfg, simplest, gpn, world)
+            or structural_problem(cfg, replace(config_layout(cfg), **held), gpn, world)
+            or "no layout satisfies the constraints"
+        )
         raise PlanError(f"no runnable layout of {plan.model} on {world} ranks: {why}")
     plan.estimates = rank([evaluate(cfg, lay, hw, world, a) for lay in layouts], plan.config_layout)
     if not plan.feasible:
-        plan.min_nodes = smallest_fitting_nodes(cfg, hw, nodes, fixed, a)
+        plan.min_nodes = smallest_fitting_nodes(cfg, hw, nodes, held, a)
     return plan
 
 
@@ -383,8 +398,6 @@ def _fits_somehow(
     )
     for tp in tps:
         for ep in eps:
-            if world % ep or world % tp:
-                continue
             lay = Layout(
                 tp=tp,
                 ep=ep,
@@ -395,6 +408,8 @@ def _fits_somehow(
                 capacity_factor=fixed.get("capacity_factor", e.capacity_factor or None),
                 ssmb=fixed.get("ssmb", True),
             )
+            if structural_problem(cfg, lay, hw.gpus_per_node, world):
+                continue
             if evaluate(cfg, lay, hw, world, a).fits:
                 return True
     return False
@@ -403,8 +418,9 @@ def _fits_somehow(
 def smallest_fitting_nodes(
     cfg: Any, hw: Hardware, nodes: int, fixed: dict[str, Any], a: Assumptions
 ) -> int | None:
-    """The fewest nodes above `nodes` on which the leanest layout fits (None: none up to
-    NODE_SEARCH_LIMIT). Doubling finds a node count that fits, bisection the edge."""
+    """The fewest nodes above `nodes` on which the leanest layout runs and fits (None: none
+    up to NODE_SEARCH_LIMIT). Doubling finds a node count that fits; below it, a scan (or
+    bisection over wide ranges, where divisibility makes the answer approximate)."""
     gpn = hw.gpus_per_node
     hi = nodes * 2
     while hi <= NODE_SEARCH_LIMIT and not _fits_somehow(cfg, hw, hi * gpn, fixed, a):
@@ -412,6 +428,8 @@ def smallest_fitting_nodes(
     if hi > NODE_SEARCH_LIMIT:
         return None
     lo = max(nodes, hi // 2)  # does not fit (or is the starting count)
+    if hi - lo <= 256:
+        return next(n for n in range(lo + 1, hi + 1) if _fits_somehow(cfg, hw, n * gpn, fixed, a))
     while hi - lo > 1:
         mid = (lo + hi) // 2
         if _fits_somehow(cfg, hw, mid * gpn, fixed, a):
@@ -419,6 +437,125 @@ def smallest_fitting_nodes(
         else:
             lo = mid
     return hi
+
+
+# --------------------------------------------------------------------------- entry points
+
+
+def parse_dispatchers(text: str) -> tuple[str, ...]:
+    from xmoectl.costmodel import DISPATCHERS
+
+    names = tuple(x.strip() for x in text.split(",") if x.strip())
+    bad = [x for x in names if x not in DISPATCHERS]
+    if bad or not names:
+        raise PlanError(f"--dispatchers {text!r}: choose from {', '.join(DISPATCHERS)}")
+    return names
+
+
+def plan_from_cli(
+    site: SiteProfile,
+    model: str,
+    nodes: int,
+    sets: list[str] | tuple[str, ...] = (),
+    *,
+    seq_len: int | None = None,
+    global_batch: int | None = None,
+    dispatchers: str = ",".join(DEFAULT_DISPATCHERS),
+    imbalance: float | None = None,
+    use_measured: bool = True,
+) -> Plan:
+    """What `xmoectl plan` computes: the config with its overrides, then the plan."""
+    from xmoe.config import load_config
+
+    overrides = list(sets)
+    if seq_len is not None:
+        overrides.append(f"model.seq_len={seq_len}")
+    if global_batch is not None:
+        overrides.append(f"train.global_batch={global_batch}")
+    a = Assumptions()
+    if imbalance is not None:
+        if imbalance < 1:
+            raise PlanError(
+                f"--imbalance {imbalance} must be >= 1 (1 = perfectly balanced routing)"
+            )
+        a = replace(a, imbalance=imbalance)
+    cfg = load_config(model, overrides)
+    return make_plan(
+        cfg,
+        site,
+        nodes,
+        overrides=overrides,
+        assumptions=a,
+        dispatchers=parse_dispatchers(dispatchers),
+        use_measured=use_measured,
+        model_name=Path(model).stem if model.endswith((".yaml", ".yml")) else model,
+    )
+
+
+def load_recorded_plan(run_dir: Path) -> dict[str, Any] | None:
+    """The plan.json a run directory recorded at its first submission (None: there is none)."""
+    path = Path(run_dir) / "plan.json"
+    if not path.is_file():
+        return None
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, ValueError) as e:
+        raise PlanError(f"{path}: unreadable ({e}); remove it to plan the layout afresh") from None
+    return data if isinstance(data, dict) else None
+
+
+def trainer_has_tp() -> bool:
+    """Whether this xmoe runs TP > 1 (its sequence-sharded MoE block is installed)."""
+    import importlib.util
+
+    return importlib.util.find_spec("xmoe.moe.ssmb") is not None
+
+
+def plan_for_submit(
+    cfg: Any,
+    site: SiteProfile,
+    nodes: int,
+    tasks_per_node: int,
+    overrides: list[str] | tuple[str, ...],
+    model_name: str = "",
+    previous: dict[str, Any] | None = None,
+) -> tuple[list[str], dict[str, Any] | None]:
+    """(layout overrides to apply, plan record for plan.json) for `submit` / `render`.
+
+    Nothing is planned for sites that do not describe their accelerators (CPU sites) or,
+    on several nodes, their network. A
+    resumed run keeps the layout of its recorded plan (its checkpoints depend on it). When
+    nothing fits, the run is refused unless the user fixed every layout field.
+    """
+    if previous is not None:
+        return list(previous.get("overrides") or []), previous
+    if not site.node.gpus or not site.node.hbm_gb:
+        return [], None
+    if nodes > 1 and not (site.node.nics and site.node.inter_node_gbs):
+        return [], None  # no network figures to plan with: submit the layout as configured
+    fixed = fixed_fields(cfg, overrides)
+    dispatchers = DEFAULT_DISPATCHERS
+    limits = {}
+    if "tp" not in fixed and not trainer_has_tp():
+        limits["tp"] = 1
+    plan = make_plan(
+        cfg,
+        site,
+        nodes,
+        overrides=overrides,
+        limits=limits,
+        dispatchers=dispatchers,
+        gpus_per_node=tasks_per_node,
+        model_name=model_name,
+    )
+    record = plan.to_dict(limit=20)
+    if plan.chosen:
+        return plan.overrides(), record
+    if set(fixed) >= set(LAYOUT_FIELDS.values()):
+        return [], record  # the user chose every field: submit as told, the record warns
+    raise PlanError(
+        plan.no_fit_message() + "; or fix every layout field with --set to submit anyway"
+    )
 
 
 # --------------------------------------------------------------------------- output

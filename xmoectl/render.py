@@ -43,6 +43,7 @@ class Job:
     force: bool = False  # start over in a run directory that already holds metrics
     peak_tflops: float = 0.0
     overrides: list[str] = field(default_factory=list)
+    plan: dict[str, Any] | None = None  # the planner's record (plan.json), GPU sites only
 
     @property
     def world_size(self) -> int:
@@ -135,9 +136,15 @@ def resolve(
                 f"--tasks-per-node {tpn} exceeds the {site.node.gpus} accelerators per node of {site.name}"
             )
     cfg = load_config(model, list(overrides))
+    # the planner picks the layout fields the user did not fix (GPU sites only); a resumed
+    # run keeps the layout recorded in its plan.json
+    from xmoectl.planner import load_recorded_plan, plan_for_submit
+
+    previous = load_recorded_plan(run_dir) if resume else None
+    planned, plan = plan_for_submit(cfg, site, nodes, tpn, overrides, model, previous)
+    if planned:
+        cfg = load_config(model, [*overrides, *planned])
     validate_layout(cfg, nodes * tpn)
-    # Issue 8's planner plugs in here: given (cfg, site, nodes) it will pick EP/TP/RBD and the
-    # micro-batch that fit memory and are predicted fastest, before the layout is frozen.
     prefix = site.python.prefix if env_prefix is None else env_prefix
     python, bindir = env_paths(site, prefix)
     peak = cfg.train.peak_tflops or site.node.peak_tflops_bf16
@@ -159,6 +166,7 @@ def resolve(
         force=force and not resume,
         peak_tflops=peak,
         overrides=list(overrides),
+        plan=plan,
     )
 
 

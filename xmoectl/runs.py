@@ -2,6 +2,7 @@
 
 runs/<model>-<site>-<UTC timestamp>/      (or --name)
     config.yaml     the resolved config the trainer gets with --config
+    plan.json       the planner's ranked layouts and the chosen one (GPU sites)
     job.sbatch      the standalone job script (run.sh on the local site)
     manifest.json   xmoe version, git SHA, site, command line, time, job id
     metrics.jsonl   written by the trainer, one JSON line per logged step
@@ -113,6 +114,8 @@ def write_run(job: Any, script: str, argv: list[str] | None = None) -> Path:
     d = job.run_dir
     d.mkdir(parents=True, exist_ok=True)
     (d / "config.yaml").write_text(job.config.to_yaml())
+    if getattr(job, "plan", None):
+        (d / "plan.json").write_text(json.dumps(job.plan, indent=2) + "\n")
     path = d / job.script_name
     path.write_text(script)
     path.chmod(0o755)

@@ -1,0 +1,1 @@
+"""Stand-alone programs run inside an allocation (preflight measurements)."""
