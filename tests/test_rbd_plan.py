@@ -181,3 +181,23 @@ def test_node_limited_topk_keeps_tokens_on_few_nodes():
     assert torch.equal(node_limited_topk(scores_TE, 4, 4, 4), plain)
     with pytest.raises(ValueError, match="max_nodes_per_token"):
         node_limited_topk(scores_TE, 4, 1, 2)
+
+
+def test_router_limits_tokens_to_max_nodes():
+    from xmoe.config import load_config
+    from xmoe.moe.router import Router
+
+    cfg = load_config("tiny", ["moe.num_experts=16", "moe.top_k=4", "moe.max_nodes_per_token=2"])
+    torch.manual_seed(0)
+    router = Router(cfg.moe, hidden=32)
+    x_TD = torch.randn(40, 32)
+    plain = router(x_TD).routing.topk_ids_TK  # experts_per_node unset: plain top-k
+    assert torch.equal(plain, torch.topk(x_TD @ router.weight_ED.T, 4, dim=-1).indices)
+    router.experts_per_node = 4  # 4 nodes of 4 experts
+    r = router(x_TD).routing
+    probs_TE = torch.softmax(x_TD @ router.weight_ED.T, dim=-1)
+    assert torch.equal(r.topk_ids_TK, node_limited_topk(probs_TE, 4, 2, 4))
+    assert all(len(set((row // 4).tolist())) <= 2 for row in r.topk_ids_TK)
+    w_TK = probs_TE.gather(1, r.topk_ids_TK)
+    torch.testing.assert_close(r.topk_weights_TK, w_TK / w_TK.sum(-1, keepdim=True))
+    assert not torch.equal(r.topk_ids_TK, plain)  # the limit bites on this input

@@ -71,6 +71,10 @@ class MoELayer(nn.Module):
             self.router = Router(e, m.hidden, init_std=m.init_std)
         else:
             self.router = TPRouter(e, m.hidden, self.tp, self.ssmb, init_std=m.init_std)
+        if e.max_nodes_per_token and parallel_state is not None:
+            # the EP group spans ep / ep_node_size nodes; experts are laid out node by node
+            nodes = ep // parallel_state.ep_node_size
+            self.router.experts_per_node = e.num_experts // nodes
         self.dispatcher = make_dispatcher(cfg, parallel_state)
         self.experts = None  # DeepSpeed's MoE layer (owns_routing) brings its own experts
         if not getattr(self.dispatcher, "owns_routing", False):

@@ -15,6 +15,7 @@ from torch import nn
 
 from xmoe.config import MoEConfig, capacity
 from xmoe.moe.dispatch import Routing
+from xmoe.moe.rbd_plan import node_limited_topk
 
 
 @dataclass
@@ -72,6 +73,9 @@ class Router(nn.Module):
         # An integer buffer on purpose: engines cast float buffers to bf16, which would round
         # the bias; keeping the net number of +-1 updates (times the rate) stays exact.
         self.register_buffer("bias_steps_E", torch.zeros(cfg.num_experts, dtype=torch.long))
+        # Node-limited routing (cfg.max_nodes_per_token) needs the EP layout: experts per
+        # node, set by the MoE layer from the parallel state; 0 leaves it off.
+        self.experts_per_node = 0
 
     @property
     def expert_bias_E(self) -> torch.Tensor:
@@ -82,7 +86,15 @@ class Router(nn.Module):
         T = x_TD.shape[0]
         logits_TE = F.linear(x_TD.float(), self.weight_ED.float())
         probs_TE = torch.softmax(logits_TE, dim=-1)
-        if cfg.expert_bias:
+        if cfg.max_nodes_per_token and self.experts_per_node:
+            select_TE = probs_TE.detach()
+            if cfg.expert_bias:
+                select_TE = select_TE + self.expert_bias_E
+            topk_ids_TK = node_limited_topk(
+                select_TE, self.top_k, cfg.max_nodes_per_token, self.experts_per_node
+            )
+            topk_probs_TK = probs_TE.gather(1, topk_ids_TK)
+        elif cfg.expert_bias:
             select_TE = probs_TE.detach() + self.expert_bias_E
             topk_ids_TK = torch.topk(select_TE, self.top_k, dim=-1).indices
             topk_probs_TK = probs_TE.gather(1, topk_ids_TK)
