@@ -21,11 +21,11 @@ from xmoe.parallel.groups import create_parallel_state
 from xmoe.parallel.tensor_parallel import TPGroup, shard_tensor
 
 V, S, B = 64, 8, 2
-BASE = [
-    f"model.vocab_size={V}", "model.hidden=16", "model.heads=4", "model.layers=3",
-    "model.ffn_hidden=24", f"model.seq_len={S}", "moe.expert_hidden=8", "moe.num_experts=8",
-    "moe.top_k=2", "moe.num_shared_experts=1", f"train.micro_batch={B}",
-]
+BASE = (
+    f"model.vocab_size={V} model.hidden=16 model.heads=4 model.layers=3 model.ffn_hidden=24 "
+    f"model.seq_len={S} moe.expert_hidden=8 moe.num_experts=8 moe.top_k=2 "
+    f"moe.num_shared_experts=1 train.micro_batch={B}"
+).split()
 TOL = dict(rtol=2e-5, atol=1e-7)  # float64 model; the router computes in fp32
 
 

@@ -10,8 +10,8 @@ from __future__ import annotations
 import pytest
 from helpers import read_metrics, run_xmoe
 
-ARGS = ["train", "--config", "tiny", "--set", "train.steps=4", "--set", "train.log_interval=1",
-        "--set", "moe.dispatcher=pft"]
+ARGS = "train --config tiny --set train.steps=4 --set train.log_interval=1".split()
+ARGS += ["--set", "moe.dispatcher=pft"]
 
 
 def _ok(proc):
@@ -23,8 +23,12 @@ def _ok(proc):
 def test_tp2_training_matches_one_rank(tmp_path):
     one, two = tmp_path / "one", tmp_path / "two"
     _ok(run_xmoe([*ARGS, "--run-dir", str(one)]))
-    _ok(run_xmoe([*ARGS, "--run-dir", str(two), "--set", "parallel.tp=2",
-                  "--set", "parallel.ep=2"], nproc=2))
+    _ok(
+        run_xmoe(
+            [*ARGS, "--run-dir", str(two), "--set", "parallel.tp=2", "--set", "parallel.ep=2"],
+            nproc=2,
+        )
+    )
     a, b = read_metrics(one), read_metrics(two)
     assert len(a) == len(b) == 4
     for x, y in zip(a, b):
