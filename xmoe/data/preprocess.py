@@ -71,19 +71,24 @@ def open_lines(path: str | os.PathLike) -> io.BufferedIOBase:
     return io.BufferedReader(raw, buffer_size=CHUNK_BYTES)
 
 
-def _chunks(paths: list[str]) -> Iterator[list[bytes]]:
+def _chunks(paths: list[str]) -> Iterator[bytes]:
+    """Blocks of about CHUNK_BYTES holding whole lines (the last may lack its newline)."""
     for path in paths:
         stream = open_lines(path)
         try:
-            chunk, size = [], 0
-            for line in stream:
-                chunk.append(line)
-                size += len(line)
-                if size >= CHUNK_BYTES:
-                    yield chunk
-                    chunk, size = [], 0
-            if chunk:
-                yield chunk
+            tail = b""
+            while True:
+                block = stream.read(CHUNK_BYTES)
+                if not block:
+                    break
+                cut = block.rfind(b"\n")
+                if cut < 0:  # a line longer than a block: keep reading
+                    tail += block
+                    continue
+                yield tail + block[: cut + 1]
+                tail = block[cut + 1 :]
+            if tail:
+                yield tail
         except (OSError, EOFError, ValueError) as e:
             raise DataError(
                 f"{path}: cannot read ({e}): truncated or corrupt compressed file?"
@@ -95,54 +100,55 @@ def _chunks(paths: list[str]) -> Iterator[list[bytes]]:
 _WORKER: dict = {}
 
 
-def _init_worker(spec: str, json_key: str, append_eod: bool) -> None:
-    _WORKER.update(tok=load_tokenizer(spec), key=json_key, eod=append_eod)
+def _init_worker(spec: str, json_key: str, append_eod: bool, dtype: str) -> None:
+    # The worker count is the parallelism knob; keep the Rust tokenizers single-threaded.
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    _WORKER.update(tok=load_tokenizer(spec), key=json_key, eod=append_eod, dtype=np.dtype(dtype))
 
 
-def _encode_chunk(lines: list[bytes]) -> tuple[np.ndarray, np.ndarray, int, int, int]:
+def _encode_chunk(block: bytes) -> tuple[np.ndarray, np.ndarray, int, int, int]:
     """(tokens of all documents, their lengths, empty count, malformed count, bytes)."""
-    tok, key, eod = _WORKER["tok"], _WORKER["key"], _WORKER["eod"]
-    ids: list[int] = []
-    lengths: list[int] = []
-    empty = malformed = nbytes = 0
+    tok, key, dtype = _WORKER["tok"], _WORKER["key"], _WORKER["dtype"]
+    lines = block.split(b"\n")
+    if block.endswith(b"\n"):
+        lines.pop()
+    texts: list[str] = []
+    empty = malformed = 0
     for line in lines:
-        nbytes += len(line)
         if not line.strip():
             empty += 1
             continue
         try:
-            record = json.loads(line)
-            text = record[key]
+            text = json.loads(line)[key]
         except (ValueError, KeyError, TypeError, IndexError):  # bad JSON or UTF-8, no field
             malformed += 1
             continue
         if not isinstance(text, str):
             malformed += 1
-            continue
-        if not text:
+        elif not text:
             empty += 1
-            continue
-        doc = tok.encode(text)
-        if eod:
-            doc.append(tok.eod)
-        ids.extend(doc)
-        lengths.append(len(doc))
-    return (
-        np.asarray(ids, dtype=np.int64),
-        np.asarray(lengths, dtype=np.int64),
-        empty,
-        malformed,
-        nbytes,
-    )
+        else:
+            texts.append(text)
+    docs = tok.encode_batch(texts)
+    lengths = np.fromiter((len(d) for d in docs), dtype=np.int64, count=len(docs))
+    if _WORKER["eod"]:
+        eod = np.array([tok.eod], dtype=dtype)
+        pieces = [piece for d in docs for piece in (np.asarray(d, dtype=dtype), eod)]
+        lengths += 1
+    else:
+        pieces = [np.asarray(d, dtype=dtype) for d in docs]
+    ids = np.concatenate(pieces) if pieces else np.zeros(0, dtype=dtype)
+    return ids, lengths, empty, malformed, len(block)
 
 
-def _ordered_results(chunks: Iterator[list[bytes]], workers: int, init_args: tuple) -> Iterator:
+def _ordered_results(chunks: Iterator[bytes], workers: int, init_args: tuple) -> Iterator:
     if workers <= 1:
         _init_worker(*init_args)
         for chunk in chunks:
             yield _encode_chunk(chunk)
         return
-    ctx = mp.get_context("spawn" if sys.platform == "darwin" else "forkserver")
+    # fork: workers start in milliseconds and never re-run the caller's __main__ module.
+    ctx = mp.get_context("fork" if sys.platform.startswith("linux") else "spawn")
     with ctx.Pool(workers, initializer=_init_worker, initargs=init_args) as pool:
         pending: deque = deque()
         for chunk in chunks:
@@ -173,12 +179,14 @@ def preprocess(
         if not Path(path).is_file():
             raise DataError(f"{path}: input file not found")
     tok = load_tokenizer(tokenizer)  # fail here, once, rather than in every worker
+    dtype = best_dtype(tok.vocab_size)
     Path(output_prefix).parent.mkdir(parents=True, exist_ok=True)
     stats = PreprocessStats()
     start = time.perf_counter()
-    writer = IndexedDatasetWriter(output_prefix, best_dtype(tok.vocab_size))
+    writer = IndexedDatasetWriter(output_prefix, dtype)
     try:
-        results = _ordered_results(_chunks(inputs), workers, (tokenizer, json_key, append_eod))
+        init = (tokenizer, json_key, append_eod, dtype.str)
+        results = _ordered_results(_chunks(inputs), workers, init)
         for ids, lengths, empty, malformed, nbytes in results:
             writer.add_documents(ids, lengths)
             stats.documents += len(lengths)

@@ -6,7 +6,8 @@
     gpt2:DIR                   GPT-2 byte-level BPE from DIR/vocab.json and DIR/merges.txt
     gpt2:VOCAB.json,MERGES.txt the same with the two files named
 
-Every tokenizer exposes `encode(text) -> list[int]`, `decode(ids) -> str`, `eod` and
+Every tokenizer exposes `encode(text) -> list[int]`, `encode_batch(texts)` (one id sequence
+per text), `decode(ids) -> str`, `eod` and
 `vocab_size`; preprocessing workers rebuild theirs from the spec, so only the string crosses
 process boundaries.
 """
@@ -15,6 +16,8 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+
+import numpy as np
 
 from xmoe.data.errors import DataError
 
@@ -32,6 +35,9 @@ class ByteTokenizer:
 
     def encode(self, text: str) -> list[int]:
         return list(text.encode("utf-8"))
+
+    def encode_batch(self, texts: list[str]) -> list[np.ndarray]:
+        return [np.frombuffer(t.encode("utf-8"), dtype=np.uint8) for t in texts]
 
     def decode(self, ids) -> str:
         return bytes(int(i) for i in ids if int(i) < 256).decode("utf-8", errors="replace")
@@ -75,6 +81,9 @@ class HFTokenizer:
     def encode(self, text: str) -> list[int]:
         return self._tok.encode(text, add_special_tokens=False).ids
 
+    def encode_batch(self, texts: list[str]) -> list[list[int]]:
+        return [e.ids for e in self._tok.encode_batch(texts, add_special_tokens=False)]
+
     def decode(self, ids) -> str:
         return self._tok.decode([int(i) for i in ids], skip_special_tokens=False)
 
@@ -115,6 +124,9 @@ class GPT2BPETokenizer:
 
     def encode(self, text: str) -> list[int]:
         return self._tok.encode(text, add_special_tokens=False).ids
+
+    def encode_batch(self, texts: list[str]) -> list[list[int]]:
+        return [e.ids for e in self._tok.encode_batch(texts, add_special_tokens=False)]
 
     def decode(self, ids) -> str:
         return self._tok.decode([int(i) for i in ids], skip_special_tokens=False)
