@@ -180,6 +180,8 @@ def local_params(cfg: Any, layout: Layout) -> tuple[float, float]:
 def rows_factor(cfg: Any, layout: Layout, imbalance: float) -> float:
     """Routed rows on the busiest GPU over the mean when routing is `imbalance`-skewed."""
     cf = layout.capacity_factor
+    if layout.ep == 1 and layout.dispatcher in ("pft", "rbd"):
+        return 1.0  # every routed row stays on this GPU: skew moves rows between its experts
     if layout.dispatcher == "padded":
         return cf or imbalance  # always padded to capacity
     if layout.dispatcher == "deepspeed":
@@ -261,13 +263,9 @@ def memory_estimate(
         m.dense_layers * (per_tok["attention"] + per_tok["dense_mlp"])
         + moe_layers * (per_tok["attention"] + per_tok["moe"])
     ) * T
-    biggest = (
-        max(
-            per_tok["attention"] + (per_tok["moe"] if moe_layers else per_tok["dense_mlp"]),
-            per_tok["attention"] + per_tok["dense_mlp"],
-        )
-        * T
-    )
+    kinds = [per_tok["moe"]] if moe_layers else []
+    kinds += [per_tok["dense_mlp"]] if m.dense_layers else []
+    biggest = (per_tok["attention"] + max(kinds)) * T
     if layout.checkpointing:
         # only each block's input stays; backward recomputes one block at a time
         activations = m.layers * ACT_BYTES * m.hidden * T + biggest

@@ -1,0 +1,73 @@
+"""The planner's activation bytes per token against what autograd really saves.
+
+The real model (bf16 on CPU, the PFT dispatcher on one rank) runs a forward under
+saved-tensor hooks that add up every distinct storage kept for backward (parameters
+excluded). Differences of layer counts isolate one attention+MoE layer, one attention+dense
+layer and the LM head, so each term of `activation_bytes_per_token` is checked on its own.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from xmoe.config import load_config
+from xmoe.model import Transformer
+from xmoectl.costmodel import Layout, activation_bytes_per_token
+
+B, S = 2, 64
+SHAPE = [
+    "model.hidden=128",
+    "model.heads=4",
+    "model.vocab_size=320",
+    f"model.seq_len={S}",
+    "moe.num_experts=8",
+    "moe.top_k=2",
+    "moe.expert_hidden=64",
+    "moe.dispatcher=pft",
+    "moe.capacity_factor=null",
+]
+
+
+def saved_bytes(overrides: list[str]) -> int:
+    cfg = load_config("tiny", SHAPE + overrides)
+    torch.manual_seed(0)
+    model = Transformer(cfg).to(torch.bfloat16)
+    params = {p.untyped_storage().data_ptr() for p in model.parameters()}
+    storages: dict[int, int] = {}
+
+    def pack(t: torch.Tensor) -> torch.Tensor:
+        st = t.untyped_storage()
+        if st.data_ptr() not in params:
+            storages[st.data_ptr()] = max(storages.get(st.data_ptr(), 0), st.nbytes())
+        return t
+
+    tokens = torch.randint(0, cfg.model.vocab_size, (B, S))
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        model(tokens, tokens)
+    return sum(storages.values())
+
+
+@pytest.mark.parametrize(
+    "kind",
+    [
+        ["moe.activation=gelu", "moe.num_shared_experts=0"],
+        ["moe.activation=swiglu", "moe.num_shared_experts=1"],
+    ],
+    ids=["gelu", "swiglu+shared"],
+)
+def test_per_token_activation_model_matches_autograd(kind):
+    T = B * S
+    moe2 = saved_bytes(kind + ["model.layers=2", "model.dense_layers=0"])
+    moe4 = saved_bytes(kind + ["model.layers=4", "model.dense_layers=0"])
+    dense2 = saved_bytes(kind + ["model.layers=2", "model.dense_layers=2"])
+    dense4 = saved_bytes(kind + ["model.layers=4", "model.dense_layers=4"])
+    cfg = load_config("tiny", SHAPE + kind)
+    per = activation_bytes_per_token(cfg, Layout(ep=1, micro_batch=B), imbalance=1.5)
+    moe_layer = (moe4 - moe2) / 2 / T
+    dense_layer = (dense4 - dense2) / 2 / T
+    head = (dense2 - 2 * (dense4 - dense2) / 2) / T
+    # one rank holds every expert, so routing skew moves no rows: the count is exact
+    assert per["attention"] + per["moe"] == pytest.approx(moe_layer, rel=0.05)
+    assert per["attention"] + per["dense_mlp"] == pytest.approx(dense_layer, rel=0.05)
+    assert per["head"] == pytest.approx(head, rel=0.05)
