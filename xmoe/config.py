@@ -108,7 +108,10 @@ class TrainConfig:
     tensorboard: bool = False
     # abort when no step completes within this many seconds (0 = off)
     hang_timeout_s: float = 0.0
+    # a step whose loss is NaN/inf is skipped; this many in a row stop the run
     max_bad_steps: int = 3
+    # torch.distributed timeout of every collective (a stuck one raises instead of waiting forever)
+    collective_timeout_s: float = 600.0
 
 
 @dataclass
@@ -378,6 +381,10 @@ def validate(cfg: Config, world_size: int | None = None) -> None:
             "train.warmup_steps and train.save_interval must be >= 0, train.keep_last >= 1"
         )
     _choice(t.dtype, DTYPES, "train.dtype")
+    if t.hang_timeout_s < 0:
+        raise ConfigError(f"train.hang_timeout_s={t.hang_timeout_s} must be >= 0 (0 = off)")
+    _positive(t.max_bad_steps, "train.max_bad_steps")
+    _positive(t.collective_timeout_s, "train.collective_timeout_s")
     _choice(d.source, DATA_SOURCES, "data.source")
     if d.source == "indexed" and not d.path:
         raise ConfigError(
