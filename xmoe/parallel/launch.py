@@ -15,7 +15,7 @@ def setup_parallel(cfg: Config, launch: Launch | None = None) -> ParallelState:
     """
     launch = launch or detect_launch()
     validate_layout(cfg, launch.world)
-    launch, device = init_distributed(launch)
+    launch, device = init_distributed(launch, timeout_s=cfg.train.collective_timeout_s)
     return create_parallel_state(
         cfg, launch.rank, launch.world, launch.local_rank, launch.local_world, device
     )
