@@ -201,3 +201,20 @@ def test_router_limits_tokens_to_max_nodes():
     w_TK = probs_TE.gather(1, r.topk_ids_TK)
     torch.testing.assert_close(r.topk_weights_TK, w_TK / w_TK.sum(-1, keepdim=True))
     assert not torch.equal(r.topk_ids_TK, plain)  # the limit bites on this input
+
+
+def test_rbd_refuses_nodes_with_unequal_ep_ranks():
+    from xmoe.config import ConfigError
+    from xmoe.moe.rbd import groups_from_state
+    from xmoe.parallel.groups import ParallelState, build_groups
+
+    lists = build_groups(world=12, tp=1, ep=4, node_size=3)  # EP ranks 0-3: 3 + 1 per node
+    ranks = {kind: next(g for g in groups if 0 in g) for kind, groups in lists.items()}
+    state = ParallelState(rank=0, world=12, node_size=3, ep=4, ranks=ranks)
+    with pytest.raises(ConfigError, match="parallel.ep=4"):
+        groups_from_state(state, num_experts=8)
+    ok = ParallelState(
+        rank=3, world=4, node_size=2, ep=4, ranks={"ep": [0, 1, 2, 3], "node_local": [2, 3]}
+    )
+    lay = groups_from_state(ok, num_experts=8).layout
+    assert (lay.nodes, lay.node, lay.local, lay.local_experts) == (2, 1, 1, 2)
