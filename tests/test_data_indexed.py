@@ -206,3 +206,41 @@ def test_empty_dataset(tmp_path):
 def test_missing_file(good):
     good.with_suffix(".bin").unlink()
     _open_fails(good, "no such file", ".bin")
+
+
+def test_interop_with_megatron_core(tmp_path):
+    """Both directions against megatron-core itself, where it is installed."""
+    mc = pytest.importorskip("megatron.core.datasets.indexed_dataset")
+    torch = pytest.importorskip("torch")
+    rng = np.random.default_rng(7)
+    docs = [rng.integers(0, 50000, rng.integers(1, 200)) for _ in range(50)]
+
+    write_indexed_dataset(tmp_path / "ours", docs, np.uint16)
+    theirs_view = mc.IndexedDataset(str(tmp_path / "ours"))
+    assert len(theirs_view) == 50
+    np.testing.assert_array_equal(theirs_view.document_indices, np.arange(51))
+    for i, doc in enumerate(docs):
+        np.testing.assert_array_equal(theirs_view[i], doc)
+
+    builder = mc.IndexedDatasetBuilder(str(tmp_path / "theirs.bin"), dtype=np.uint16)
+    for doc in docs[:20]:
+        builder.add_item(torch.from_numpy(doc.astype(np.int64)))
+        builder.end_document()
+    builder.add_document(
+        torch.from_numpy(np.concatenate(docs[20:23])), [len(d) for d in docs[20:23]]
+    )
+    builder.finalize(str(tmp_path / "theirs.idx"))
+    ours_view = IndexedDataset(tmp_path / "theirs")
+    assert len(ours_view) == 23 and ours_view.num_documents == 21
+    for i, doc in enumerate(docs[:23]):
+        np.testing.assert_array_equal(ours_view[i], doc)
+    assert [len(s) for s in ours_view.document(20)] == [len(d) for d in docs[20:23]]
+    # Same documents through our writer: byte-identical files.
+    with IndexedDatasetWriter(tmp_path / "same", np.uint16) as w:
+        for doc in docs[:20]:
+            w.add_document(doc)
+        for doc in docs[20:23]:
+            w.add_sequence(doc)
+        w.end_document()
+    for ext in (".idx", ".bin"):
+        assert (tmp_path / f"same{ext}").read_bytes() == (tmp_path / f"theirs{ext}").read_bytes()
