@@ -54,11 +54,12 @@ def _median_time(fn, device: torch.device, warmup: int, iters: int) -> float:
 
 
 def _node_ids(world: int, node_size: int) -> list[int]:
-    """Node index of every rank: from hostnames, or `node_size` consecutive ranks (tests)."""
+    """Node index of every rank: Slurm's node name (several emulated nodes may share one
+    host), else the hostname; or `node_size` consecutive ranks (tests)."""
     if node_size:
         return [r // node_size for r in range(world)]
     hosts: list[Any] = [None] * world
-    dist.all_gather_object(hosts, socket.gethostname())
+    dist.all_gather_object(hosts, os.environ.get("SLURMD_NODENAME") or socket.gethostname())
     order = list(dict.fromkeys(hosts))
     return [order.index(h) for h in hosts]
 
@@ -81,7 +82,7 @@ def loaded_plugins() -> list[str]:
 def binding(device: torch.device) -> dict[str, Any]:
     """This rank's GPU, its cores, and whether those cores are the GPU's local ones."""
     info: dict[str, Any] = {
-        "host": socket.gethostname(),
+        "host": os.environ.get("SLURMD_NODENAME") or socket.gethostname(),
         "rank": dist.get_rank(),
         "cores": sorted(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else [],
     }
