@@ -112,3 +112,25 @@ def test_synthetic_loss_falls_substantially():
         losses.append(loss.item())
     assert losses[0] > math.log(vocab) - 0.5
     assert sum(losses[-5:]) / 5 < 0.5 * losses[0]
+
+
+def test_prefetch_threads_give_the_same_batches_and_positions():
+    cfg = _cfg("train.micro_batch=2", "train.global_batch=8")
+    plain = build_train_data(cfg, 1, 2)
+    ahead = build_train_data(load_config("tiny", [*_overrides(cfg), "data.num_workers=2"]), 1, 2)
+    assert ahead.prefetch == 2
+    for _ in range(5):
+        assert torch.equal(plain.next_batch(), ahead.next_batch())
+        assert plain.state_dict() == ahead.state_dict()
+    # moving the position drops what was read ahead
+    ahead.load_state_dict({"consumed_samples": 400, "micro_step": 1})
+    plain.load_state_dict({"consumed_samples": 400, "micro_step": 1})
+    for _ in range(3):
+        assert torch.equal(plain.next_batch(), ahead.next_batch())
+
+
+def _overrides(cfg) -> list[str]:
+    return [
+        f"train.micro_batch={cfg.train.micro_batch}",
+        f"train.global_batch={cfg.train.global_batch}",
+    ]

@@ -220,7 +220,9 @@ def test_shipped_corpus_matches_its_generator_and_is_small():
 def test_last_line_without_newline_and_crlf_lines(tmp_path, monkeypatch):
     monkeypatch.setattr(pp, "CHUNK_BYTES", 16)
     src = tmp_path / "in.jsonl"
-    src.write_bytes(b'{"text": "first"}\r\n\r\n{"text": "a much longer second line"}\n{"text": "last"}')
+    src.write_bytes(
+        b'{"text": "first"}\r\n\r\n{"text": "a much longer second line"}\n{"text": "last"}'
+    )
     stats = pp.preprocess([str(src)], str(tmp_path / "out"))
     assert (stats.documents, stats.empty, stats.malformed) == (3, 1, 0)
     texts = [bytes(d[:-1]).decode() for d in _docs(tmp_path / "out")]

@@ -69,7 +69,10 @@ def build_samples(cfg: Config, split: str = "train", rank: int = 0) -> Samples:
 def build_train_data(
     cfg: Config, dp_rank: int, dp_size: int, consumed_samples: int = 0
 ) -> TrainData:
-    """Micro-batches of [train.micro_batch, model.seq_len + 1] token ids for one DP rank."""
+    """Micro-batches of [train.micro_batch, model.seq_len + 1] token ids for one DP rank.
+
+    `data.num_workers` > 0 reads that many micro-batches ahead in background threads.
+    """
     from xmoe.data.loader import TrainData
 
     samples = build_samples(cfg, "train", rank=dp_rank)
@@ -80,4 +83,5 @@ def build_train_data(
         dp_rank=dp_rank,
         dp_size=dp_size,
         consumed_samples=consumed_samples,
+        prefetch=cfg.data.num_workers,
     )

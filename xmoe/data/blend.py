@@ -10,6 +10,7 @@ prefix of the stream holds each dataset's share to within one sample.
 from __future__ import annotations
 
 import os
+import threading
 
 import numpy as np
 
@@ -82,6 +83,7 @@ class BlendedSamples:
         self.weights = np.asarray(weights, dtype=np.float64)
         self._which = np.zeros(0, dtype=np.int64)
         self._nth = np.zeros(0, dtype=np.int64)
+        self._lock = threading.Lock()  # prefetch threads may grow the index concurrently
 
     def _extend(self, needed: int) -> None:
         m = max(needed, 2 * len(self._which), self._GROW)
@@ -100,9 +102,11 @@ class BlendedSamples:
 
     def locate(self, idx: int) -> tuple[int, int]:
         """(source, sample number within it) of blended sample `idx`."""
-        if idx >= len(self._which):
-            self._extend(idx + 1)
-        return int(self._which[idx]), int(self._nth[idx])
+        with self._lock:
+            if idx >= len(self._which):
+                self._extend(idx + 1)
+            which, nth = self._which, self._nth
+        return int(which[idx]), int(nth[idx])
 
     def __getitem__(self, idx: int) -> np.ndarray:
         if idx < 0:

@@ -9,6 +9,8 @@ the same samples in the same step, and a resumed run continues at the next sampl
 
 from __future__ import annotations
 
+from collections import deque
+from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any, Protocol
 
 import numpy as np
@@ -36,6 +38,7 @@ class TrainData:
         dp_rank: int,
         dp_size: int,
         consumed_samples: int = 0,
+        prefetch: int = 0,
     ) -> None:
         if dp_size < 1 or not 0 <= dp_rank < dp_size:
             raise DataError(
@@ -58,24 +61,45 @@ class TrainData:
         self.accumulation = global_batch // (micro_batch * dp_size)
         self.consumed_samples = consumed_samples
         self.micro_step = 0
+        # Background threads read the next micro-batches while the step computes; the
+        # position in state_dict() only moves when next_batch() hands a batch out.
+        self.prefetch = prefetch
+        self._pool = ThreadPoolExecutor(prefetch, "xmoe-data") if prefetch > 0 else None
+        self._ahead: deque[tuple[int, Future]] = deque()
 
-    def sample_indices(self) -> range:
-        """Global sample numbers of the next micro-batch of this rank."""
+    def sample_indices(self, ahead: int = 0) -> range:
+        """Global sample numbers of this rank's micro-batch `ahead` micro-steps from now."""
+        steps, micro_step = divmod(self.micro_step + ahead, self.accumulation)
         start = (
             self.consumed_samples
-            + self.micro_step * self.micro_batch * self.dp_size
+            + steps * self.global_batch
+            + micro_step * self.micro_batch * self.dp_size
             + self.dp_rank * self.micro_batch
         )
         return range(start, start + self.micro_batch)
 
+    def _fetch(self, indices: range) -> torch.Tensor:
+        return torch.from_numpy(
+            np.stack([np.asarray(self.samples[i], dtype=np.int64) for i in indices])
+        )
+
     def next_batch(self) -> torch.Tensor:
         """Token ids [micro_batch, seq_len + 1] (int64, CPU): inputs are [:, :-1], labels [:, 1:]."""
-        rows = [np.asarray(self.samples[i], dtype=np.int64) for i in self.sample_indices()]
+        indices = self.sample_indices()
+        if self._pool is None:
+            batch = self._fetch(indices)
+        else:
+            if self._ahead and self._ahead[0][0] != indices.start:
+                self._ahead.clear()  # the position was changed by load_state_dict
+            for ahead in range(len(self._ahead), 2 * self.prefetch + 1):
+                nxt = self.sample_indices(ahead)
+                self._ahead.append((nxt.start, self._pool.submit(self._fetch, nxt)))
+            batch = self._ahead.popleft()[1].result()
         self.micro_step += 1
         if self.micro_step == self.accumulation:
             self.micro_step = 0
             self.consumed_samples += self.global_batch
-        return torch.from_numpy(np.stack(rows))
+        return batch
 
     def state_dict(self) -> dict[str, Any]:
         # consumed_samples is global, so a checkpoint resumes under any data-parallel size.
