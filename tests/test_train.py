@@ -135,3 +135,36 @@ def test_two_rank_data_parallel_matches_one_rank(tmp_path):
         for key in ("loss", "lm_loss", "aux_loss", "grad_norm", "lr"):
             assert y[key] == pytest.approx(x[key], rel=rel, abs=1e-7), (x["step"], key)
         assert y["tokens_per_s"] > 0
+
+
+def test_expert_parallel_resume_is_bit_exact(tmp_path):
+    """EP=2 on 2 ranks: each rank's own experts and optimizer shards come back exactly."""
+    args = [
+        "train",
+        "--config",
+        "tiny",
+        *COMMON,
+        "--set",
+        "moe.dispatcher=pft",
+        "--set",
+        "parallel.ep=2",
+        "--set",
+        "train.global_batch=16",
+        "--set",
+        "train.steps=6",
+        "--set",
+        "train.log_interval=1",
+        "--set",
+        "train.save_interval=3",
+    ]
+    full, cut = tmp_path / "full", tmp_path / "cut"
+    _ok(run_xmoe([*args, "--run-dir", str(full)], nproc=2))
+    _ok(run_xmoe([*args, "--run-dir", str(cut), "--stop-after", "3"], nproc=2))
+    tag = cut / "checkpoints" / "step0000003"
+    assert (tag / "experts_ep0.pt").is_file() and (tag / "experts_ep1.pt").is_file()
+    _ok(run_xmoe([*args, "--run-dir", str(cut), "--resume"], nproc=2))
+    a, b = read_metrics(full), read_metrics(cut)
+    assert [r["step"] for r in b] == list(range(1, 7))
+    for x, y in zip(a[3:], b[3:]):
+        for key in ("loss", "grad_norm", "aux_loss", "expert_load_max_mean"):
+            assert x[key] == y[key], (x["step"], key)

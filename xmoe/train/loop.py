@@ -3,13 +3,15 @@
 `train(cfg, run_dir, ...)` sets up the parallel layout, model, engine and data, optionally
 resumes, then runs `cfg.train.steps` optimizer steps. Each step is `train_step` (forward,
 backward and optimizer update over the gradient-accumulation micro-batches); between steps
-sit the places for reliability hooks (bad-step skipping, signals, a hang watchdog) marked
-`# hook:`. Metrics are averaged over each log window and written by rank 0.
+sit the reliability pieces of `xmoe.train.reliability`: a step with a non-finite loss is
+skipped on every rank, the requeue signal checkpoints and exits, a watchdog aborts a hung
+rank. Metrics are averaged over each log window and written by rank 0.
 """
 
 from __future__ import annotations
 
 import random
+import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -38,8 +40,11 @@ class StepResult:
     dropped_fraction: float
 
 
-def train_step(engine: Any, data: Any, model: Any, accum: int) -> StepResult:
-    """Forward/backward over `accum` micro-batches, then one optimizer update."""
+def train_step(engine: Any, data: Any, model: Any, accum: int, guard: Any = None) -> StepResult:
+    """Forward/backward over `accum` micro-batches, then one optimizer update.
+
+    With a `StepGuard`, all ranks agree before the update whether to apply it.
+    """
     device = engine.device
     sums = torch.zeros(4, dtype=torch.float64)
     moe = model.moe_layers()
@@ -47,16 +52,20 @@ def train_step(engine: Any, data: Any, model: Any, accum: int) -> StepResult:
     dropped = 0.0
     tokens = 0
     lr = engine.get_lr()[0]  # the rate this step's update uses
-    for _ in range(accum):
+    for i in range(accum):
         batch = data.next_batch().to(device, non_blocking=True)
         inputs, targets = batch[:, :-1], batch[:, 1:]
         loss, parts = engine(inputs, targets)
+        if guard is not None:
+            loss = guard.poison(loss)
         engine.backward(loss)
-        engine.step()  # DeepSpeed applies the update only at the accumulation boundary
         sums += torch.tensor(
             [loss.item(), parts.lm_loss.item(), parts.aux_loss.item(), parts.z_loss.item()],
             dtype=torch.float64,
         )
+        if guard is not None and i == accum - 1:
+            guard.before_update(bool(torch.isfinite(sums).all()))
+        engine.step()  # DeepSpeed applies the update only at the accumulation boundary
         for i, layer in enumerate(moe):
             load_LE[i] += layer.last_stats["tokens_per_expert"].cpu()
             dropped += layer.last_stats["dropped_fraction"] / max(1, len(moe))
@@ -82,6 +91,7 @@ class Window:
     losses: torch.Tensor = field(default_factory=lambda: torch.zeros(5, dtype=torch.float64))
     tokens: int = 0
     load_LE: torch.Tensor | None = None
+    skipped: int = 0  # steps whose update was skipped (non-finite loss); not in the sums
 
     def add(self, r: StepResult) -> None:
         self.steps += 1
@@ -102,6 +112,7 @@ def _window_record(
     w: Window, step: int, last: StepResult, cfg: Config, pstate: Any, peak: float | None, device
 ) -> dict[str, Any]:
     elapsed = time.perf_counter() - w.t0
+    steps = max(1, w.steps + w.skipped)
     # loss means over DP ranks; tokens and expert loads summed over all ranks
     losses = _all_reduce_sum(w.losses.clone(), pstate.dp_group) / (w.steps * pstate.dp)
     tokens = _all_reduce_sum(torch.tensor([float(w.tokens)], dtype=torch.float64))[0].item()
@@ -129,9 +140,10 @@ def _window_record(
         "tflops_per_gpu": tflops,
         "mfu": (tflops / peak) if peak else None,
         "peak_mem_gib": peak_memory_gib(device),
-        "step_time_s": elapsed / w.steps,
+        "step_time_s": elapsed / steps,
         "dropped_fraction": dropped,
         "expert_load_max_mean": balance,
+        "skipped_steps": w.skipped,
     }
 
 
@@ -156,11 +168,14 @@ def train(
     from xmoe.data import build_train_data
     from xmoe.model import Transformer
     from xmoe.parallel.launch import setup_parallel
-    from xmoe.train.checkpoint import latest_tag, load_checkpoint, save_checkpoint
+    from xmoe.train import reliability
+    from xmoe.train.checkpoint import resume_latest, save_checkpoint
     from xmoe.train.engine import build_engine
     from xmoe.train.metrics import MetricsWriter, resolve_peak_tflops
 
     t = cfg.train
+    reliability.install_requeue_signal()  # before data workers fork, so they inherit it
+    reliability.FaultPlan.from_env(0)  # a malformed XMOE_FAULT fails before any work
     pstate = setup_parallel(cfg)
     run_dir = Path(run_dir)
     ckpt_dir = run_dir / "checkpoints"
@@ -168,6 +183,7 @@ def train(
     if is_main:
         run_dir.mkdir(parents=True, exist_ok=True)
         (run_dir / "config.yaml").write_text(cfg.to_yaml())
+        reliability.clear_requeue_marker(run_dir)
 
     seed_everything(t.seed)  # identical dense init on every rank; experts seed themselves
     model = Transformer(cfg, pstate)
@@ -177,14 +193,18 @@ def train(
     data = build_train_data(cfg, pstate.dp_rank, pstate.dp)
 
     step = 0
-    if resume and latest_tag(ckpt_dir) is not None:
-        step, data_state = load_checkpoint(engine, ckpt_dir, pstate)
+    restored = resume_latest(engine, ckpt_dir, pstate) if resume else None
+    if restored is not None:
+        step, data_state, tag_dir = restored
         data.load_state_dict(data_state)
         if is_main:
-            print(f"resumed from {ckpt_dir / latest_tag(ckpt_dir)} at step {step}", flush=True)
+            print(f"resumed from {tag_dir} at step {step}", flush=True)
     else:
         # ranks differ from here on only through their data (dropout-free model)
         seed_everything(t.seed + pstate.rank)
+    if resume and is_main:
+        reliability.trim_metrics(run_dir, step)  # records of steps lost with the last process
+    guard = reliability.StepGuard(engine, pstate.rank, t.max_bad_steps)
 
     peak = resolve_peak_tflops(peak_tflops, t.peak_tflops, device)
     writer = MetricsWriter(run_dir, is_main, t.tensorboard)
@@ -199,23 +219,55 @@ def train(
     window = Window()
     engine.train()
     last_step = t.steps if stop_after is None else min(t.steps, stop_after)
-    while step < last_step:
-        # hook: watchdog heartbeat / signal check (checkpoint-and-exit) before the step
-        result = train_step(engine, data, model, accum)
-        step += 1
-        # hook: bad-step policy (non-finite loss or grad norm) after the step
-        if cfg.moe.expert_bias:
-            update_expert_bias(model, _all_reduce_sum(result.load_LE.clone()))
-        window.add(result)
-        if step % t.log_interval == 0 or step == t.steps:
-            record = _window_record(window, step, result, cfg, pstate, peak, device)
-            writer.write(record)
-            records.append(record)
-            window = Window()
-        if t.save_interval and (step % t.save_interval == 0):
-            save_checkpoint(
-                engine, ckpt_dir, step, cfg.to_yaml(), data.state_dict(), pstate, t.keep_last
-            )
-            window.t0 = time.perf_counter()  # saving is not training time
-    writer.close()
+    watchdog = reliability.Watchdog(t.hang_timeout_s, pstate.rank).start(step)
+    last_good: StepResult | None = None
+    try:
+        while step < last_step:
+            guard.before_step(step + 1)
+            result = train_step(engine, data, model, accum, guard)
+            step += 1
+            guard.after_update()  # raises StopTraining after too many bad steps in a row
+            watchdog.beat(step)
+            if guard.skipped:
+                window.skipped += 1
+                if is_main:
+                    print(
+                        f"step {step}: non-finite loss, update skipped on every rank "
+                        f"({guard.bad_in_a_row} in a row, limit {t.max_bad_steps})",
+                        flush=True,
+                    )
+            else:
+                last_good = result
+                if cfg.moe.expert_bias:
+                    update_expert_bias(model, _all_reduce_sum(result.load_LE.clone()))
+                window.add(result)
+            if step % t.log_interval == 0 or step == last_step:
+                shown = last_good or result
+                record = _window_record(window, step, shown, cfg, pstate, peak, device)
+                writer.write(record)
+                records.append(record)
+                window = Window()
+            # the last step saves too, so a finished or stopped run can always be continued
+            saved = t.save_interval and (step % t.save_interval == 0 or step == last_step)
+            if saved or guard.stop_requested:
+                save_checkpoint(
+                    engine, ckpt_dir, step, cfg.to_yaml(), data.state_dict(), pstate, t.keep_last
+                )
+                window.t0 = time.perf_counter()  # saving is not training time
+                watchdog.beat()
+            if guard.stop_requested and step < last_step:
+                if is_main:
+                    reliability.write_requeue_marker(run_dir, step)
+                raise reliability.StopTraining(
+                    reliability.EXIT_REQUEUE,
+                    f"requeue signal received: checkpoint written at step {step}; exiting "
+                    f"with {reliability.EXIT_REQUEUE} so the job runs again and resumes",
+                )
+    except reliability.StopTraining as stop:
+        if is_main:
+            print(f"xmoe: {stop.message}", file=sys.stderr, flush=True)
+        raise
+    finally:
+        watchdog.stop()
+        writer.close()
     return records
