@@ -574,7 +574,7 @@ def format_plan(plan: Plan, top: int = 10, show_all: bool = False) -> str:
     ]
     if plan.fixed:
         lines.append("fixed by you: " + ", ".join(f"{k}={v}" for k, v in plan.fixed.items()))
-    head = f"{'#':>4}  {'layout':<42} {'mem GiB':>8} {'step s':>9} {'tok/s':>10} {'TFLOP/s':>8} {'a2a %':>6}"
+    head = f"{'#':>4}  {'layout':<42} {'need GiB':>8} {'step s':>9} {'tok/s':>10} {'TFLOP/s':>8} {'a2a %':>6}"
     feasible, rejected = plan.feasible, plan.rejected
     lines += ["", f"fitting layouts ({len(feasible)}), fastest first:", head]
     for i, x in enumerate(feasible if show_all else feasible[:top], 1):
@@ -584,7 +584,11 @@ def format_plan(plan: Plan, top: int = 10, show_all: bool = False) -> str:
     if plan.chosen and not show_all:
         # the rejected layouts that matter: those that would have beaten the chosen one
         faster = [x for x in rejected if x.step_s < plan.chosen.step_s]
-        title = f"rejected layouts ({len(rejected)}); the {len(faster)} predicted faster than the chosen one:"
+        faster.sort(key=lambda x: x.needed_gib)
+        title = (
+            f"rejected layouts ({len(rejected)}); the {len(faster)} predicted faster than "
+            "the chosen one, nearest to fitting first:"
+        )
         rejected = faster
     elif not plan.chosen:
         rejected = sorted(rejected, key=lambda x: x.needed_gib)
