@@ -119,6 +119,7 @@ def save_checkpoint(
             os.replace(tag_dir, final)
         _write_atomic(ckpt_dir / "latest", tag)  # DeepSpeed's pointer, for its own tools
         _fsync_dir(ckpt_dir)
+        shutil.rmtree(staging, ignore_errors=True)
         for old_tag in list_tags(ckpt_dir)[:-keep_last]:
             shutil.rmtree(ckpt_dir / old_tag, ignore_errors=True)
     _barrier()
@@ -254,8 +255,9 @@ def load_checkpoint(
 
     RNG is restored last.
     """
-    tag = tag or find_valid_checkpoint(ckpt_dir, pstate)
     if tag is None:
+        tag = find_valid_checkpoint(ckpt_dir, pstate)
+    if not tag:
         raise ConfigError(
             f"no usable checkpoint in {ckpt_dir} (each is partial or corrupt, see above): "
             "start over with --force or point --run-dir elsewhere"
@@ -273,3 +275,16 @@ def load_checkpoint(
     extra = torch.load(tag_dir / f"rank{pstate.rank}.pt", map_location="cpu", weights_only=False)
     _set_rng_state(extra["rng"])
     return int(extra["step"]), extra["data"]
+
+
+def resume_latest(engine: Any, ckpt_dir: Path, pstate: Any) -> tuple[int, dict, Path] | None:
+    """Restore the newest valid checkpoint: (step, data state, its directory).
+
+    None when the run has no checkpoint yet (a first attempt that ended before saving);
+    ConfigError when it has some but none is usable.
+    """
+    if not list_tags(ckpt_dir):
+        return None
+    tag = find_valid_checkpoint(ckpt_dir, pstate)
+    step, data_state = load_checkpoint(engine, ckpt_dir, pstate, tag or "")
+    return step, data_state, Path(ckpt_dir) / tag
