@@ -263,8 +263,10 @@ class Plan:
     def no_fit_message(self) -> str:
         best = min(self.estimates, key=lambda x: x.needed_gib) if self.estimates else None
         need = f" (the leanest layout, {best.layout.label()}, {best.reason})" if best else ""
+        held = ", ".join(f"{k}={v}" for k, v in self.fixed.items())
+        layouts = f"any layout with {held}" if held else "any layout"
         where = (
-            f"{self.model} does not fit on {self.nodes} node(s) of {self.site} at any layout{need}"
+            f"{self.model} does not fit on {self.nodes} node(s) of {self.site} at {layouts}{need}"
         )
         if self.min_nodes:
             return f"{where}: the smallest node count that fits is {self.min_nodes} (--nodes {self.min_nodes})"
