@@ -216,6 +216,21 @@ def _prepare(kw: dict) -> tuple:
     return job, render.render_script(job)
 
 
+def _echo_plan(job) -> None:
+    from xmoectl.planner import LAYOUT_FIELDS
+
+    if job.plan and job.plan.get("chosen"):
+        c = job.plan["chosen"]
+        fixed = len(job.plan.get("fixed") or {})
+        how = "as you fixed it" if fixed == len(LAYOUT_FIELDS) else "planned"
+        click.echo(
+            f"layout:        {c['label']} ({how}: {c['memory_gib']['needed']:.1f} GiB, "
+            f"{c['time_s']['step']:.3g} s/step predicted; plan.json)"
+        )
+    elif job.plan:
+        click.echo("layout:        as you fixed it; predicted NOT to fit (plan.json)", err=True)
+
+
 @main.command()
 @_job_options
 def render(**kw) -> None:
@@ -228,6 +243,7 @@ def render(**kw) -> None:
         return
     runs.write_run(job, script)
     click.echo(f"run directory: {job.run_dir}")
+    _echo_plan(job)
     click.echo(f"job script:    {job.run_dir / job.script_name}")
 
 
@@ -246,6 +262,7 @@ def submit(follow: bool | None, **kw) -> None:
     fresh = not job.run_dir.exists()
     runs.write_run(job, script)
     click.echo(f"run directory: {job.run_dir}")
+    _echo_plan(job)
     try:
         if job.site.scheduler == "local":
             job_id = local.start(job.run_dir, job.script_name)
