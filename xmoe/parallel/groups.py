@@ -2,7 +2,8 @@
 
 Rank layout (world = TP x DP):
 - TP is innermost: the TP group of rank r is the `tp` consecutive ranks around it, so
-  tensor-parallel traffic stays on one node.
+  tensor-parallel traffic stays on one node (a `tp` not dividing the ranks per node is
+  refused).
 - DP groups are the ranks with the same TP index (stride `tp`); dense gradients reduce there.
 - EP spans TP x DP ranks: blocks of `ep` consecutive ranks. With sequence-sharded MoE
   blocks every TP rank routes its own slice of the tokens, so TP ranks act as extra
