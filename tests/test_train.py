@@ -168,3 +168,23 @@ def test_expert_parallel_resume_is_bit_exact(tmp_path):
     for x, y in zip(a[3:], b[3:]):
         for key in ("loss", "grad_norm", "aux_loss", "expert_load_max_mean"):
             assert x[key] == y[key], (x["step"], key)
+
+
+def test_optimizer_groups_cover_every_parameter_once_and_none_empty():
+    import torch
+
+    from xmoe.config import load_config
+    from xmoe.model import Transformer
+    from xmoe.train.engine import param_groups
+
+    model = Transformer(load_config("tiny"))
+    # a limit below one expert tensor: DeepSpeed's splitter would add an empty group here
+    groups = param_groups(model, 0.1, max_group_size=1000)
+    assert all(g["params"] for g in groups)
+    ids = [id(p) for g in groups for p in g["params"]]
+    assert sorted(ids) == sorted(id(p) for p in model.parameters())
+    for g in groups:
+        moe = [getattr(p, "allreduce", True) is False for p in g["params"]]
+        assert all(moe) == bool(g.get("moe")) and (all(moe) or not any(moe))
+        assert g["weight_decay"] == (0.0 if all(p.dim() == 1 for p in g["params"]) else 0.1)
+    assert torch.is_tensor(groups[0]["params"][0])

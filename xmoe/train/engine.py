@@ -62,7 +62,9 @@ def lr_at(cfg: Config, step: int) -> float:
     return t.min_lr + (t.lr - t.min_lr) * 0.5 * (1.0 + math.cos(math.pi * progress))
 
 
-def param_groups(model: nn.Module, weight_decay: float) -> list[dict[str, Any]]:
+def param_groups(
+    model: nn.Module, weight_decay: float, max_group_size: int = 178956971
+) -> list[dict[str, Any]]:
     """Decay matrices only (not norms); expert params split into their own groups."""
     from deepspeed.moe.utils import split_params_into_different_moe_groups_for_optimizer
 
@@ -76,8 +78,13 @@ def param_groups(model: nn.Module, weight_decay: float) -> list[dict[str, Any]]:
     ]
     groups = [g for g in groups if g["params"]]
     if any(getattr(p, "allreduce", True) is False for p in model.parameters()):
-        groups = split_params_into_different_moe_groups_for_optimizer(groups)
-    return groups
+        groups = split_params_into_different_moe_groups_for_optimizer(
+            groups, max_group_size=max_group_size
+        )
+    # DeepSpeed's splitter emits an empty group when one tensor alone exceeds the size
+    # limit (small preset: 64 x 1408 x 2048 experts); ZeRO drops empty groups later, which
+    # would desynchronise the LR scheduler's per-group list.
+    return [g for g in groups if g["params"]]
 
 
 def _engine_class():
