@@ -30,6 +30,7 @@ from collections.abc import Callable
 import torch
 import torch.distributed as dist
 
+from xmoe.config import MoEConfig
 from xmoe.moe.router import Router
 from xmoe.parallel.tensor_parallel import (
     TPGroup,
@@ -50,6 +51,8 @@ def run_moe_block(
 
     `input_sharded`: x_TD is this rank's rows of the sequence (sequence parallelism), else
     the full sequence held alike by every TP rank. The output has the input's layout.
+    `MoELayer` always passes sharded rows; a replicated input with ssmb off is simply the
+    block on every rank (nothing to do here).
     """
     if input_sharded:
         if ssmb:
@@ -71,12 +74,21 @@ class TPRouter(Router):
     rank routes the whole sequence and the share is 1/tp of its loss.
     """
 
-    def __init__(self, cfg, hidden: int, tp: TPGroup, sharded: bool, init_std: float = 0.02):
+    def __init__(
+        self, cfg: MoEConfig, hidden: int, tp: TPGroup, sharded: bool, init_std: float = 0.02
+    ) -> None:
         super().__init__(cfg, hidden, init_std=init_std)
         self.tp = tp
         self.sharded = sharded
 
-    def _losses(self, logits_TE, probs_TE, tokens_per_expert_E, T):
+    def _losses(
+        self,
+        logits_TE: torch.Tensor,
+        probs_TE: torch.Tensor,
+        tokens_per_expert_E: torch.Tensor,
+        T: int,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        # overrides the one-rank formula in Router._losses with its TP-share form
         if not self.sharded:
             aux, z = super()._losses(logits_TE, probs_TE, tokens_per_expert_E, T)
             return aux / self.tp.size, z / self.tp.size
