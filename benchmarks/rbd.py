@@ -42,6 +42,7 @@ from xmoe.moe.experts import GroupedExperts  # noqa: E402
 from xmoe.moe.pft import PFTDispatcher  # noqa: E402
 from xmoe.moe.rbd import RBDDispatcher  # noqa: E402
 from xmoe.moe.rbd_plan import NodeLayout, host_splits, node_limited_topk, plan_sender  # noqa: E402
+from xmoe.moe.router import capacity_keep_mask  # noqa: E402
 from xmoe.parallel.groups import create_parallel_state  # noqa: E402
 
 COUNTERS = (
@@ -95,14 +96,14 @@ def _time(fn, iters: int, device) -> float:
     return float(t.item()) * 1e3
 
 
-def _diff_vs_pft(cfg, state, experts, x_TD, ids_TK, w_TK, g_TD) -> float:
+def _diff_vs_pft(cfg, state, experts, x_TD, ids_TK, w_TK, keep_TK, g_TD) -> float:
     """Largest relative difference of RBD from PFT in output, x grad and weight grad."""
     got = []
     for cls in (PFTDispatcher, RBDDispatcher):
         x = x_TD.detach().clone().requires_grad_()
         w = w_TK.detach().clone().requires_grad_()
         disp = cls(cfg, state)
-        d = disp.dispatch(x, Routing(ids_TK, w, None, cfg.moe.num_experts))
+        d = disp.dispatch(x, Routing(ids_TK, w, keep_TK, cfg.moe.num_experts))
         out = disp.combine(experts(d.x_RD, d.counts_El), d)
         out.backward(g_TD)
         got.append((out.detach(), x.grad, w.grad))
@@ -135,15 +136,19 @@ def _worker(rank: int, world: int, init_file: str, args: argparse.Namespace, out
     for node_size in args.node_sizes:
         cfg.parallel.node_size = node_size
         state = create_parallel_state(cfg, rank, world, device=device)
-        for kind in ("balanced", "skewed"):
+        for kind, cf in [(k, c) for k in ("balanced", "skewed") for c in args.capacity_factors]:
             ids_TK, w_TK = route(args.tokens, E, K, kind, 100 + rank, device)
+            keep_TK = None
+            if cf > 0:  # the router's drop policy, ranking by the combine weight
+                cap = math.ceil(args.tokens * K * cf / E)
+                keep_TK = capacity_keep_mask(ids_TK, w_TK, E, cap)
             x_TD = torch.randn(args.tokens, D, device=device, dtype=dtype, requires_grad=True)
             w_TK = w_TK.to(dtype).requires_grad_()
             g_TD = torch.randn(args.tokens, D, device=device, dtype=dtype)
-            diff = _diff_vs_pft(cfg, state, experts, x_TD, ids_TK, w_TK, g_TD)
+            diff = _diff_vs_pft(cfg, state, experts, x_TD, ids_TK, w_TK, keep_TK, g_TD)
             for name in ("pft", "rbd"):
                 disp = (PFTDispatcher if name == "pft" else RBDDispatcher)(cfg, state)
-                r = Routing(ids_TK, w_TK, None, E)
+                r = Routing(ids_TK, w_TK, keep_TK, E)
 
                 def step(with_experts: bool, disp=disp, r=r, x_TD=x_TD, g_TD=g_TD) -> None:
                     d = disp.dispatch(x_TD, r)
@@ -173,6 +178,7 @@ def _worker(rank: int, world: int, init_file: str, args: argparse.Namespace, out
                         "nodes": world // node_size,
                         "ranks_per_node": node_size,
                         "routing": kind,
+                        "capacity_factor": cf or None,
                         "tokens_per_rank": args.tokens,
                         "inter_node_rows": inter_rows,
                         "inter_node_bytes": inter_bytes,
@@ -251,6 +257,9 @@ def main() -> None:
     ap.add_argument("--hidden", type=int, default=2048)
     ap.add_argument("--expert-hidden", type=int, default=1408)
     ap.add_argument("--iters", type=int, default=10)
+    ap.add_argument(
+        "--capacity-factors", type=float, nargs="+", default=[0.0, 1.25], help="0 = dropless"
+    )
     ap.add_argument("--cpu", action="store_true", help="gloo on CPU processes (smoke test)")
     ap.add_argument("--simulate-only", action="store_true")
     ap.add_argument("--sim-tokens", type=int, default=16384)
