@@ -250,7 +250,8 @@ def memory_estimate(
     expert_part = expert / (shard or edp)
     weights = pbytes * (dense + expert)
     if layout.zero_stage >= 2:
-        grads = F32 * (dense_part + expert_part)  # reduce-scattered straight into fp32 shards
+        # reduce-scattered into this rank's shard (kept in bf16, cast to fp32 for the step)
+        grads = (pbytes + F32) * (dense_part + expert_part)
     else:
         grads = pbytes * (dense + expert) + F32 * (dense_part + expert_part)
     optimizer = 3 * F32 * (dense_part + expert_part)  # fp32 master, Adam m and v
