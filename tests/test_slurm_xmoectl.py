@@ -79,7 +79,7 @@ def fake_env(tmp_path: Path, body: str) -> Path:
     return prefix
 
 
-def sbatch_lines(text: str, drop=("output", "error", "open-mode", "signal")) -> set[str]:
+def sbatch_lines(text: str, drop=("output", "error", "open-mode")) -> set[str]:
     lines = {ln.strip() for ln in text.splitlines() if ln.startswith("#SBATCH")}
     return {ln for ln in lines if not any(ln.startswith(f"#SBATCH --{d}") for d in drop)}
 
@@ -219,3 +219,33 @@ def test_torchrun_launcher_trains_on_two_nodes(tmp_path):
         json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines() if x.strip()
     ]
     assert [m["step"] for m in steps if "loss" in m][-1] == 10
+
+
+def test_time_limit_signal_checkpoints_requeues_and_resumes(tmp_path):
+    """What Slurm does at `--signal=USR2@grace`, sent by hand: checkpoint, requeue, resume."""
+    from xmoectl import runs
+
+    runs_dir = tmp_path / "runs"
+    r = xmoectl(
+        "submit", "--site", "local-slurm", "--nodes", "2", "--name", "rq", "--set", "train.micro_batch=2",
+        "--set", "train.steps=30", "--set", "train.log_interval=5", runs_dir=runs_dir,
+    )  # fmt: skip
+    run_dir, job_id = submitted(r)
+    deadline = time.monotonic() + 300
+    while (runs.last_metrics(run_dir) or {}).get("step", 0) < 5:
+        assert time.monotonic() < deadline, "training did not start"
+        assert slurm.job_state(job_id)["state"] not in slurm.TERMINAL
+        time.sleep(0.5)
+    subprocess.run(["scancel", "--signal=USR2", job_id], check=True, timeout=30)
+    state = wait_for(job_id, slurm.TERMINAL, 600)
+    log = xmoectl("logs", "rq", runs_dir=runs_dir).stdout
+    assert state == "COMPLETED", log[-3000:]
+    assert f"requeueing job {job_id}" in log and "resumed from" in log
+    show = subprocess.run(
+        ["scontrol", "show", "job", job_id], capture_output=True, text=True
+    ).stdout
+    assert re.search(r"Restarts=1\b", show), show
+    steps = [
+        json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines() if x.strip()
+    ]
+    assert [m["step"] for m in steps if "loss" in m][-1] == 30

@@ -21,6 +21,9 @@ from xmoectl import UserError, shell
 from xmoectl.runs import check_name
 from xmoectl.sites import SiteProfile, check_slurm_value
 
+# the trainer's checkpoint-and-requeue signal; NCCL may use USR1 itself
+REQUEUE_SIGNAL = "USR2"
+
 
 @dataclass
 class Job:
@@ -209,6 +212,9 @@ def sbatch_options(job: Job) -> list[tuple[str, Any]]:
     if s.slurm.core_spec:
         opts.append(("core-spec", s.slurm.core_spec))
     opts.append(("output", str(job.run_dir / "slurm-%j.out")))
+    # sent to the job steps (the ranks), not the batch shell: the trainer checkpoints on it
+    opts.append(("signal", f"{REQUEUE_SIGNAL}@{s.slurm.requeue_grace_s}"))
+    opts.append(("requeue", True))
     opts += [_split_option(line) for line in s.slurm.extra_sbatch]
     return opts
 
@@ -262,6 +268,7 @@ def render_script(job: Job) -> str:
         interface=job.site.rendezvous.interface,
         port=job.site.rendezvous.port,
         sbatch=sbatch_options(job),
+        requeue_signal=REQUEUE_SIGNAL,
     )
     if job.site.scheduler == "local":
         return shell.render("run_local.sh.j2", **ctx)

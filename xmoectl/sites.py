@@ -61,6 +61,8 @@ class SlurmSpec:
     tasks_per_node: int = 1  # ranks per node (one per accelerator, or CPU processes)
     gpus_per_node: int = 0  # `--gpus-per-node`; 0 = not asked (whole-node sites such as Frontier)
     core_spec: int = 0  # `-S`: cores kept for the system; 0 = site default
+    # seconds before the time limit the ranks get the requeue signal (checkpoint, requeue)
+    requeue_grace_s: int = 120
     extra_sbatch: list[str] = field(default_factory=list)  # e.g. "--network=disable_rdzv_get"
 
 
