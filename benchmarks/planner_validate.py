@@ -5,11 +5,13 @@ top-6, seq 2048, vocab 50304, 8 layers by default), one torchrun of the real tra
 (`xmoe.train.loop.train`: DeepSpeed engine, bf16, PFT dispatcher, synthetic data) measures
 the peak allocated memory of every rank (the maximum is kept) and the steady-state step
 time; `xmoectl.costmodel` predicts both for the same layout with the `h200` site profile
-(or its preflight figures, when filed). The section `h200_validation.<N>gpu` of the result
-file is replaced; its other sections (e.g. `frontier_paper_cases`) are kept.
+(or its preflight figures, when filed). In the result file, the cases of the section
+`h200_validation.<N>gpu` are replaced layout by layout; other sections (e.g.
+`frontier_paper_cases`) are kept.
 
   python benchmarks/planner_validate.py --gpus 4 --out benchmarks/results/planner.json
-  python benchmarks/planner_validate.py --gpus 2 --layers 4     # when the 4-GPU machine is away
+  python benchmarks/planner_validate.py --gpus 2                # when the 4-GPU machine is away
+  python benchmarks/planner_validate.py --gpus 4 --only 0 1 2    # a subset; later runs add up
   python benchmarks/planner_validate.py --cpu --gpus 2 --tiny --out /tmp/p.json  # smoke test
 
 On the CPU the "peak" is the process's resident set, not comparable with the prediction:
@@ -57,6 +59,7 @@ def layouts_for(gpus: int) -> list[Layout]:
         Layout(ep=g, micro_batch=2),
         Layout(ep=g, micro_batch=4, checkpointing=True, zero_stage=2),
         Layout(ep=g, micro_batch=2, capacity_factor=1.25),
+        Layout(ep=g, micro_batch=8),
     ]
     if g > 1:
         out.append(Layout(ep=1, micro_batch=1))
@@ -246,6 +249,7 @@ def main() -> int:
             cases.append(case)
 
     key = f"{args.gpus}gpu{'-cpu-smoke' if args.cpu else ''}"
+    cases = merged_cases(Path(args.out), key, cases)
     write_section(
         Path(args.out),
         "h200_validation",
@@ -266,6 +270,16 @@ def main() -> int:
     )
     print(f"wrote {args.out}")
     return 0
+
+
+def merged_cases(out: Path, key: str, cases: list[dict]) -> list[dict]:
+    """Earlier cases of the same section stay unless this run measured the same layout
+    (so `--only` runs split over several calls add up)."""
+    if not out.is_file():
+        return cases
+    old = json.loads(out.read_text()).get("h200_validation", {}).get(key, {}).get("cases", [])
+    labels = {c["layout"] for c in cases}
+    return [c for c in old if c["layout"] not in labels] + cases
 
 
 def write_section(out: Path, name: str, value: dict) -> None:
