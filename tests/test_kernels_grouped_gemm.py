@@ -72,11 +72,15 @@ def test_torch_grouped_mm_matches_loop_without_interpreter():
         torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
 
 
-def test_auto_resolution(monkeypatch):
+def test_resolution_degrades_to_what_runs_here(monkeypatch):
     x, w = torch.randn(4, 32), torch.randn(2, 32, 16)
-    assert resolve_impl("auto", x, w) == "torch"
-    assert resolve_impl("auto", x, torch.randn(2, 32, 6)) in ("loop", "triton")
     monkeypatch.setenv("TRITON_INTERPRET", "0")
+    assert resolve_impl("auto", x, w) == "torch"
+    assert resolve_impl("triton", x, w) == "loop"  # no GPU, no interpreter
+    assert resolve_impl("torch", x, torch.randn(2, 32, 6)) == "loop"  # misaligned for _grouped_mm
     assert resolve_impl("auto", x.double(), w.double()) == "loop"
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    assert resolve_impl("triton", x, w) == "triton"
+    assert resolve_impl("auto", x.double(), w.double()) == "triton"
     with pytest.raises(ValueError, match="grouped GEMM"):
         resolve_impl("cutlass", x, w)

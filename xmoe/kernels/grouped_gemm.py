@@ -285,14 +285,17 @@ def grouped_mm_triton(x_RK: torch.Tensor, w_EKN: torch.Tensor, counts_E) -> torc
 
 
 def resolve_impl(impl: str, x_RK: torch.Tensor, w_EKN: torch.Tensor) -> str:
-    """ "auto": _grouped_mm where it works, else Triton on GPU (or interpreter), else a loop."""
+    """The implementation that runs for `impl` on these operands.
+
+    "auto" picks _grouped_mm where it works, else Triton on a GPU (or the interpreter),
+    else the loop. An explicit choice the device cannot run degrades the same way
+    ("torch" -> "triton" -> "loop"), so one config runs on the GPU and on CPU alike.
+    """
     if impl not in IMPLS:
         raise ValueError(f"grouped GEMM impl {impl!r} is not one of {', '.join(IMPLS)}")
-    if impl != "auto":
-        return impl
-    if torch_grouped_mm_supported(x_RK, w_EKN):
+    if impl in ("auto", "torch") and torch_grouped_mm_supported(x_RK, w_EKN):
         return "torch"
-    if use_triton(x_RK):
+    if impl in ("auto", "torch", "triton") and use_triton(x_RK):
         return "triton"
     return "loop"
 

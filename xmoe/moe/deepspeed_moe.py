@@ -67,7 +67,13 @@ class DeepSpeedDispatcher(Dispatcher):
             top2_2nd_expert_sampling=False,
         )
         if ep > 1:
+            import deepspeed
+            import torch.distributed as dist
+
             from xmoe.parallel.groups import register_with_deepspeed
+
+            # DeepSpeed's collectives go through its own comm layer, set up on top of ours
+            deepspeed.init_distributed(dist_backend=dist.get_backend())
 
             # DeepSpeed finds our EP / expert-DP groups under its name and builds none of its own
             register_with_deepspeed(parallel_state)

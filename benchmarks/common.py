@@ -1,0 +1,112 @@
+"""Small helpers shared by the benchmarks: process groups, timing, peak memory, JSON output."""
+
+from __future__ import annotations
+
+import json
+import os
+import statistics
+import time
+from collections.abc import Callable
+from datetime import date
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+
+
+def init_distributed(device: str) -> tuple[int, int, torch.device]:
+    """(rank, world, device) from torchrun's environment; a single process without it."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    rank = int(os.environ.get("RANK", "0"))
+    local = int(os.environ.get("LOCAL_RANK", "0"))
+    if device == "cuda":
+        # before the process group, or NCCL collectives can hang
+        torch.cuda.set_device(local)
+        dev = torch.device("cuda", local)
+    else:
+        dev = torch.device("cpu")
+    if world > 1 and not dist.is_initialized():
+        dist.init_process_group(
+            "nccl" if device == "cuda" else "gloo", device_id=dev if device == "cuda" else None
+        )
+    return rank, world, dev
+
+
+def sync(dev: torch.device) -> None:
+    if dev.type == "cuda":
+        torch.cuda.synchronize(dev)
+
+
+def time_step(step: Callable[[], None], dev: torch.device, warmup: int, iters: int) -> list[float]:
+    """Milliseconds of each of `iters` calls of `step`, after `warmup` untimed calls."""
+    for _ in range(warmup):
+        step()
+    sync(dev)
+    times = []
+    for _ in range(iters):
+        if dev.type == "cuda":
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            step()
+            end.record()
+            end.synchronize()
+            times.append(start.elapsed_time(end))
+        else:
+            t0 = time.perf_counter()
+            step()
+            times.append((time.perf_counter() - t0) * 1e3)
+    return times
+
+
+def reset_memory(dev: torch.device) -> None:
+    if dev.type == "cuda":
+        torch.cuda.synchronize(dev)
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats(dev)
+
+
+def peak_gib(dev: torch.device) -> float:
+    if dev.type != "cuda":
+        return 0.0
+    return torch.cuda.max_memory_allocated(dev) / 2**30
+
+
+def max_over_ranks(value: float, dev: torch.device) -> float:
+    if not dist.is_initialized():
+        return value
+    t = torch.tensor([value], dtype=torch.float64, device=dev)
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return float(t.item())
+
+
+def median(values: list[float]) -> float:
+    return statistics.median(values) if values else float("nan")
+
+
+def machine_name(dev: torch.device, world: int) -> str:
+    if dev.type == "cuda":
+        return f"{world}x {torch.cuda.get_device_name(dev)} (torch {torch.__version__})"
+    return f"{world}x CPU (torch {torch.__version__})"
+
+
+def write_results(path: str, machine: str, command: str, cases: list[dict], append: bool) -> None:
+    """The {"date", "machine", "command", "cases"} file; with `append`, cases of an earlier
+    run stay unless this run measured the same (gpus, routing, impl)."""
+    out = Path(path)
+    old: list[dict] = []
+    commands = [command]
+    if append and out.exists():
+        prev = json.loads(out.read_text())
+        keys = {(c["gpus"], c["routing"], c["impl"]) for c in cases}
+        old = [c for c in prev.get("cases", []) if (c["gpus"], c["routing"], c["impl"]) not in keys]
+        commands = [
+            c for c in prev.get("command", "").split(" ; ") if c and c != command
+        ] + commands
+    out.parent.mkdir(parents=True, exist_ok=True)
+    doc = {
+        "date": date.today().isoformat(),
+        "machine": machine,
+        "command": " ; ".join(commands),
+        "cases": old + cases,
+    }
+    out.write_text(json.dumps(doc, indent=1) + "\n")

@@ -1,0 +1,355 @@
+"""One MoE layer, forward + backward, every implementation side by side.
+
+Shape of the small preset's layer: hidden 2048, 64 GELU experts x 1408, top-6, 16384
+tokens per GPU, bf16, random inputs. Routing balanced, or skewed (Zipf-like expert
+popularity: the same logit bias for every implementation, through the inputs and the
+gate weights, so DeepSpeed's own gate skews alike). Implementations (`impl` in the JSON):
+
+  pft                  our MoELayer with the PFT dispatcher (dropless)
+  padded               our GShard/DeepSpeed-style padded dispatcher, capacity factor 1.25
+  deepspeed            deepspeed.moe.layer.MoE, capacity factor 1.25
+  deepspeed_dropless   deepspeed.moe.layer.MoE, drop_tokens=False
+  torch_native         straightforward torch: argsort, index gather, torch._grouped_mm x2,
+                       index_add_
+  ceiling              the two expert grouped GEMMs alone (best available kernel) on
+                       pre-permuted rows of the same sizes
+  torch_grouped_mm     the same GEMMs through torch._grouped_mm
+  triton_grouped_gemm  the same GEMMs through our Triton grouped GEMM
+
+Single process: every impl on one device. Under torchrun with W processes: EP = W for
+pft, padded and the DeepSpeed layers (tokens per GPU unchanged), plus the achieved
+all-to-all bandwidth of PFT's exchange against plain all_to_all_single of the same splits.
+`ms` is the median step time (max over ranks), `peak_gib` the peak allocated memory
+during the timed steps (parameters, gradients and activations; max over ranks).
+
+  python benchmarks/moe_layer.py --out benchmarks/results/moe_layer.json
+  torchrun --nproc_per_node 2 benchmarks/moe_layer.py --out ... --append
+  python benchmarks/moe_layer.py --device cpu --tiny --out /tmp/moe.json    # smoke test
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import math
+import shlex
+import sys
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from benchmarks.common import (  # noqa: E402
+    init_distributed,
+    machine_name,
+    max_over_ranks,
+    median,
+    peak_gib,
+    reset_memory,
+    time_step,
+    write_results,
+)
+from xmoe.config import ConfigError, load_config  # noqa: E402
+from xmoe.kernels.grouped_gemm import grouped_mm  # noqa: E402
+from xmoe.kernels.routing import routing_metadata  # noqa: E402
+from xmoe.moe.layer import MoELayer  # noqa: E402
+from xmoe.parallel.collectives import all_to_all_uneven, exchange_counts  # noqa: E402
+from xmoe.parallel.groups import create_parallel_state  # noqa: E402
+
+SINGLE = [
+    "pft",
+    "padded",
+    "deepspeed",
+    "deepspeed_dropless",
+    "torch_native",
+    "ceiling",
+    "torch_grouped_mm",
+    "triton_grouped_gemm",
+]
+EP_IMPLS = ["pft", "padded", "deepspeed", "deepspeed_dropless"]
+SKEW_SCALE = 4.0  # size of the shared input component that carries the per-expert logit bias
+
+
+def shape(args) -> dict:
+    if args.tiny:
+        return dict(hidden=64, experts=8, ffn=32, top_k=2, tokens=256)
+    return dict(hidden=2048, experts=64, ffn=1408, top_k=6, tokens=args.tokens)
+
+
+def layer_config(s: dict, dispatcher: str, cf: float | None, ep: int, gemm: str):
+    return load_config(
+        "small",
+        [
+            f"model.hidden={s['hidden']}",
+            f"moe.num_experts={s['experts']}",
+            f"moe.expert_hidden={s['ffn']}",
+            f"moe.top_k={s['top_k']}",
+            "moe.num_shared_experts=0",
+            "moe.activation=gelu",
+            f"moe.dispatcher={dispatcher}",
+            f"moe.capacity_factor={'null' if cf is None else cf}",
+            f"parallel.ep={ep}",
+            f"moe.grouped_gemm={gemm}",
+        ],
+    )
+
+
+def gate_weight(s: dict, routing: str, dev, dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    """Router weights [E, D] and the shared input direction u that carries the skew."""
+    g = torch.Generator().manual_seed(7)
+    E, D = s["experts"], s["hidden"]
+    u = torch.randn(D, generator=g)
+    u /= u.norm()
+    w = torch.randn(E, D, generator=g) / math.sqrt(D)
+    w -= (w @ u)[:, None] * u[None, :]  # balanced: no expert prefers the shared component
+    if routing == "skewed":
+        # logit bias log(1/rank^1.2), hot experts spread over the EP ranks
+        rank = torch.randperm(E, generator=g).float() + 1
+        w += (-1.2 * torch.log(rank))[:, None] * u[None, :] / SKEW_SCALE
+    return w.to(dev, dtype), u.to(dev, dtype)
+
+
+def inputs(s: dict, u: torch.Tensor, routing: str, rank: int, dev, dtype):
+    g = torch.Generator(device="cpu").manual_seed(1000 + rank)
+    x = torch.randn(s["tokens"], s["hidden"], generator=g).to(dev, dtype)
+    x += SKEW_SCALE * u  # never zero; the same constant component in both routings
+    gy = torch.randn(s["tokens"], s["hidden"], generator=g).to(dev, dtype)
+    return x.requires_grad_(), gy
+
+
+def build_layer(impl: str, s: dict, ps, dev, dtype, w_gate) -> MoELayer:
+    dispatcher, cf = {
+        "pft": ("pft", None),
+        "padded": ("padded", 1.25),
+        "deepspeed": ("deepspeed", 1.25),
+        "deepspeed_dropless": ("deepspeed", None),
+        "torch_native": ("pft", None),
+    }[impl]
+    layer = MoELayer(layer_config(s, dispatcher, cf, ps.ep, "auto"), ps).to(dev, dtype)
+    with torch.no_grad():
+        if dispatcher == "deepspeed":
+            layer.dispatcher.moe.deepspeed_moe.gate.wg.weight.copy_(w_gate)
+        else:
+            layer.router.weight_ED.copy_(w_gate)
+    return layer
+
+
+def torch_native_forward(layer: MoELayer, x_TD: torch.Tensor) -> torch.Tensor:
+    """The straightforward layer: sort by expert, gather, two grouped GEMMs, index_add_."""
+    r = layer.router(x_TD).routing
+    K = r.top_k
+    ids_N = r.topk_ids_TK.reshape(-1)
+    order_N = torch.argsort(ids_N, stable=True)
+    token_N = order_N // K
+    offs = torch.cumsum(torch.bincount(ids_N, minlength=r.num_experts), 0).to(torch.int32)
+    ex = layer.experts
+    h = F.gelu(torch._grouped_mm(x_TD[token_N], ex.w1_EFD.transpose(1, 2), offs=offs))
+    out = torch._grouped_mm(h, ex.w2_EDF.transpose(1, 2), offs=offs)
+    out = out * r.topk_weights_TK.reshape(-1)[order_N, None].to(out.dtype)
+    return torch.zeros_like(x_TD).index_add_(0, token_N, out)
+
+
+def gemm_step(impl: str, s: dict, counts: list[int], dev, dtype):
+    """Expert GEMMs alone on pre-permuted rows of the routed sizes."""
+    kind = {"ceiling": "auto", "torch_grouped_mm": "torch", "triton_grouped_gemm": "triton"}[impl]
+    E, D, Fh = s["experts"], s["hidden"], s["ffn"]
+    R = sum(counts)
+    w1 = (torch.randn(E, Fh, D, device=dev) / math.sqrt(D)).to(dtype).requires_grad_()
+    w2 = (torch.randn(E, D, Fh, device=dev) / math.sqrt(Fh)).to(dtype).requires_grad_()
+    x = torch.randn(R, D, device=dev, dtype=dtype, requires_grad=True)
+    gy = torch.randn(R, D, device=dev, dtype=dtype)
+
+    def step():
+        x.grad = w1.grad = w2.grad = None
+        h = F.gelu(grouped_mm(x, w1.transpose(1, 2), counts, kind))
+        grouped_mm(h, w2.transpose(1, 2), counts, kind).backward(gy)
+
+    return step
+
+
+def a2a_bandwidth(s: dict, ps, x: torch.Tensor, layer: MoELayer, dev, args) -> dict:
+    """PFT's exchange vs plain all_to_all_single with the same splits (forward only)."""
+    with torch.no_grad():
+        r = layer.router(x).routing
+        meta = routing_metadata(r.topk_ids_TK, r.keep_TK, r.num_experts)
+        recv_WEl = exchange_counts(meta.counts_E, ps.ep_group)
+    El = s["experts"] // ps.ep
+    c = meta.counts_E.tolist()
+    send = [sum(c[w * El : (w + 1) * El]) for w in range(ps.ep)]
+    recv = recv_WEl.sum(1).tolist()
+    buf = torch.randn(sum(send), s["hidden"], device=dev, dtype=x.dtype)
+    out = buf.new_empty(sum(recv), s["hidden"])
+    me = ps.ep_rank
+    moved = (sum(send) - send[me]) * s["hidden"] * buf.element_size()
+    ours = time_step(
+        lambda: all_to_all_uneven(buf, send, recv, ps.ep_group), dev, args.warmup, args.iters
+    )
+    plain = time_step(
+        lambda: dist.all_to_all_single(out, buf, recv, send, group=ps.ep_group),
+        dev,
+        args.warmup,
+        args.iters,
+    )
+    ms_ours, ms_plain = max_over_ranks(median(ours), dev), max_over_ranks(median(plain), dev)
+    return {
+        "a2a_ms": ms_ours,
+        "plain_a2a_ms": ms_plain,
+        "a2a_gbps": moved / ms_ours / 1e6,
+        "plain_a2a_gbps": moved / ms_plain / 1e6,
+        "a2a_mib_per_rank": moved / 2**20,
+    }
+
+
+def run_impl(impl: str, routing: str, s: dict, ps, dev, dtype, args) -> dict:
+    w_gate, u = gate_weight(s, routing, dev, dtype)
+    x, gy = inputs(s, u, routing, ps.rank, dev, dtype)
+    extra: dict = {}
+    layer = None
+    reset_memory(dev)
+    if impl in ("ceiling", "torch_grouped_mm", "triton_grouped_gemm"):
+        probe = build_layer("pft", s, ps, dev, dtype, w_gate)
+        with torch.no_grad():
+            r = probe.router(x).routing
+        counts = torch.bincount(r.topk_ids_TK.reshape(-1), minlength=s["experts"]).tolist()
+        del probe, r
+        extra["max_over_mean_load"] = max(counts) / (sum(counts) / len(counts))
+        step = gemm_step(impl, s, counts, dev, dtype)
+        flops = 2 * 3 * 2 * sum(counts) * s["hidden"] * s["ffn"]
+    else:
+        layer = build_layer(impl, s, ps, dev, dtype, w_gate)
+        fwd = (
+            (lambda: torch_native_forward(layer, x))
+            if impl == "torch_native"
+            else (lambda: layer(x))
+        )
+
+        def step():
+            layer.zero_grad(set_to_none=True)
+            x.grad = None
+            fwd().backward(gy)
+
+        flops = 0
+    reset_memory(dev)
+    times = time_step(step, dev, args.warmup, args.iters)
+    ms = max_over_ranks(median(times), dev)
+    case = {
+        "gpus": ps.world,
+        "routing": routing,
+        "impl": impl,
+        "ms": round(ms, 3),
+        "peak_gib": round(max_over_ranks(peak_gib(dev), dev), 3),
+        **extra,
+    }
+    if flops:
+        case["tflops"] = round(flops / ms / 1e9, 1)
+    if layer is not None and impl in ("pft", "padded"):
+        case["rows"] = int(max_over_ranks(layer.last_stats["dispatcher"].get("rows", 0.0), dev))
+    if layer is not None and impl == "pft" and ps.world > 1:
+        case.update({k: round(v, 3) for k, v in a2a_bandwidth(s, ps, x, layer, dev, args).items()})
+    return case
+
+
+def check_kernels(dev) -> None:
+    """On the GPU: every Triton kernel and the PFT layer against their torch references."""
+    from xmoe.kernels import combine, permute, routing
+    from xmoe.kernels.grouped_gemm import grouped_mm_loop
+
+    g = torch.Generator(device="cpu").manual_seed(0)
+    T, K, E, D = 4099, 6, 64, 256
+    ids = torch.rand(T, E, generator=g).topk(K, 1).indices.to(dev)
+    keep = (torch.rand(T, K, generator=g) > 0.2).to(dev)
+    for kp in (None, keep):
+        a = routing.routing_metadata(ids, kp, E)
+        b = routing.routing_metadata_torch(ids, kp, E)
+        R = int(b.counts_E.sum())
+        assert torch.equal(a.counts_E, b.counts_E) and torch.equal(a.dest_row_TK, b.dest_row_TK)
+        assert torch.equal(a.src_slot_N[:R], b.src_slot_N[:R])
+    x = torch.randn(T, D, generator=g).to(dev)
+    w = torch.rand(T, K, generator=g).to(dev)
+    rows = torch.randn(R, D, generator=g).to(dev)
+    slot = b.src_slot_N[:R]
+    pairs = [
+        (
+            permute.gather_rows(x, slot, K, w.reshape(-1)),
+            permute.gather_rows_torch(x, slot, K, w.reshape(-1)),
+        ),
+        (
+            permute.unpermute(rows, b.dest_row_TK, w),
+            permute.unpermute_torch(rows, b.dest_row_TK, w),
+        ),
+        (combine.row_dot(x, rows, b.dest_row_TK), combine.row_dot_torch(x, rows, b.dest_row_TK)),
+    ]
+    for got, want in pairs:
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    counts = b.counts_E.tolist()
+    for dtype, tol in ((torch.float32, 3e-2), (torch.bfloat16, 5e-2)):
+        xr = torch.randn(R, D, generator=g).to(dev, dtype).requires_grad_()
+        wt = (torch.randn(E, 192, D, generator=g) / 16).to(dev, dtype).requires_grad_()
+        gy = torch.randn(R, 192, generator=g).to(dev, dtype)
+        outs = []
+        for fn in (grouped_mm_loop, lambda a, b_, c: grouped_mm(a, b_, c, "triton")):
+            xr.grad = wt.grad = None
+            y = fn(xr, wt.transpose(1, 2), counts)
+            y.backward(gy)
+            outs.append((y.float(), xr.grad.float(), wt.grad.float()))
+        for name, u, v in zip(("y", "dx", "dw"), *outs):
+            err = ((u - v).norm() / v.norm()).item()
+            print(f"triton grouped GEMM {dtype} {name}: relative error {err:.2e}")
+            assert err < tol, (dtype, name, err)
+    print("kernel checks passed", flush=True)
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--out", required=True, help="JSON file to write")
+    ap.add_argument("--append", action="store_true", help="merge into an existing --out file")
+    ap.add_argument("--device", default="cuda", choices=["cuda", "cpu"])
+    ap.add_argument("--tiny", action="store_true", help="tiny shapes (smoke test)")
+    ap.add_argument("--quick", action="store_true", help="fewer iterations")
+    ap.add_argument("--tokens", type=int, default=16384, help="tokens per GPU")
+    ap.add_argument("--impls", default="", help="comma list (default: all for this world size)")
+    ap.add_argument("--routing", default="balanced,skewed")
+    ap.add_argument("--warmup", type=int, default=5)
+    ap.add_argument("--iters", type=int, default=20)
+    ap.add_argument("--check", action="store_true", help="check the kernels first (GPU)")
+    args = ap.parse_args(argv)
+    if args.quick:
+        args.warmup, args.iters = 2, 5
+    if args.device == "cuda" and not torch.cuda.is_available():
+        print("no CUDA device: use --device cpu --tiny for a smoke test", file=sys.stderr)
+        return 2
+    rank, world, dev = init_distributed(args.device)
+    dtype = torch.bfloat16 if args.device == "cuda" else torch.float32
+    s = shape(args)
+    if args.check and rank == 0:
+        check_kernels(dev)
+    ps = create_parallel_state(layer_config(s, "pft", None, world, "auto"), rank, world, device=dev)
+    impls = args.impls.split(",") if args.impls else (SINGLE if world == 1 else EP_IMPLS)
+    cases = []
+    for routing in args.routing.split(","):
+        for impl in impls:
+            try:
+                case = run_impl(impl, routing, s, ps, dev, dtype, args)
+            except ConfigError as e:  # e.g. no DeepSpeed on this machine
+                case = {"gpus": world, "routing": routing, "impl": impl, "skipped": str(e)}
+            except torch.OutOfMemoryError:
+                case = {"gpus": world, "routing": routing, "impl": impl, "skipped": "out of memory"}
+            gc.collect()
+            if rank == 0:
+                print(case, flush=True)
+            cases.append(case)
+    if rank == 0:
+        cmd = " ".join(["python", "benchmarks/moe_layer.py", *map(shlex.quote, sys.argv[1:])])
+        if world > 1:
+            cmd = f"torchrun --nproc_per_node {world} " + cmd[len("python ") :]
+        write_results(args.out, machine_name(dev, world), cmd, cases, args.append)
+    if dist.is_initialized():
+        dist.destroy_process_group()
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
