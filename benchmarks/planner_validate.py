@@ -75,7 +75,7 @@ def config_for(args: argparse.Namespace, lay: Layout) -> list[str]:
         "moe.dispatcher=pft",
         f"train.global_batch={args.gpus * 8}",
         f"train.steps={args.steps}",
-        f"train.log_interval={args.steps // 2}",
+        f"train.log_interval={max(1, args.steps // 2)}",
         "train.warmup_steps=1",
     ]
 

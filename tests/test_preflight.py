@@ -162,3 +162,13 @@ def test_bad_input_one_line_exit_2(args, message, tmp_path):
     r = xmoectl("preflight", *args, cwd=tmp_path)
     assert r.returncode == 2, r.stdout + r.stderr
     assert message in r.stderr and r.stderr.count("\n") == 1
+
+
+def test_pci_address_from_device_properties():
+    from types import SimpleNamespace
+
+    from xmoe.tools.preflight import pci_address
+
+    props = SimpleNamespace(pci_domain_id=0, pci_bus_id=0x1B, pci_device_id=0)
+    assert pci_address(props) == "0000:1b:00.0"
+    assert pci_address(SimpleNamespace(name="cpu")) == ""

@@ -95,14 +95,20 @@ def binding(device: torch.device) -> dict[str, Any]:
         return info
     props = torch.cuda.get_device_properties(device)
     info["device"] = f"{props.name} #{device.index}"
-    bus = getattr(props, "pci_bus_id", None)
-    if bus is None and hasattr(props, "pci_domain_id"):
-        bus = f"{props.pci_domain_id:04x}:{props.pci_bus_id:02x}:{props.pci_device_id:02x}.0"
-    info["pci"] = str(bus) if bus is not None else ""
+    info["pci"] = pci_address(props)
     local = _pci_local_cpus(info["pci"])
     info["gpu_local_cores"] = local
     info["ok"] = not local or set(info["cores"]) <= set(local)
     return info
+
+
+def pci_address(props: Any) -> str:
+    """The GPU's sysfs PCI address (`0000:1b:00.0`) from torch's device properties."""
+    parts = [getattr(props, f"pci_{k}_id", None) for k in ("domain", "bus", "device")]
+    if any(not isinstance(p, int) for p in parts):
+        return ""
+    domain, bus, device = parts
+    return f"{domain:04x}:{bus:02x}:{device:02x}.0"
 
 
 def _pci_local_cpus(bus: str) -> list[int]:
