@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
-import multiprocessing as mp
+import json
 import os
+import subprocess
+import sys
 import time
 
 import numpy as np
@@ -82,32 +84,40 @@ def test_cache_is_built_once_beside_the_data(data):
     assert all(p.name.endswith(".lock") for p in leftovers)  # no temporaries left
 
 
-def _rank_main(prefix, rank, out):
-    index_dir = prefix.parent / "d_xmoe_index"
-    if rank == 0:
-        # Build only after the other ranks are already waiting for the index.
-        while len(list(prefix.parent.glob("ready-*"))) < 2:
-            time.sleep(0.02)
-    existed = any(p.name.startswith("d-train") for p in index_dir.glob("*"))
-    if rank != 0:
-        (prefix.parent / f"ready-{rank}").touch()
-    s = GPTSamples(IndexedDataset(prefix), 0, 120, 16, seed=9, rank=rank)
-    out.put((rank, existed, [s[i].tolist() for i in range(10)], str(s.cache_path)))
+_RANK_SCRIPT = """
+import json, sys, time
+from pathlib import Path
+from xmoe.data.gpt import GPTSamples
+from xmoe.data.indexed import IndexedDataset
+
+prefix, rank = Path(sys.argv[1]), int(sys.argv[2])
+if rank == 0:  # build only once the other ranks are already waiting for the index
+    while len(list(prefix.parent.glob("ready-*"))) < 2:
+        time.sleep(0.02)
+existed = any(p.name.startswith("d-train") for p in (prefix.parent / "d_xmoe_index").glob("*"))
+if rank != 0:
+    (prefix.parent / f"ready-{rank}").touch()
+s = GPTSamples(IndexedDataset(prefix), 0, 120, 16, seed=9, rank=rank)
+print(json.dumps([existed, [s[i].tolist() for i in range(10)], str(s.cache_path)]))
+"""
 
 
 def test_rank0_builds_while_other_ranks_wait(data):
+    """Three processes (torch-free, so they start fast); ranks 1 and 2 ask first."""
     prefix, _ = data
-    ctx = mp.get_context("spawn")
-    out = ctx.Queue()
-    procs = [ctx.Process(target=_rank_main, args=(prefix, r, out)) for r in (1, 2, 0)]
-    for p in procs:
-        p.start()
-    results = {
-        r: (existed, rows, path) for r, existed, rows, path in (out.get(timeout=60) for _ in procs)
+    procs = {
+        r: subprocess.Popen(
+            [sys.executable, "-c", _RANK_SCRIPT, str(prefix), str(r)],
+            stdout=subprocess.PIPE,
+            text=True,
+        )
+        for r in (1, 2, 0)
     }
-    for p in procs:
-        p.join(timeout=30)
-        assert p.exitcode == 0
+    results = {}
+    for r, p in procs.items():
+        out, _ = p.communicate(timeout=120)
+        assert p.returncode == 0
+        results[r] = json.loads(out)
     assert not results[1][0] and not results[2][0]  # they asked before the index existed
     assert results[0][1] == results[1][1] == results[2][1]
     assert results[0][2] == results[1][2] == results[2][2]
