@@ -227,3 +227,21 @@ def test_last_line_without_newline_and_crlf_lines(tmp_path, monkeypatch):
     assert (stats.documents, stats.empty, stats.malformed) == (3, 1, 0)
     texts = [bytes(d[:-1]).decode() for d in _docs(tmp_path / "out")]
     assert texts == ["first", "a much longer second line", "last"]
+
+
+def test_reading_stays_at_most_two_blocks_per_worker_ahead():
+    """Constant memory: the reader is never more than 2 x workers blocks ahead of the writer."""
+    pulled = 0
+
+    def blocks():
+        nonlocal pulled
+        for i in range(40):
+            pulled += 1
+            yield json.dumps({"text": f"doc {i}"}).encode() + b"\n"
+
+    yielded = 0
+    for ids, *_ in pp._ordered_results(blocks(), 2, ("byte", "text", True, "<u2")):
+        yielded += 1
+        assert pulled - yielded <= 2 * 2
+        assert bytes(ids[:-1].tolist()).decode() == f"doc {yielded - 1}"  # in input order
+    assert yielded == 40
