@@ -245,3 +245,11 @@ def test_reading_stays_at_most_two_blocks_per_worker_ahead():
         assert pulled - yielded <= 2 * 2
         assert bytes(ids[:-1].tolist()).decode() == f"doc {yielded - 1}"  # in input order
     assert yielded == 40
+
+
+def test_invalid_utf8_line_is_malformed_and_its_block_still_parses(tmp_path):
+    src = tmp_path / "in.jsonl"
+    src.write_bytes(b'{"text": "ok"}\n{"text": "bad \xff\xfe"}\n{"text": "fine"}\n')
+    stats = pp.preprocess([str(src)], str(tmp_path / "out"))
+    assert (stats.documents, stats.empty, stats.malformed) == (2, 0, 1)
+    assert [bytes(d[:-1]).decode() for d in _docs(tmp_path / "out")] == ["ok", "fine"]

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import gzip
 import io
+import itertools
 import json
 import multiprocessing as mp
 import os
@@ -109,7 +110,11 @@ def _init_worker(spec: str, json_key: str, append_eod: bool, dtype: str) -> None
 def _encode_chunk(block: bytes) -> tuple[np.ndarray, np.ndarray, int, int, int]:
     """(tokens of all documents, their lengths, empty count, malformed count, bytes)."""
     tok, key, dtype = _WORKER["tok"], _WORKER["key"], _WORKER["dtype"]
-    lines = block.split(b"\n")
+    try:
+        # Decode once per block; only a block with bad UTF-8 is split and decoded per line.
+        lines: list = block.decode("utf-8").split("\n")
+    except UnicodeDecodeError:
+        lines = block.split(b"\n")
     if block.endswith(b"\n"):
         lines.pop()
     texts: list[str] = []
@@ -130,14 +135,19 @@ def _encode_chunk(block: bytes) -> tuple[np.ndarray, np.ndarray, int, int, int]:
         else:
             texts.append(text)
     docs = tok.encode_batch(texts)
-    lengths = np.fromiter((len(d) for d in docs), dtype=np.int64, count=len(docs))
-    if _WORKER["eod"]:
-        eod = np.array([tok.eod], dtype=dtype)
-        pieces = [piece for d in docs for piece in (np.asarray(d, dtype=dtype), eod)]
-        lengths += 1
+    lengths = np.fromiter(map(len, docs), dtype=np.int64, count=len(docs))
+    if docs and isinstance(docs[0], bytes):  # the byte tokenizer: one join, no per-id work
+        ids = np.frombuffer(b"".join(docs), dtype=np.uint8).astype(dtype)
     else:
-        pieces = [np.asarray(d, dtype=dtype) for d in docs]
-    ids = np.concatenate(pieces) if pieces else np.zeros(0, dtype=dtype)
+        ids = np.fromiter(itertools.chain.from_iterable(docs), dtype, int(lengths.sum()))
+    if _WORKER["eod"]:
+        lengths += 1
+        eod_at = np.cumsum(lengths) - 1
+        with_eod = np.full(len(ids) + len(lengths), tok.eod, dtype=dtype)
+        keep = np.ones(len(with_eod), dtype=bool)
+        keep[eod_at] = False
+        with_eod[keep] = ids
+        ids = with_eod
     return ids, lengths, empty, malformed, len(block)
 
 

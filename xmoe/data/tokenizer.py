@@ -17,8 +17,6 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-import numpy as np
-
 from xmoe.data.errors import DataError
 
 # Names of end-of-document tokens in common tokenizer.json files, most specific first.
@@ -36,8 +34,8 @@ class ByteTokenizer:
     def encode(self, text: str) -> list[int]:
         return list(text.encode("utf-8"))
 
-    def encode_batch(self, texts: list[str]) -> list[np.ndarray]:
-        return [np.frombuffer(t.encode("utf-8"), dtype=np.uint8) for t in texts]
+    def encode_batch(self, texts: list[str]) -> list[bytes]:
+        return [t.encode("utf-8") for t in texts]
 
     def decode(self, ids) -> str:
         return bytes(int(i) for i in ids if int(i) < 256).decode("utf-8", errors="replace")
