@@ -230,7 +230,7 @@ def sum_grads_over_tp(module: nn.Module, tp: TPGroup) -> list[Any]:
     """
 
     def hook(grad: torch.Tensor) -> torch.Tensor:
-        grad = grad.contiguous().clone()
+        grad = grad.clone(memory_format=torch.contiguous_format)
         dist.all_reduce(grad, group=tp.group)
         return grad
 
