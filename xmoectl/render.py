@@ -127,6 +127,12 @@ def resolve(
     for value, what in ((account, "--account"), (partition, "--partition"), (qos, "--qos")):
         check_slurm_value(value, what)
     time_min = parse_time(time or site.slurm.time)
+    grace = site.slurm.requeue_grace_s
+    if site.scheduler == "slurm" and grace and grace >= time_min * 60:
+        raise UserError(
+            f"--time {time or site.slurm.time} is not longer than the requeue warning "
+            f"(slurm.requeue_grace_s={grace} s of site {site.name}): ask for more time"
+        )
     if site.scheduler == "local":
         if nodes != 1:
             raise UserError(f"site {site.name!r} runs on this machine only: use --nodes 1")
@@ -213,8 +219,10 @@ def sbatch_options(job: Job) -> list[tuple[str, Any]]:
         opts.append(("core-spec", s.slurm.core_spec))
     opts.append(("output", str(job.run_dir / "slurm-%j.out")))
     # sent to the job steps (the ranks), not the batch shell: the trainer checkpoints on it
-    opts.append(("signal", f"{REQUEUE_SIGNAL}@{s.slurm.requeue_grace_s}"))
+    if s.slurm.requeue_grace_s:
+        opts.append(("signal", f"{REQUEUE_SIGNAL}@{s.slurm.requeue_grace_s}"))
     opts.append(("requeue", True))
+    opts.append(("open-mode", "append"))  # a requeued job keeps the same log file: append to it
     opts += [_split_option(line) for line in s.slurm.extra_sbatch]
     return opts
 
@@ -269,6 +277,7 @@ def render_script(job: Job) -> str:
         port=job.site.rendezvous.port,
         sbatch=sbatch_options(job),
         requeue_signal=REQUEUE_SIGNAL,
+        max_restarts=job.site.slurm.max_restarts,
     )
     if job.site.scheduler == "local":
         return shell.render("run_local.sh.j2", **ctx)

@@ -63,6 +63,8 @@ class SlurmSpec:
     core_spec: int = 0  # `-S`: cores kept for the system; 0 = site default
     # seconds before the time limit the ranks get the requeue signal (checkpoint, requeue)
     requeue_grace_s: int = 120
+    # times a job may requeue itself at the time limit before it stops for good (0 = never)
+    max_restarts: int = 10
     extra_sbatch: list[str] = field(default_factory=list)  # e.g. "--network=disable_rdzv_get"
 
 
@@ -273,6 +275,9 @@ def check(p: SiteProfile, origin: str) -> None:
         )
     for name in ("account", "partition", "qos", "constraint", "time"):
         _one_line(getattr(p.slurm, name), origin, f"slurm.{name}")
+    for name in ("requeue_grace_s", "max_restarts"):
+        if getattr(p.slurm, name) < 0:
+            raise SiteError(f"{origin}: field slurm.{name} must be >= 0 (0 = off)")
     if p.slurm.time and not _TIME.match(p.slurm.time):
         raise SiteError(
             f"{origin}: field slurm.time={p.slurm.time!r} must look like [D-]HH:MM:SS or minutes"
