@@ -36,7 +36,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from xmoe.config import load_config  # noqa: E402
-from xmoectl import planner  # noqa: E402
+from xmoectl import plan_report, planner, preflight  # noqa: E402
 from xmoectl import sites as S  # noqa: E402
 from xmoectl.costmodel import Assumptions, Layout, evaluate  # noqa: E402
 
@@ -217,9 +217,9 @@ def main() -> int:
         return 0
 
     site = S.load(args.site)
-    found = planner.load_measured(site)
+    found = preflight.load_measured(site)
     a = Assumptions()
-    hw = replace(planner.hardware(site, found[0] if found else None, a), gpus_per_node=args.gpus)
+    hw = replace(preflight.hardware(site, found[0] if found else None, a), gpus_per_node=args.gpus)
     lays = layouts_for(args.gpus)
     if args.only:
         lays = [lays[i] for i in args.only]
@@ -304,7 +304,7 @@ def frontier_cases() -> dict:
     for model, (tp, ep, tflops) in PAPER.items():
         cfg = load_config(model)
         plan = planner.make_plan(cfg, site, 32, use_measured=False, model_name=model)
-        paper = planner.config_estimate(plan)
+        paper = plan_report.config_estimate(plan)
         chosen = plan.chosen
         cases[model] = {
             "paper_layout": f"TP{tp} EP{ep}",

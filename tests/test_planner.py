@@ -11,7 +11,7 @@ from dataclasses import replace
 import pytest
 
 from xmoe.config import load_config
-from xmoectl import planner
+from xmoectl import UserError, plan_report, planner
 from xmoectl import sites as S
 from xmoectl.costmodel import (
     GIB,
@@ -215,7 +215,7 @@ def test_paper_frontier_cases_all_get_a_plan():
         p = planner.make_plan(load_config(model), frontier(), 32, use_measured=False)
         assert p.chosen is not None and p.world == 256
         assert (p.config_layout.tp, p.config_layout.ep) == paper
-        text = planner.format_plan(p)
+        text = plan_report.format_plan(p)
         assert (
             "chosen: TP" in text
             and "the config's own layout, " + f"TP{paper[0]} EP{paper[1]}" in text
@@ -224,7 +224,7 @@ def test_paper_frontier_cases_all_get_a_plan():
 
 def test_json_output_is_complete():
     p = planner.make_plan(load_config("small"), frontier(), 2, use_measured=False)
-    data = json.loads(planner.plan_json(p))
+    data = json.loads(plan_report.plan_json(p))
     assert data["chosen"]["fits"] and data["world_size"] == 16
     assert len(data["layouts"]) == data["feasible"] + data["rejected"]
     assert data["overrides"] == p.chosen.layout.overrides()
@@ -262,7 +262,7 @@ def test_measured_figures_are_preferred(tmp_path, monkeypatch):
     assert d.hardware.source == "datasheet" and d.hardware.gemm_tflops == pytest.approx(191.5 * 0.7)
     assert p.chosen.step_s > d.chosen.step_s  # a slower GEMM measured: a slower prediction
     (prof / "mysite.measured.json").write_text("{not json")
-    with pytest.raises(planner.PlanError, match="mysite.measured.json: unreadable"):
+    with pytest.raises(UserError, match="mysite.measured.json: unreadable"):
         planner.make_plan(cfg, site, 2)
 
 
@@ -303,3 +303,23 @@ def test_cli_table_and_json():
     )
     r = xmoectl("plan", "--site", "frontier", "--model", "small", "--nodes", "2", "--json")
     assert r.returncode == 0 and json.loads(r.stdout)["chosen"]["fits"]
+
+
+def test_tensor_parallel_shards_as_the_trainer_does():
+    from xmoectl.costmodel import activation_bytes_per_token, local_params
+
+    cfg = load_config("tiny", SMALL_SHAPE)
+    D, V = 64, 128
+    one = activation_bytes_per_token(cfg, Layout(tp=1, ep=2), 1.5)
+    two = activation_bytes_per_token(cfg, Layout(tp=2, ep=2), 1.5)
+    # sequence-parallel norms, the gathered QKV input in full, 1/t of the heads
+    assert two["attention"] == 6 * D / 2 + 2 * D + 14 * D / 2
+    assert two["moe"] == pytest.approx(one["moe"] / 2)  # SSMB: the whole block on the slice
+    assert two["head"] == pytest.approx(one["head"] / 2)
+    plain = activation_bytes_per_token(cfg, Layout(tp=2, ep=2, ssmb=False), 1.5)
+    assert plain["moe"] == pytest.approx(6 * D / 2 + (one["moe"] - 6 * D) + 2 * D)
+    # attention shards; embedding and LM head stay whole on every TP rank
+    d1, _ = local_params(cfg, Layout(tp=1))
+    d2, _ = local_params(cfg, Layout(tp=2))
+    assert d1 - d2 == 2 * 4 * D * D / 2
+    assert V * D * 2 < d2

@@ -473,14 +473,15 @@ def plan(
     as_json,
 ) -> None:
     """Rank MODEL's parallel layouts on NODES nodes of SITE by predicted memory and step time."""
-    from xmoectl import planner
+    from xmoectl import plan_report, planner
     from xmoectl import sites as S
 
     p = planner.plan_from_cli(
         S.load(site), model, nodes, sets, seq_len=seq_len, global_batch=global_batch,
         dispatchers=dispatchers, imbalance=imbalance, use_measured=not datasheet,
     )  # fmt: skip
-    click.echo(planner.plan_json(p) if as_json else planner.format_plan(p, top, show_all), nl=False)
+    text = plan_report.plan_json(p) if as_json else plan_report.format_plan(p, top, show_all)
+    click.echo(text, nl=False)
     if not p.chosen:
         raise planner.PlanError(p.no_fit_message())
 

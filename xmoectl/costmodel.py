@@ -164,16 +164,16 @@ def expected_unique_nodes(num_experts: int, top_k: int, nodes: int) -> float:
 def local_params(cfg: Any, layout: Layout) -> tuple[float, float]:
     """(dense, expert) parameters held by one GPU.
 
-    Attention, dense MLPs, the embedding and the LM head shard over TP (Megatron style);
-    norms, routers and shared experts are replicated (under SSMB the MoE block runs on a
-    sequence slice with whole weights); routed experts shard over EP.
+    Attention and dense MLPs shard over TP (heads, hidden units); the embedding, the LM
+    head, norms, routers and shared experts are replicated and work on this TP rank's
+    slice of the sequence (`xmoe.parallel.tensor_parallel`); routed experts shard over EP.
     """
     from xmoe.flops import param_counts
 
     p = param_counts(cfg)
     t = layout.tp
-    sharded = p["attention"] + p["dense_mlp"] + p["embedding"] + p["lm_head"]
-    replicated = p["norms"] + p["router"] + p["shared_experts"]
+    sharded = p["attention"] + p["dense_mlp"]
+    replicated = p["embedding"] + p["lm_head"] + p["norms"] + p["router"] + p["shared_experts"]
     return sharded / t + replicated, p["routed_experts"] / layout.ep
 
 
@@ -201,16 +201,18 @@ def activation_bytes_per_token(cfg: Any, layout: Layout, imbalance: float) -> di
     roped q and k, the fused kernel's output and the output projection's input; a SwiGLU
     MLP four tensors of its hidden width (GELU two); a MoE block its router's fp32 input,
     probabilities and logits, the received rows, the expert intermediates, the returned rows
-    for the weighted combine and int64 row indices. TP divides what is sharded; SSMB
-    divides the whole MoE block but its entry norm. The LM head keeps the fp32
-    log-probabilities.
+    for the weighted combine and int64 row indices. The LM head keeps the fp32
+    log-probabilities. With TP (sequence parallelism, `xmoe.parallel.tensor_parallel`)
+    every rank holds 1/t of the tokens outside attention and the dense MLPs, which keep
+    their gathered full-sequence input and 1/t of the heads or hidden units; SSMB runs the
+    MoE block on the slice (plain TP: on the gathered full sequence).
     """
     m, e = cfg.model, cfg.moe
     D, V, E, k, F = m.hidden, m.vocab_size, e.num_experts, e.top_k, e.expert_hidden
     b, t = ACT_BYTES, layout.tp
     moe_share = 1.0 / t if layout.ssmb else 1.0
     r = rows_factor(cfg, layout, imbalance)
-    norm = (F32 + b) * D
+    norm = (F32 + b) * D / t
     attention = norm + b * D + (3 * b + 2 * b + b + b) * D / t
     dense_mlp = norm + b * D + 4 * b * m.ffn_hidden / t
     saved_inter = 4 if e.activation == "swiglu" else 2
@@ -225,7 +227,9 @@ def activation_bytes_per_token(cfg: Any, layout: Layout, imbalance: float) -> di
         tokens = layout.micro_batch * m.seq_len * moe_share
         padded = 2 * b * tokens * k * r
     moe = norm + moe_share * (router + routed + shared + padded)
-    head = norm + b * D + F32 * V / t
+    if t > 1 and not layout.ssmb:
+        moe += b * D  # the gathered sequence
+    head = norm + (b * D + F32 * V) / t
     # the loss's transient peak: bf16 logits, their fp32 copy, then the fp32 gradient
     loss_peak = (b + 2 * F32) * V / t
     return {
@@ -269,7 +273,7 @@ def memory_estimate(
     biggest = (per_tok["attention"] + max(kinds)) * T
     if layout.checkpointing:
         # only each block's input stays; backward recomputes one block at a time
-        activations = m.layers * ACT_BYTES * m.hidden * T + biggest
+        activations = m.layers * ACT_BYTES * m.hidden * T / layout.tp + biggest
     else:
         activations = layers
     head = per_tok["head"] * T
@@ -392,19 +396,18 @@ def time_estimate(
 
 
 def _tensor_parallel_s(cfg: Any, layout: Layout, hw: Hardware, T: int, a: Assumptions) -> float:
-    """TP traffic of one micro-batch: Megatron's two all-reduces per attention (or dense
-    MLP) block, forward and backward, and SSMB's all-gather at each MoE block's exit
-    (forward) and entry (backward); recomputation repeats the forward ones."""
+    """TP traffic of one micro-batch under sequence parallelism: each attention or dense
+    MLP block all-gathers the sequence on entry and reduce-scatters on exit, forward and
+    (reversed) backward; recomputation repeats the forward pair. SSMB needs nothing (the
+    block already holds its slice); plain TP gathers the sequence for the MoE block too."""
     m, t = cfg.model, layout.tp
     act = ACT_BYTES * m.hidden * T
     bw = hw.allreduce_intra_gbs * 1e9
-    all_reduce = 2 * (t - 1) / t * act / bw + a.latency_intra_s
-    all_gather = (t - 1) / t * act / bw + a.latency_intra_s
-    fwd = 2 if layout.checkpointing else 1
-    moe_layers = m.layers - m.dense_layers
+    one = (t - 1) / t * act / bw + a.latency_intra_s  # an all-gather or a reduce-scatter
+    passes = 3 if layout.checkpointing else 2
     blocks = m.layers + m.dense_layers  # attention everywhere, dense MLPs where present
-    per_moe = (fwd + 1) * all_gather if layout.ssmb else 0.0  # plain TP: MoE block replicated
-    return blocks * (fwd + 1) * all_reduce + moe_layers * per_moe
+    moe_blocks = 0 if layout.ssmb else (m.layers - m.dense_layers)
+    return (2 * blocks + moe_blocks) * passes * one
 
 
 def _all_to_all_s(

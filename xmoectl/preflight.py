@@ -1,4 +1,5 @@
-"""`xmoectl preflight`: measure a site's nodes inside an allocation and file the figures.
+"""`xmoectl preflight`: measure a site's nodes inside an allocation and file the figures;
+and `hardware`, the site's node as the planner sees it, measured figures preferred.
 
 The measuring itself is `python -m xmoe.tools.preflight`, started here the way a training
 job starts the trainer (the site's modules, variables and rendezvous, one srun task per
@@ -18,11 +19,12 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-from xmoectl import UserError, resource_dir, shell
-from xmoectl.planner import MEASURED_SUFFIX
+from xmoectl import UserError, resource_dir
+from xmoectl.costmodel import Assumptions, Hardware
 from xmoectl.sites import SiteProfile
 
 EXIT_NO_PLUGIN = 3  # the measuring program's status when the network plugin is missing
+MEASURED_SUFFIX = ".measured.json"
 
 _SCRIPT = """#!/bin/bash
 # xmoe preflight: measures GEMM rate, collectives and binding on the nodes of this allocation.
@@ -56,6 +58,7 @@ def script(
     extra_args: list[str] | tuple[str, ...] = (),
 ) -> str:
     """The shell script that runs the measuring program on `nodes` nodes of `site`."""
+    from xmoectl import shell
     from xmoectl.render import environment_context, local_accelerators
 
     if nodes < 1:
@@ -193,3 +196,85 @@ def summary(result: dict[str, Any]) -> list[str]:
 
 def command_line(site: SiteProfile, nodes: int) -> str:
     return shlex.join(["xmoectl", "preflight", "--site", site.name, "--nodes", str(nodes)])
+
+
+# --------------------------------------------------------------------------- reading, for the planner
+
+
+def measured_candidates(site: SiteProfile) -> list[Path]:
+    """Where preflight results for `site` may live: beside a user's profile, then the
+    user's config folder (never inside the installed package)."""
+    out = []
+    if site.source:
+        src = Path(site.source).resolve()
+        if src.parent != resource_dir("site_profiles").resolve():
+            out.append(src.with_name(site.name + MEASURED_SUFFIX))
+    config_home = Path(os.environ.get("XDG_CONFIG_HOME") or Path.home() / ".config")
+    out.append(config_home / "xmoe" / "site_profiles" / (site.name + MEASURED_SUFFIX))
+    return out
+
+
+def load_measured(site: SiteProfile) -> tuple[dict[str, Any], str] | None:
+    """(measured values, file) of the first preflight result found for `site`."""
+    for path in measured_candidates(site):
+        if path.is_file():
+            try:
+                data = json.loads(path.read_text())
+            except (OSError, ValueError) as e:
+                raise UserError(
+                    f"{path}: unreadable preflight results ({e}); rerun `xmoectl preflight`"
+                ) from None
+            if not isinstance(data, dict):
+                raise UserError(
+                    f"{path}: preflight results must be a JSON object; rerun `xmoectl preflight`"
+                )
+            return data, str(path)
+    return None
+
+
+def _num(data: dict[str, Any], *keys: str) -> float:
+    cur: Any = data
+    for k in keys:
+        if not isinstance(cur, dict) or k not in cur:
+            return 0.0
+        cur = cur[k]
+    return (
+        float(cur)
+        if isinstance(cur, (int, float)) and not isinstance(cur, bool) and cur > 0
+        else 0.0
+    )
+
+
+def hardware(
+    site: SiteProfile, measured: dict[str, Any] | None = None, a: Assumptions | None = None
+) -> Hardware:
+    """The site's node for the cost model: the profile's figures, measured ones preferred."""
+    from xmoe.flops import datasheet_peak_tflops
+
+    a = a or Assumptions()
+    n = site.node
+    gpn = n.gpus
+    if not gpn or not n.hbm_gb:
+        raise UserError(
+            f"site {site.name!r} does not describe its accelerators (node.gpus, node.hbm_gb): "
+            "the planner needs them; add them to the profile"
+        )
+    peak = n.peak_tflops_bf16 or datasheet_peak_tflops(n.gpu_model) or 0.0
+    if not peak:
+        raise UserError(f"site {site.name!r}: set node.peak_tflops_bf16 (bf16 TFLOP/s per GPU)")
+    m = measured or {}
+    intra = _num(m, "intra_node", "all_to_all_gbs") or n.intra_node_gbs or 50.0
+    nic_total = n.nics * n.inter_node_gbs
+    inter = _num(m, "inter_node", "all_to_all_gbs") or (nic_total / gpn if nic_total else 0.0)
+    return Hardware(
+        gpus_per_node=gpn,
+        hbm_gib=_num(m, "hbm_gib") or n.hbm_gb,
+        peak_tflops=peak,
+        gemm_tflops=_num(m, "gemm_tflops") or peak * a.gemm_fraction,
+        intra_gbs=intra,
+        inter_gbs=inter,
+        allreduce_intra_gbs=_num(m, "intra_node", "all_reduce_busbw_gbs") or intra,
+        node_nic_gbs=_num(m, "inter_node", "all_reduce_busbw_gbs") or nic_total,
+        hbm_tbs=_num(m, "copy_tbs") or 1.5,
+        source="measured" if m else "datasheet",
+    )

@@ -242,10 +242,10 @@ def measure(args: argparse.Namespace) -> dict[str, Any]:
     rates: list[Any] = [None] * world
     dist.all_gather_object(rates, gemm_tflops(device, args.gemm_n, args.iters))
     result["gemm_n"] = args.gemm_n
-    result["gemm_tflops"] = round(statistics.median(rates), 2)
-    result["gemm_tflops_min"] = round(min(rates), 2)
+    result["gemm_tflops"] = _sig(statistics.median(rates))
+    result["gemm_tflops_min"] = _sig(min(rates))
     if on_gpu:
-        result["copy_tbs"] = round(copy_tbs(device, args.copy_mib, args.iters), 3)
+        result["copy_tbs"] = _sig(copy_tbs(device, args.copy_mib, args.iters))
 
     # 4. collectives inside a node, then across nodes
     local_group, local_ranks = _node_groups(nodes)
@@ -263,7 +263,7 @@ def measure(args: argparse.Namespace) -> dict[str, Any]:
         result["inter_node"] = {
             "ranks": world,
             "size_mib": args.size_mib,
-            "all_to_all_gbs": round(a2a_min * (world - gpn) / (world - 1), 3),
+            "all_to_all_gbs": _sig(a2a_min * (world - gpn) / (world - 1)),
             "all_reduce_busbw_gbs": ar_min,
         }
     result["ok"] = result["binding_ok"]
@@ -272,10 +272,15 @@ def measure(args: argparse.Namespace) -> dict[str, Any]:
     return result
 
 
+def _sig(x: float) -> float:
+    """Four significant digits (CPU test runs measure tiny rates)."""
+    return float(f"{x:.4g}")
+
+
 def _min_over_ranks(values: list[float], device) -> list[float]:
     t = torch.tensor(values, dtype=torch.float64, device=device)
     dist.all_reduce(t, op=dist.ReduceOp.MIN)
-    return [round(v, 3) for v in t.tolist()]
+    return [_sig(v) for v in t.tolist()]
 
 
 def main(argv: list[str] | None = None) -> int:
