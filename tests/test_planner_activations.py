@@ -71,3 +71,60 @@ def test_per_token_activation_model_matches_autograd(kind):
     assert per["attention"] + per["moe"] == pytest.approx(moe_layer, rel=0.05)
     assert per["attention"] + per["dense_mlp"] == pytest.approx(dense_layer, rel=0.05)
     assert per["head"] == pytest.approx(head, rel=0.05)
+
+
+def _tp_saved(rank: int, world: int, out: str) -> None:
+    import json
+
+    import torch.distributed as dist
+
+    from xmoe.parallel.groups import create_parallel_state
+
+    sizes = {}
+    for L, dense in ((2, 0), (4, 0), (2, 2), (4, 4)):
+        over = SHAPE + [
+            "parallel.tp=2",
+            "parallel.ep=1",
+            f"model.layers={L}",
+            f"model.dense_layers={dense}",
+        ]
+        cfg = load_config("tiny", over)
+        state = create_parallel_state(cfg, rank, world)
+        torch.manual_seed(0)
+        model = Transformer(cfg, state).to(torch.bfloat16)
+        params = {p.untyped_storage().data_ptr() for p in model.parameters()}
+        storages: dict[int, int] = {}
+
+        def pack(t: torch.Tensor, params=params, storages=storages) -> torch.Tensor:
+            st = t.untyped_storage()
+            if st.data_ptr() not in params:
+                storages[st.data_ptr()] = max(storages.get(st.data_ptr(), 0), st.nbytes())
+            return t
+
+        tokens = torch.randint(
+            0, cfg.model.vocab_size, (B, S), generator=torch.Generator().manual_seed(1)
+        )
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            model(tokens, tokens)
+        sizes[f"{L},{dense}"] = sum(storages.values())
+    if rank == 0:
+        with open(out, "w") as f:
+            json.dump(sizes, f)
+    dist.barrier()
+
+
+def test_tensor_parallel_activation_model_matches_autograd(tmp_path):
+    import json
+
+    from ep_spawn import run_ranks
+
+    out = tmp_path / "tp.json"
+    run_ranks(2, _tp_saved, str(out))
+    got = json.loads(out.read_text())
+    T = B * S  # tokens of the micro-batch; each TP rank holds T/2 outside attention and MLPs
+    cfg = load_config("tiny", SHAPE)
+    per = activation_bytes_per_token(cfg, Layout(tp=2, ep=1, micro_batch=B), imbalance=1.5)
+    moe_layer = (got["4,0"] - got["2,0"]) / 2 / T
+    dense_layer = (got["4,4"] - got["2,2"]) / 2 / T
+    assert per["attention"] + per["moe"] == pytest.approx(moe_layer, rel=0.05)
+    assert per["attention"] + per["dense_mlp"] == pytest.approx(dense_layer, rel=0.05)
