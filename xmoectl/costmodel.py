@@ -399,7 +399,8 @@ def _tensor_parallel_s(cfg: Any, layout: Layout, hw: Hardware, T: int, a: Assump
     """TP traffic of one micro-batch under sequence parallelism: each attention or dense
     MLP block all-gathers the sequence on entry and reduce-scatters on exit, forward and
     (reversed) backward; recomputation repeats the forward pair. SSMB needs nothing (the
-    block already holds its slice); plain TP gathers the sequence for the MoE block too."""
+    block already holds its slice); plain TP gathers the sequence for the MoE block too.
+    Then the replicated weights' gradients are summed over the TP group."""
     m, t = cfg.model, layout.tp
     act = ACT_BYTES * m.hidden * T
     bw = hw.allreduce_intra_gbs * 1e9
@@ -407,7 +408,14 @@ def _tensor_parallel_s(cfg: Any, layout: Layout, hw: Hardware, T: int, a: Assump
     passes = 3 if layout.checkpointing else 2
     blocks = m.layers + m.dense_layers  # attention everywhere, dense MLPs where present
     moe_blocks = 0 if layout.ssmb else (m.layers - m.dense_layers)
-    return (2 * blocks + moe_blocks) * passes * one
+    # replicated weights (embedding, head, norms, routers, shared experts) saw 1/t of the
+    # tokens: their gradients are all-reduced over TP in every backward
+    from xmoe.flops import param_counts
+
+    p = param_counts(cfg)
+    replicated = p["embedding"] + p["lm_head"] + p["norms"] + p["router"] + p["shared_experts"]
+    grads = 2 * (t - 1) / t * ACT_BYTES * replicated / bw + a.latency_intra_s
+    return (2 * blocks + moe_blocks) * passes * one + grads
 
 
 def _all_to_all_s(
