@@ -9,6 +9,7 @@ lines read as comments. There is a single source for what runs.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import subprocess
 import tempfile
@@ -72,19 +73,14 @@ def executor_parameters(options: list[tuple[str, Any]]) -> dict[str, Any]:
     return params
 
 
-def submit(job: Any, options: list[tuple[str, Any]]) -> str:
-    """Submit the run's job.sbatch through submitit; returns the Slurm job id."""
-    import submitit
-
-    folder = job.run_dir / "submitit"
-    executor = submitit.SlurmExecutor(folder=folder, max_num_timeout=0)
-    executor.update_parameters(**executor_parameters(options))
-    # sbatch's complaints would reach the terminal directly: catch them for a one-line error
+@contextlib.contextmanager
+def _sbatch_refusals():
+    """Turn a refused sbatch into one UserError line; its complaints would reach the terminal."""
     with tempfile.TemporaryFile() as err:
         saved = os.dup(2)
         os.dup2(err.fileno(), 2)
         try:
-            sjob = executor.submit(ScriptJob(str(job.run_dir / job.script_name)))
+            yield
         except Exception as e:  # sbatch refused: no partition, bad account, Slurm down...
             failure = e
         else:
@@ -99,7 +95,33 @@ def submit(job: Any, options: list[tuple[str, Any]]) -> str:
             ]
             lines = lines or str(failure).strip().splitlines() or [type(failure).__name__]
             raise UserError(f"sbatch refused the job: {lines[-1]}")
+
+
+def submit(job: Any, options: list[tuple[str, Any]]) -> str:
+    """Submit the run's job.sbatch through submitit; returns the Slurm job id."""
+    import submitit
+
+    folder = job.run_dir / "submitit"
+    executor = submitit.SlurmExecutor(folder=folder, max_num_timeout=0)
+    executor.update_parameters(**executor_parameters(options))
+    with _sbatch_refusals():
+        sjob = executor.submit(ScriptJob(str(job.run_dir / job.script_name)))
     return str(sjob.job_id)
+
+
+def submit_array(folder: Path, scripts: list[str], options: list[tuple[str, Any]]) -> list[str]:
+    """Submit job scripts that share one shape (same `options`) as one Slurm job array.
+
+    Returns the task ids (`<array id>_<index>`, in the order of `scripts`); each task's log
+    is `folder/<task id>_0_log.out`. A single script is submitted as a plain job.
+    """
+    import submitit
+
+    executor = submitit.SlurmExecutor(folder=folder, max_num_timeout=0)
+    executor.update_parameters(**executor_parameters(options))
+    with _sbatch_refusals():
+        sjobs = executor.map_array(ScriptJob, scripts)
+    return [str(j.job_id) for j in sjobs]
 
 
 def _run(cmd: list[str]) -> str:
