@@ -17,6 +17,7 @@ import torch.multiprocessing as mp
 
 from xmoe.config import load_config
 from xmoe.moe.dispatch import Routing
+from xmoe.moe.layer import MoELayer
 from xmoe.moe.pft import PFTDispatcher
 from xmoe.moe.rbd import RBDDispatcher
 from xmoe.parallel.groups import create_parallel_state
@@ -148,6 +149,19 @@ def _kept(ids_TK: torch.Tensor, keep_TK: torch.Tensor | None) -> torch.Tensor:
     return ids_TK if keep_TK is None else ids_TK.masked_fill(~keep_TK, -1)
 
 
+def _check_node_limited_layer(state) -> None:
+    """The MoE layer gives its router the EP layout: with M = 1 a token stays on one node."""
+    over = ["moe.dispatcher=rbd", "moe.max_nodes_per_token=1", "moe.top_k=3"]
+    cfg = load_config("tiny", [f"parallel.ep={W}", "parallel.node_size=2", *over])
+    torch.manual_seed(0)
+    layer = MoELayer(cfg, state)
+    assert layer.router.experts_per_node == cfg.moe.num_experts // 2
+    x = torch.randn(2, 16, cfg.model.hidden)
+    ids_TK = layer.router(x.reshape(-1, cfg.model.hidden)).routing.topk_ids_TK
+    assert bool((ids_TK // 4 == ids_TK[:, :1] // 4).all())
+    layer(x).sum().backward()  # and RBD runs it
+
+
 def _worker(rank: int, init_file: str) -> None:
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=W)
     states = {}
@@ -157,6 +171,7 @@ def _worker(rank: int, init_file: str) -> None:
     for case_id, case in enumerate(CASES):
         _run_case(case_id, case, states)
         dist.barrier()
+    _check_node_limited_layer(states[2])
     dist.destroy_process_group()
 
 
