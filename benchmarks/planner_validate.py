@@ -219,7 +219,7 @@ def main() -> int:
     site = S.load(args.site)
     found = preflight.load_measured(site)
     a = Assumptions()
-    hw = replace(preflight.hardware(site, found[0] if found else None, a), gpus_per_node=args.gpus)
+    hw = preflight.hardware(site, found[0] if found else None, a, ranks_per_node=args.gpus)
     lays = layouts_for(args.gpus)
     if args.only:
         lays = [lays[i] for i in args.only]

@@ -259,9 +259,7 @@ def make_plan(
         raise PlanError(f"--nodes {nodes} must be >= 1")
     a = assumptions or Assumptions()
     found = load_measured(site) if use_measured else None
-    hw = hardware(site, found[0] if found else None, a)
-    if gpus_per_node:
-        hw = replace(hw, gpus_per_node=gpus_per_node)
+    hw = hardware(site, found[0] if found else None, a, gpus_per_node)
     gpn = hw.gpus_per_node
     world = nodes * gpn
     if nodes > 1 and not hw.inter_gbs:

@@ -246,15 +246,20 @@ def _num(data: dict[str, Any], *keys: str) -> float:
 
 
 def hardware(
-    site: SiteProfile, measured: dict[str, Any] | None = None, a: Assumptions | None = None
+    site: SiteProfile,
+    measured: dict[str, Any] | None = None,
+    a: Assumptions | None = None,
+    ranks_per_node: int = 0,
 ) -> Hardware:
-    """The site's node for the cost model: the profile's figures, measured ones preferred."""
+    """The site's node for the cost model: the profile's figures, measured ones preferred.
+
+    `ranks_per_node` (default: every GPU) sets how many ranks share the node's NICs."""
     from xmoe.flops import datasheet_peak_tflops
 
     a = a or Assumptions()
     n = site.node
-    gpn = n.gpus
-    if not gpn or not n.hbm_gb:
+    gpn = ranks_per_node or n.gpus
+    if not n.gpus or not n.hbm_gb:
         raise UserError(
             f"site {site.name!r} does not describe its accelerators (node.gpus, node.hbm_gb): "
             "the planner needs them; add them to the profile"
