@@ -147,7 +147,7 @@ def copy_tbs(device: torch.device, mib: int, iters: int) -> float:
     return 2 * x.numel() / t / 1e12
 
 
-def all_to_all_gbs(group: Any, members: int, mib: int, device, iters: int) -> float:
+def all_to_all_gbs(group: Any, members: int, mib: int, device: torch.device, iters: int) -> float:
     """Bytes leaving each rank per second in an equal-split all-to-all of `mib` per rank."""
     n = (mib * 2**20 // 2 // members) * members
     send = torch.ones(n, dtype=torch.bfloat16, device=device)
@@ -156,7 +156,7 @@ def all_to_all_gbs(group: Any, members: int, mib: int, device, iters: int) -> fl
     return send.numel() * 2 * (members - 1) / members / t / 1e9
 
 
-def all_reduce_busbw(group: Any, members: int, mib: int, device, iters: int) -> float:
+def all_reduce_busbw(group: Any, members: int, mib: int, device: torch.device, iters: int) -> float:
     """All-reduce bus bandwidth (nccl-tests' convention: 2 (n-1)/n x size / time), GB/s."""
     x = torch.ones(mib * 2**20 // 2, dtype=torch.bfloat16, device=device)
     t = _median_time(lambda: dist.all_reduce(x, group=group), device, 2, iters)
@@ -277,7 +277,7 @@ def _sig(x: float) -> float:
     return float(f"{x:.4g}")
 
 
-def _min_over_ranks(values: list[float], device) -> list[float]:
+def _min_over_ranks(values: list[float], device: torch.device) -> list[float]:
     t = torch.tensor(values, dtype=torch.float64, device=device)
     dist.all_reduce(t, op=dist.ReduceOp.MIN)
     return [_sig(v) for v in t.tolist()]
