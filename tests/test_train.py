@@ -124,7 +124,8 @@ def test_two_rank_data_parallel_matches_one_rank(tmp_path):
     one = tmp_path / "one"
     two = tmp_path / "two"
     _ok(run_xmoe([*args, "--run-dir", str(one)]))  # 1 rank, 2 accumulation steps
-    _ok(run_xmoe([*args, "--run-dir", str(two)], nproc=2))  # 2 ranks, 1 accumulation step
+    # 2 ranks, 1 accumulation step; a given peak turns on MFU
+    _ok(run_xmoe([*args, "--run-dir", str(two), "--peak-tflops", "0.5"], nproc=2))
     a, b = read_metrics(one), read_metrics(two)
     assert len(a) == len(b) == 4
     for x, y in zip(a, b):
@@ -135,6 +136,7 @@ def test_two_rank_data_parallel_matches_one_rank(tmp_path):
         for key in ("loss", "lm_loss", "aux_loss", "grad_norm", "lr"):
             assert y[key] == pytest.approx(x[key], rel=rel, abs=1e-7), (x["step"], key)
         assert y["tokens_per_s"] > 0
+        assert y["mfu"] == pytest.approx(y["tflops_per_gpu"] / 0.5)
 
 
 def test_expert_parallel_resume_is_bit_exact(tmp_path):
