@@ -10,8 +10,9 @@ the intra-node all-to-all. The experts then see exactly PFT's rows in PFT's orde
 Combine reverses the path. Gate weights travel with the pilots (one scalar per replica),
 and the holder forms sum_k w_k * y_k over the node's experts, so one row per (token, node)
 returns across nodes; the sender adds the rows of its nodes into the token. Every step
-is an autograd op (gathers, index_add, differentiable all-to-all), so gradients reach
-`x_TD`, the expert outputs and the gate weights exactly.
+is differentiable (the permute/combine kernels' gathers and the uneven all-to-all), so
+gradients reach `x_TD`, the expert outputs and the gate weights exactly; the holder's
+combine kernel gives the gate-weight gradient as PFT's does.
 
 One node (or one rank per EP group) has nothing to bypass: the dispatcher is PFT, at no
 extra cost. Index arithmetic lives in `xmoe.moe.rbd_plan`; shape legend as there.
@@ -169,7 +170,8 @@ class RBDDispatcher(Dispatcher):
         inv_R[idx_R] = torch.arange(idx_R.shape[0], device=idx_R.device)
         x_RD = permute(recv_RD, idx_R, inv_R.view(-1, 1))
         state = _State(pp, hp, w_PK, idx_R, inv_R, sp)
-        return Dispatched(x_RD, sp.counts_El, state, self._stats(sp, x_TD))
+        w_bytes = routing.topk_weights_TK.element_size()
+        return Dispatched(x_RD, sp.counts_El, state, self._stats(sp, x_TD, w_bytes))
 
     def combine(self, y_RD: torch.Tensor, dispatched: Dispatched) -> torch.Tensor:
         if self.fallback is not None:
@@ -183,12 +185,12 @@ class RBDDispatcher(Dispatcher):
         y_PD = all_to_all_uneven(node_sum_PD, sp.pilots_recv, sp.pilots_sent, g.cross_group)
         return _SumOverNodes.apply(y_PD, st.pilots.src_slot_P, st.pilots.dest_row_TN)
 
-    def _stats(self, sp: Splits, x_TD: torch.Tensor) -> dict[str, float]:
+    def _stats(self, sp: Splits, x_TD: torch.Tensor, w_bytes: int) -> dict[str, float]:
         """This rank's dispatch-direction traffic; combine sends the same rows back."""
         lay = self.groups.layout
         row_bytes = x_TD.shape[1] * x_TD.element_size()
-        # per replica crossing nodes: its int64 metadata and its gate weight
-        meta_bytes = 8 + x_TD.element_size()
+        # per replica crossing nodes: its int64 slot/expert word and its gate weight
+        meta_bytes = 8 + w_bytes
         routed = sum(sp.replicas_sent)
         pilots = sum(sp.pilots_sent)
         inter = pilots - sp.pilots_sent[lay.node]
