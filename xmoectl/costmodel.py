@@ -65,6 +65,7 @@ class Assumptions:
     expert_half_rows: float = 448.0
     latency_intra_s: float = 20e-6  # per collective inside a node
     latency_inter_s: float = 50e-6  # per collective across nodes
+    host_sync_s: float = 30e-6  # the one device-to-host sync of split sizes per exchange
     fragmentation: float = 1.08  # caching allocator's reserve over the allocated peak
     context_gib: float = 1.5  # runtime context and collective buffers, outside the allocator
 
@@ -354,8 +355,14 @@ def time_estimate(
             cfg, layout, hw, moe_tokens, r, a
         )
         a2a_s = moe_layers * per_layer
+    # dispatch work besides the exchange: the permute, regroup and weighted combine copy
+    # every routed row (read + write, forward and backward), and each dispatch and combine
+    # waits for one host sync of the split sizes
+    passes = 3 if layout.checkpointing else 2
+    moved = passes * 2 * 2 * moe_tokens * e.top_k * r * ACT_BYTES * m.hidden
+    dispatch_s = moe_layers * (moved / (hw.hbm_tbs * 1e12) + passes * 2 * a.host_sync_s)
     tp_s = _tensor_parallel_s(cfg, layout, hw, T, a) if t > 1 else 0.0
-    micro = dense_s + attn_s + expert_s + a2a_s + tp_s
+    micro = dense_s + attn_s + expert_s + dispatch_s + a2a_s + tp_s
 
     pbytes = 4 if cfg.train.dtype == "fp32" else 2
     dense_p, expert_p = local_params(cfg, layout)
@@ -386,6 +393,7 @@ def time_estimate(
         "dense": accum * dense_s,
         "attention": accum * attn_s,
         "experts": accum * expert_s,
+        "dispatch": accum * dispatch_s,
         "all_to_all": accum * a2a_s,
         "tensor_parallel": accum * tp_s,
         "grad_reduce": grad_s,
