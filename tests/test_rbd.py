@@ -15,7 +15,7 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from xmoe.config import load_config
+from xmoe.config import ConfigError, load_config
 from xmoe.moe.dispatch import Routing
 from xmoe.moe.layer import MoELayer
 from xmoe.moe.pft import PFTDispatcher
@@ -160,6 +160,9 @@ def _check_node_limited_layer(state) -> None:
     ids_TK = layer.router(x.reshape(-1, cfg.model.hidden)).routing.topk_ids_TK
     assert bool((ids_TK // 4 == ids_TK[:, :1] // 4).all())
     layer(x).sum().backward()  # and RBD runs it
+    cfg.moe.top_k = 5  # more experts than one node of 4 holds
+    with pytest.raises(ConfigError, match="max_nodes_per_token=1 .* at least 2"):
+        MoELayer(cfg, state)
 
 
 def _worker(rank: int, init_file: str) -> None:

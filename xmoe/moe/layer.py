@@ -75,6 +75,15 @@ class MoELayer(nn.Module):
             # the EP group spans ep / ep_node_size nodes; experts are laid out node by node
             nodes = ep // parallel_state.ep_node_size
             self.router.experts_per_node = e.num_experts // nodes
+            if (
+                e.max_nodes_per_token < nodes
+                and e.max_nodes_per_token * e.num_experts < nodes * e.top_k
+            ):
+                raise ConfigError(
+                    f"moe.max_nodes_per_token={e.max_nodes_per_token} nodes of "
+                    f"{e.num_experts // nodes} experts cannot hold moe.top_k={e.top_k} experts: "
+                    f"raise max_nodes_per_token to at least {-(-e.top_k * nodes // e.num_experts)}"
+                )
         self.dispatcher = make_dispatcher(cfg, parallel_state)
         self.experts = None  # DeepSpeed's MoE layer (owns_routing) brings its own experts
         if not getattr(self.dispatcher, "owns_routing", False):
