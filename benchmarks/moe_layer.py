@@ -302,6 +302,33 @@ def check_kernels(dev) -> None:
     print("kernel checks passed", flush=True)
 
 
+def sweep_gemm(s: dict, dev, dtype, args) -> list[dict]:
+    """Time the Triton grouped GEMM (fwd + bwd) under several tile configs."""
+    import os
+
+    counts = [s["tokens"] * s["top_k"] // s["experts"]] * s["experts"]
+    flops = 2 * 3 * 2 * sum(counts) * s["hidden"] * s["ffn"]
+    out = []
+    for cfg in [None, *args.sweep_gemm.split(";")]:
+        if cfg:
+            os.environ["XMOE_TRITON_GMM_CONFIG"] = cfg
+        impl = "torch_grouped_mm" if cfg is None else "triton_grouped_gemm"
+        try:
+            ms = median(time_step(gemm_step(impl, s, counts, dev, dtype), dev, 2, 5))
+            out.append(
+                {
+                    "config": cfg or "torch._grouped_mm",
+                    "ms": round(ms, 3),
+                    "tflops": round(flops / ms / 1e9, 1),
+                }
+            )
+        except Exception as e:  # a config the device cannot compile
+            out.append({"config": cfg, "error": repr(e)[:200]})
+        print(out[-1], flush=True)
+    os.environ.pop("XMOE_TRITON_GMM_CONFIG", None)
+    return out
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--out", required=True, help="JSON file to write")
@@ -315,6 +342,11 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--warmup", type=int, default=5)
     ap.add_argument("--iters", type=int, default=20)
     ap.add_argument("--check", action="store_true", help="check the kernels first (GPU)")
+    ap.add_argument(
+        "--sweep-gemm",
+        default="",
+        help='Triton GEMM tile configs "BM,BN,BK,warps,stages;..." to time, then exit',
+    )
     args = ap.parse_args(argv)
     if args.quick:
         args.warmup, args.iters = 2, 5
@@ -326,6 +358,9 @@ def main(argv: list[str] | None = None) -> int:
     s = shape(args)
     if args.check and rank == 0:
         check_kernels(dev)
+    if args.sweep_gemm:
+        sweep_gemm(s, dev, dtype, args)
+        return 0
     ps = create_parallel_state(layer_config(s, "pft", None, world, "auto"), rank, world, device=dev)
     impls = args.impls.split(",") if args.impls else (SINGLE if world == 1 else EP_IMPLS)
     cases = []

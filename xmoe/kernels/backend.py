@@ -63,6 +63,15 @@ def kernel(fn) -> Kernel:
     return Kernel(fn)
 
 
+def host_to_device(values: list[int], device, dtype: torch.dtype = torch.int64) -> torch.Tensor:
+    """A small host list as a device tensor without stalling the host: a copy from
+    pageable memory waits for the GPU queue to drain, one from pinned memory does not."""
+    device = torch.device(device)
+    if device.type != "cuda":
+        return torch.tensor(values, dtype=dtype, device=device)
+    return torch.tensor(values, dtype=dtype, pin_memory=True).to(device, non_blocking=True)
+
+
 def acc_dtype(dtype: torch.dtype) -> torch.dtype:
     """Accumulation dtype of the torch references: fp32, or fp64 for fp64 inputs."""
     return torch.promote_types(dtype, torch.float32)

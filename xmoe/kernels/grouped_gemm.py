@@ -12,9 +12,11 @@ already synced it) or a tensor.
 
 from __future__ import annotations
 
+import os
+
 import torch
 
-from xmoe.kernels.backend import HAVE_TRITON, kernel, use_triton
+from xmoe.kernels.backend import HAVE_TRITON, host_to_device, kernel, use_triton
 
 IMPLS = ("auto", "torch", "triton", "loop")
 
@@ -141,11 +143,11 @@ def grouped_mm_torch(x_RK: torch.Tensor, w_EKN: torch.Tensor, counts_E) -> torch
     if torch.is_tensor(counts_E):
         offs = torch.cumsum(counts_E.to(device=x_RK.device), 0).to(torch.int32)
     else:
-        offs = (
-            torch.tensor(_counts_list(counts_E), dtype=torch.int64)
-            .cumsum(0)
-            .to(device=x_RK.device, dtype=torch.int32)
-        )
+        ends, total = [], 0
+        for c in _counts_list(counts_E):
+            total += c
+            ends.append(total)
+        offs = host_to_device(ends, x_RK.device, torch.int32)
     return torch._grouped_mm(x_RK, w_EKN, offs=offs)
 
 
@@ -179,11 +181,18 @@ def _tile_map(
             tile_m.append(m0)
         start += c
         ends.append(start)
-    mk = lambda v: torch.tensor(v, dtype=torch.int32).to(device, non_blocking=True)  # noqa: E731
-    return mk(tile_e), mk(tile_m), mk(ends)
+    packed = host_to_device(tile_e + tile_m + ends, device, torch.int32)
+    n = len(tile_e)
+    return packed[:n], packed[n : 2 * n], packed[2 * n :]
 
 
 def _config(dtype: torch.dtype, interpret: bool) -> tuple[int, int, int, int, int]:
+    """(BM, BN, BK, warps, stages); XMOE_TRITON_GMM_CONFIG="128,128,64,8,3" overrides it
+    on the GPU (tuning for a new device: `benchmarks/moe_layer.py --sweep-gemm`)."""
+    override = os.environ.get("XMOE_TRITON_GMM_CONFIG")
+    if override and not interpret:
+        bm, bn, bk, warps, stages = (int(v) for v in override.split(","))
+        return bm, bn, bk, warps, stages
     if interpret:
         return 16, 16, 16, 1, 1
     if dtype == torch.float32:

@@ -22,6 +22,7 @@ from typing import Any
 import torch
 
 from xmoe.config import Config
+from xmoe.kernels.backend import host_to_device
 from xmoe.kernels.combine import combine
 from xmoe.kernels.permute import gather_rows, permute
 from xmoe.kernels.routing import routing_metadata
@@ -70,8 +71,8 @@ def _chunk_permutation(counts_WEl: list[list[int]], device) -> tuple[torch.Tenso
     R = pos
 
     def build(shifts: list[int], lengths: list[int]) -> torch.Tensor:
-        s = torch.tensor(shifts, dtype=torch.int64).to(device)
-        n = torch.tensor(lengths, dtype=torch.int64).to(device)
+        sn = host_to_device(shifts + lengths, device)
+        s, n = sn[: len(shifts)], sn[len(shifts) :]
         return torch.repeat_interleave(s, n, output_size=R) + torch.arange(R, device=device)
 
     return build(shift, sizes), build(inv_shift, inv_sizes)
