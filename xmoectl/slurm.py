@@ -120,7 +120,8 @@ def submit_array(folder: Path, scripts: list[str], options: list[tuple[str, Any]
     executor = submitit.SlurmExecutor(folder=folder, max_num_timeout=0)
     executor.update_parameters(**executor_parameters(options))
     with _sbatch_refusals():
-        sjobs = executor.map_array(ScriptJob, scripts)
+        with executor.batch():  # submitted as one array when the block ends
+            sjobs = [executor.submit(ScriptJob(s)) for s in scripts]
     return [str(j.job_id) for j in sjobs]
 
 
