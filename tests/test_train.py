@@ -108,25 +108,42 @@ def test_resume_is_bit_exact(full_run, tmp_path):
             assert resumed[step][key] == full[step][key], (step, key)
 
 
-def test_two_rank_data_parallel_matches_one_rank(tmp_path):
-    # dropless and no bias: fewer discrete decisions for fp32 rounding to flip
-    args = [
-        "train",
-        "--config",
-        "tiny",
-        "--set",
-        "train.steps=4",
-        "--set",
-        "train.log_interval=1",
-        "--set",
-        "train.global_batch=16",
-    ]
-    one = tmp_path / "one"
-    two = tmp_path / "two"
-    _ok(run_xmoe([*args, "--run-dir", str(one)]))  # 1 rank, 2 accumulation steps
-    # 2 ranks, 1 accumulation step; a given peak turns on MFU
-    _ok(run_xmoe([*args, "--run-dir", str(two), "--peak-tflops", "0.5"], nproc=2))
-    a, b = read_metrics(one), read_metrics(two)
+# dropless and no bias: fewer discrete decisions for fp32 rounding to flip
+DP_ARGS = [
+    "train",
+    "--config",
+    "tiny",
+    "--set",
+    "train.steps=4",
+    "--set",
+    "train.log_interval=1",
+    "--set",
+    "train.global_batch=16",
+]
+
+
+@pytest.fixture(scope="module")
+def one_rank_run(tmp_path_factory):
+    """The reference: 1 rank, 2 accumulation micro-batches of 8."""
+    run_dir = tmp_path_factory.mktemp("one")
+    _ok(run_xmoe([*DP_ARGS, "--run-dir", str(run_dir)]))
+    return read_metrics(run_dir)
+
+
+@pytest.mark.parametrize(
+    "layout",
+    [
+        ["--set", "parallel.zero_stage=1"],
+        # EP=2: expert grads reduce over expert-DP only, the norm spans both ranks' experts
+        ["--set", "parallel.zero_stage=2", "--set", "parallel.ep=2", "--set", "moe.dispatcher=pft"],
+        ["--set", "parallel.zero_stage=0", "--set", "parallel.ep=2", "--set", "moe.dispatcher=pft"],
+    ],
+    ids=["dp2-zero1", "ep2-zero2", "ep2-zero0"],
+)
+def test_two_ranks_match_one_rank(one_rank_run, tmp_path, layout):
+    # 2 ranks, 1 accumulation step each: the same 16 samples per step; a peak turns on MFU
+    _ok(run_xmoe([*DP_ARGS, *layout, "--run-dir", str(tmp_path), "--peak-tflops", "0.5"], nproc=2))
+    a, b = one_rank_run, read_metrics(tmp_path)
     assert len(a) == len(b) == 4
     for x, y in zip(a, b):
         # Same samples, same init: only the order of fp32 gradient sums differs, which can

@@ -100,7 +100,46 @@ def _engine_class():
                 self.num_experts = [m.cfg.moe.num_experts for m in model.moe_layers()]
             super()._configure_distributed_model(model)
 
+        def clip_fp32_gradients(self) -> None:
+            # ZeRO computes the global norm itself; without ZeRO (stage 0, fp32) DeepSpeed's
+            # clipper would miss the other EP ranks' experts, so ranks would clip differently.
+            norm = global_grad_norm(self.module, self.parallel_state)
+            clip = self.gradient_clipping()
+            if norm > clip:
+                for p in self.module.parameters():
+                    if p.grad is not None:
+                        p.grad.mul_(clip / (norm + 1e-6))
+            self._global_grad_norm = norm
+
     return MoEAwareEngine
+
+
+def global_grad_norm(module: nn.Module, state: Any) -> float:
+    """L2 norm of the whole model's gradient, each parameter counted once across ranks.
+
+    Replicated parameters: local. TP-sharded (`tensor_model_parallel`): summed over the
+    TP group. Experts (`allreduce=False`): summed over the EP group, where each expert
+    lives on exactly one rank.
+    """
+    import torch.distributed as dist
+
+    sq = torch.zeros(3, dtype=torch.float64, device=next(module.parameters()).device)
+    for p in module.parameters():
+        if p.grad is None:
+            continue
+        g2 = p.grad.detach().double().square().sum()
+        if getattr(p, "allreduce", True) is False:
+            sq[2] += g2
+        elif getattr(p, "tensor_model_parallel", False):
+            sq[1] += g2
+        else:
+            sq[0] += g2
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        if state.tp > 1:
+            dist.all_reduce(sq[1:2], group=state.tp_group)
+        if state.ep > 1:
+            dist.all_reduce(sq[2:3], group=state.ep_group)
+    return float(sq.sum().sqrt())
 
 
 def build_engine(cfg: Config, model: nn.Module, state: Any) -> Any:
@@ -146,4 +185,5 @@ def build_engine(cfg: Config, model: nn.Module, state: Any) -> Any:
         config=ds_cfg,
         config_class=config_class,
     )
+    engine.parallel_state = state
     return engine
