@@ -46,12 +46,16 @@ if HAVE_TRITON:
         BK: tl.constexpr,
     ):
         # One program per (row tile of one expert, column tile); tiles never straddle experts.
+        # Column tiles vary fastest: the programs running together share one row tile of x
+        # and one expert's weights, so both come from L2 rather than once per column tile.
         pid = tl.program_id(0)
-        e = tl.load(tile_e_ptr + pid).to(tl.int64)
-        m0 = tl.load(tile_m_ptr + pid)
+        n_tiles = tl.cdiv(N, BN)
+        tile = pid // n_tiles
+        e = tl.load(tile_e_ptr + tile).to(tl.int64)
+        m0 = tl.load(tile_m_ptr + tile)
         end = tl.load(end_ptr + e)
         rm = m0 + tl.arange(0, BM)
-        rn = tl.program_id(1) * BN + tl.arange(0, BN)
+        rn = (pid % n_tiles) * BN + tl.arange(0, BN)
         rk = tl.arange(0, BK)
         mm = rm < end
         mn = rn < N
@@ -92,9 +96,15 @@ if HAVE_TRITON:
         BR: tl.constexpr,
     ):
         # dw[e] = x[rows of e]^T @ dy[rows of e]; an expert with no rows gets zeros.
-        e = tl.program_id(0).to(tl.int64)
-        rk = tl.program_id(1) * BM + tl.arange(0, BM)
-        rn = tl.program_id(2) * BN + tl.arange(0, BN)
+        # The expert varies slowest: the programs running together read the same expert's
+        # rows of x and dy, which then stay in L2 instead of being re-read per output tile.
+        pid = tl.program_id(0)
+        k_tiles = tl.cdiv(K, BM)
+        n_tiles = tl.cdiv(N, BN)
+        e = (pid // (k_tiles * n_tiles)).to(tl.int64)
+        rest = pid % (k_tiles * n_tiles)
+        rk = (rest // n_tiles) * BM + tl.arange(0, BM)
+        rn = (rest % n_tiles) * BN + tl.arange(0, BN)
         mk = rk < K
         mn = rn < N
         start = tl.load(start_ptr + e)
@@ -207,7 +217,7 @@ def _gmm_forward(x_RK, w_EKN, tiles, N: int) -> torch.Tensor:
     if tile_e.numel() == 0 or N == 0:
         return y_RN.zero_() if N else y_RN
     bm, bn, bk, warps, stages = _config(x_RK.dtype, not x_RK.is_cuda)
-    grid = (tile_e.numel(), triton.cdiv(N, bn))
+    grid = (tile_e.numel() * triton.cdiv(N, bn),)
     _gmm_kernel[grid](
         x_RK,
         w_EKN,
@@ -241,7 +251,7 @@ def _gmm_wgrad(x_RK, dy_RN, ends, E: int) -> torch.Tensor:
     bm, bn, bk, warps, stages = _config(x_RK.dtype, not x_RK.is_cuda)
     if E == 0 or K == 0 or N == 0:
         return dw_EKN.zero_()
-    grid = (E, triton.cdiv(K, bm), triton.cdiv(N, bn))
+    grid = (E * triton.cdiv(K, bm) * triton.cdiv(N, bn),)
     _gmm_wgrad_kernel[grid](
         x_RK,
         dy_RN,
