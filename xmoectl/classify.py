@@ -108,13 +108,10 @@ def _shorten(line: str, limit: int = 200) -> str:
 
 
 def _match(log: str) -> Outcome | None:
+    lines = log.splitlines()
     for cls, pattern in _PATTERNS:
-        hit = None
-        for line in log.splitlines():
-            if pattern.search(line):
-                hit = line.strip()
-                if cls in (OOM, NAN, HANG):  # the first such line is the cause, later ones echo it
-                    break
+        # the first such line is the cause; later ones are other ranks echoing it
+        hit = next((ln.strip() for ln in lines if pattern.search(ln)), None)
         if hit is not None:
             return Outcome(cls, _shorten(hit))
     return None

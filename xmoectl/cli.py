@@ -576,6 +576,7 @@ def scale_test_run(name, runs_dir, resume, dry_run, **grid) -> None:
     """Submit NODES x every --vary value, one run per point (a job array per job shape)."""
     from xmoectl import runs
     from xmoectl import sweep as SW
+    from xmoectl import sweep_run as SR
 
     root = runs.runs_root(runs_dir)
     if resume:
@@ -585,11 +586,11 @@ def scale_test_run(name, runs_dir, resume, dry_run, **grid) -> None:
                 "--resume takes the sweep from --name and its grid from sweep.json"
                 + (f"; drop --{given[0].replace('_', '-')}" if given else "")
             )
-        SW.resume(SW.find(name, root), dry_run=dry_run, echo=click.echo)
+        SR.resume(SW.find(name, root), dry_run=dry_run, echo=click.echo)
         return
     spec = SW.make_spec(**grid)
     name = name or SW.default_name(spec["model"], spec["site"])
-    sw = SW.start(spec, root, name, dry_run=dry_run, echo=click.echo)
+    sw = SR.start(spec, root, name, dry_run=dry_run, echo=click.echo)
     if sw is not None and any(
         s["final"] and s["final"]["state"] == "REFUSED" for s in sw.state().values()
     ):
@@ -603,9 +604,10 @@ def scale_test_status(sweep: str, runs_dir: str | None) -> None:
     """Each point of SWEEP: job, state, failure class, last metrics."""
     from xmoectl import report, runs
     from xmoectl import sweep as SW
+    from xmoectl import sweep_run as SR
 
     sw = SW.find(sweep, runs.runs_root(runs_dir))
-    click.echo(report.format_status(sw, SW.refresh(sw)), nl=False)
+    click.echo(report.format_status(sw, SR.refresh(sw)), nl=False)
 
 
 @scale_test.command("report")
@@ -619,14 +621,15 @@ def scale_test_report(
     """Table and plots of SWEEP (into its folder); with --compare, exit 1 on a regression."""
     from xmoectl import report, runs
     from xmoectl import sweep as SW
+    from xmoectl import sweep_run as SR
 
     root = runs.runs_root(runs_dir)
     sw = SW.find(sweep, root)
-    table = report.rows(sw.points, SW.refresh(sw))
+    table = report.rows(sw.points, SR.refresh(sw))
     text, regressed = "", False
     if other:
         old = SW.find(other, root)
-        changes = report.compare(table, report.rows(old.points, SW.refresh(old)), threshold)
+        changes = report.compare(table, report.rows(old.points, SR.refresh(old)), threshold)
         text = report.format_comparison(changes, old.name, threshold)
         regressed = any(c["regression"] for c in changes)
     click.echo(report.format_table(table), nl=False)
