@@ -68,6 +68,8 @@ def test_plan_weak_scaling_grows_the_global_batch_and_groups_arrays_by_shape(tmp
     assert by["n2-rbd_on"].job.config.train.log_interval == 2
     assert by["n2-rbd_on"].job.config.train.hang_timeout_s == 900
     assert by["n2-rbd_on"].series == "rbd=on"
+    # a point at its time limit stops there instead of requeueing itself into a new job
+    assert '"${SLURM_RESTART_COUNT:-0}" -lt 0 ]' in by["n2-rbd_on"].script
     assert by["n2-rbd_on"].job.run_dir == (tmp_path / "sw" / "points" / "n2-rbd_on").resolve()
     # points that differ only in config share one job array; node counts do not
     groups = SW.groups(planned)
@@ -149,6 +151,8 @@ WATCHDOG = (
          classify.NAN, "non-finite loss"),
         ("TIMEOUT", "slurmstepd: error: *** JOB 12 ON n1 CANCELLED AT 2026-11-28T10:00:00 DUE "
          "TO TIME LIMIT ***", classify.TIME_LIMIT, "Slurm state TIMEOUT"),
+        ("FAILED", "xmoe: requeue signal received: checkpoint written at step 40; exiting with"
+         " 75 so the job runs again and resumes", classify.TIME_LIMIT, "requeue signal received"),
         ("NODE_FAIL", "", classify.NODE_FAILURE, "NODE_FAIL"),
         ("FAILED", "srun: error: Node failure on n2\nslurmstepd: error: *** STEP 9.0 ON n1 "
          "CANCELLED AT 2026 DUE TO NODE FAILURE ***", classify.NODE_FAILURE, "Node failure on n2"),

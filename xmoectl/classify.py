@@ -64,7 +64,11 @@ _PATTERNS: tuple[tuple[str, re.Pattern[str]], ...] = (
         NODE_FAILURE,
         re.compile(r"DUE TO NODE FAILURE|Node failure on|NODE_FAIL", re.IGNORECASE),
     ),
-    (TIME_LIMIT, re.compile(r"DUE TO TIME LIMIT", re.IGNORECASE)),
+    (
+        TIME_LIMIT,
+        # Slurm's words, and the trainer's when it stopped at the time-limit warning signal
+        re.compile(r"DUE TO TIME LIMIT|requeue signal received", re.IGNORECASE),
+    ),
 )
 _ERROR_LINE = re.compile(
     r"error|exception|traceback|failed|fatal|killed|abort|refused", re.IGNORECASE

@@ -21,6 +21,7 @@ folded per point (the last submission of a point wins), so `status`, `report` an
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import json
 import os
@@ -215,6 +216,8 @@ def plan(spec: dict[str, Any], sweep_dir: Path) -> list[Planned]:
     from xmoectl import sites as S
 
     site = S.load(spec["site"])
+    # a point that reaches its time limit is a finding, not a run to continue in a new job
+    site = dataclasses.replace(site, slurm=dataclasses.replace(site.slurm, max_restarts=0))
     nodes = parse_nodes(",".join(str(n) for n in spec["nodes"]))
     axes = parse_vary(spec.get("vary") or [])
     if spec.get("mode", "weak") not in MODES:

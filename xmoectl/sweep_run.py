@@ -47,7 +47,10 @@ def submit(sweep: Sweep, planned: list[Planned], echo: Any = print) -> int:
                     _record_submission(sweep, p, job_id, scheduler, now())
                     echo(f"{p.name}: running here as {job_id}")
                     with open(os.devnull, "w") as sink:
-                        local.follow(p.job.run_dir, job_id, out=sink)
+                        state = local.follow(p.job.run_dir, job_id, out=sink)
+                    if state == "CANCELLED":  # ctrl-C or `xmoectl cancel`: stop the sweep too
+                        echo(f"{p.name} was cancelled; the rest waits for --resume")
+                        return refused
                 continue
             if len(group) == 1:
                 ids = [slurm.submit(group[0].job, group[0].options)]
@@ -97,16 +100,23 @@ def to_resubmit(sweep: Sweep) -> list[str]:
 # --------------------------------------------------------------------------- state
 
 
-def _read_logs(run_dir: Path, job_id: str, scheduler: str, limit: int = 2_000_000) -> str:
-    from xmoectl import local, slurm
+def _own_logs(run_dir: Path, job_id: str, scheduler: str) -> list[Path]:
+    """This attempt's log only: a resubmitted point keeps the logs of its earlier attempts."""
+    from xmoectl import local
 
-    files = [run_dir / local.LOG] if scheduler == "local" else slurm.log_files(run_dir, job_id)
+    if scheduler == "local":
+        files = [run_dir / local.LOG]
+    else:
+        files = [run_dir / "submitit" / f"{job_id}_0_log.out", run_dir / f"slurm-{job_id}.out"]
+    return [f for f in files if f.is_file()]
+
+
+def _read_logs(run_dir: Path, job_id: str, scheduler: str, limit: int = 2_000_000) -> str:
     text = []
-    for f in files:
-        if f.is_file():
-            with f.open("rb") as fh:
-                fh.seek(max(0, f.stat().st_size - limit))
-                text.append(fh.read().decode(errors="replace"))
+    for f in _own_logs(run_dir, job_id, scheduler):
+        with f.open("rb") as fh:
+            fh.seek(max(0, f.stat().st_size - limit))
+            text.append(fh.read().decode(errors="replace"))
     return "\n".join(text)
 
 
@@ -119,10 +129,7 @@ def _job_state(run_dir: Path, job_id: str, scheduler: str) -> dict[str, str]:
 
 
 def _last_progress(run_dir: Path, job_id: str, scheduler: str) -> float | None:
-    from xmoectl import local, slurm
-
-    files = [run_dir / "metrics.jsonl"]
-    files += [run_dir / local.LOG] if scheduler == "local" else slurm.log_files(run_dir, job_id)
+    files = [run_dir / "metrics.jsonl", *_own_logs(run_dir, job_id, scheduler)]
     times = [f.stat().st_mtime for f in files if f.exists()]
     return max(times) if times else None
 
@@ -203,9 +210,8 @@ def start(
     if (path / SWEEP_FILE).exists():
         raise UserError(f"sweep {path} already exists: pick another --name, or --resume it")
     planned = plan(spec, path)
-    head = (
-        f"sweep {name}: {len(planned)} points, {len(groups(planned))} jobs, {spec['mode']} scaling"
-    )
+    n, jobs = len(planned), len(groups(planned))
+    head = f"sweep {name}: {n} point{'s' * (n != 1)}, {jobs} job{'s' * (jobs != 1)}, {spec['mode']} scaling"
     if dry_run:
         echo(head + "; nothing submitted (--dry-run)")
         describe(planned, echo)
