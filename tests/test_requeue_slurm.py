@@ -160,3 +160,26 @@ def test_restarts_are_bounded_by_the_site_profile(tmp_path):
     assert json.loads((run_dir / "requeue").read_text())["step"] == 3
     # continuing by hand (what the message says) picks it up from there
     assert _steps(run_dir) == [1, 2, 3]
+
+
+def test_torchrun_passes_the_warning_to_its_ranks(tmp_path):
+    """torchrun launch: the signal reaches the torchrun of each node, which hands it on."""
+    site = _site(tmp_path, "local-slurm-torchrun", requeue_grace_s=60)
+    prof = yaml.safe_load(site.read_text())
+    prof["launcher"] = "torchrun"
+    site.write_text(yaml.safe_dump(prof))
+    run_dir, job_id = _submit(tmp_path, site, "--set", "train.steps=300")
+    deadline = time.monotonic() + 300
+    while _last_step(run_dir) < 3:
+        assert time.monotonic() < deadline, _log(run_dir)[-3000:]
+        assert slurm.job_state(job_id)["state"] not in slurm.TERMINAL, _log(run_dir)[-3000:]
+        time.sleep(0.5)
+    # what Slurm does at the warning time: the signal to every task of the job's steps
+    subprocess.run(["scancel", "--signal=USR2", job_id], check=True, timeout=30)
+    state = _wait(job_id, run_dir, 600)
+    log = _log(run_dir)
+    assert state == "COMPLETED", log[-3000:]
+    stopped = int(re.search(r"requeue signal received: checkpoint written at step (\d+)", log)[1])
+    assert stopped < 300 and f"at step {stopped}" in log
+    assert re.search(r"Restarts=1\b", _scontrol(job_id))
+    assert _steps(run_dir) == list(range(1, 301))

@@ -278,6 +278,7 @@ def render_script(job: Job) -> str:
         sbatch=sbatch_options(job),
         requeue_signal=REQUEUE_SIGNAL,
         max_restarts=job.site.slurm.max_restarts,
+        requeue_grace_s=job.site.slurm.requeue_grace_s,
     )
     if job.site.scheduler == "local":
         return shell.render("run_local.sh.j2", **ctx)
