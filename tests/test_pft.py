@@ -75,3 +75,11 @@ def test_pft_with_triton_kernels(monkeypatch, grouped_gemm):
         rtol=1e-4,
         atol=1e-5,
     )
+
+
+def test_overlap_shared_flag_is_exact_on_cpu():
+    """moe.overlap_shared only moves the shared experts to a side stream on a GPU."""
+    ref, pft = _pair(["moe.num_shared_experts=2"], torch.float64)
+    pft.cfg.moe.overlap_shared = True
+    x = torch.randn(12, 32, dtype=torch.float64)
+    torch.testing.assert_close(pft(x), ref(x), rtol=1e-10, atol=1e-12)
