@@ -207,3 +207,21 @@ def test_resume_with_another_layout_is_refused(tmp_path):
     two = SimpleNamespace(rank=0, world=2, tp=1, ep=1, dp=2)
     with pytest.raises(ConfigError, match="same ranks and parallel layout"):
         ckpt._check_layout(tag_dir, two)
+
+
+def test_a_run_directory_is_never_overwritten_without_force(tmp_path, monkeypatch):
+    from xmoe.cli import check_run_dir
+
+    monkeypatch.delenv("RANK", raising=False)
+    monkeypatch.delenv("SLURM_PROCID", raising=False)
+    _fake_tag(tmp_path / "checkpoints", 10)  # a run that died before its first metrics line
+    with pytest.raises(ConfigError, match=r"already holds a run \(checkpoints\).*--resume"):
+        check_run_dir(tmp_path, resume=False, force=False)
+    check_run_dir(tmp_path, resume=True, force=False)
+    (tmp_path / "metrics.jsonl").write_text('{"step": 1}\n')
+    check_run_dir(tmp_path, resume=False, force=True)
+    (aside,) = tmp_path.glob("replaced-*")
+    assert (aside / "metrics.jsonl").read_text() == '{"step": 1}\n'  # moved, not deleted
+    assert ckpt.find_valid_checkpoint(aside / "checkpoints", ONE_RANK) == "step0000010"
+    assert not (tmp_path / "checkpoints").exists() and not (tmp_path / "metrics.jsonl").exists()
+    check_run_dir(tmp_path, resume=False, force=False)  # now empty: a new run may start

@@ -41,15 +41,31 @@ def default_run_dir(cfg: Config) -> Path:
 
 
 def check_run_dir(run_dir: Path, resume: bool, force: bool) -> None:
-    """Refuse to mix a new run into one that already logged metrics."""
+    """Refuse to mix a new run into one that already logged metrics or saved checkpoints.
+
+    With --force the earlier run's metrics and checkpoints are moved aside (rank 0 only,
+    before the ranks meet), never deleted: a later --resume must not pick up its checkpoints.
+    """
+    import os
+
     metrics = run_dir / "metrics.jsonl"
-    if metrics.exists() and not resume:
-        if not force:
-            raise ConfigError(
-                f"run directory {run_dir} already holds a run (metrics.jsonl): "
-                "pass --resume to continue it, --force to start over in it, or another --run-dir"
-            )
-        metrics.unlink()
+    ckpts = run_dir / "checkpoints"
+    held = [p for p in (metrics, ckpts) if p.exists()]
+    if not held or resume:
+        return
+    if not force:
+        raise ConfigError(
+            f"run directory {run_dir} already holds a run ({', '.join(p.name for p in held)}): "
+            "pass --resume to continue it, --force to start over in it, or another --run-dir"
+        )
+    if int(os.environ.get("RANK", os.environ.get("SLURM_PROCID", "0"))) == 0:
+        aside = run_dir / f"replaced-{time.strftime('%Y%m%d-%H%M%S')}"
+        aside.mkdir(exist_ok=True)
+        for p in held:
+            p.rename(aside / p.name)
+        click.echo(
+            f"--force: the earlier run's {' and '.join(p.name for p in held)} moved to {aside}"
+        )
 
 
 @main.command()
