@@ -71,6 +71,8 @@ def test_trim_metrics_drops_records_past_the_checkpoint(tmp_path):
     path.write_text("".join(json.dumps({"step": s, "loss": 1.0}) + "\n" for s in range(1, 8)))
     assert rel.trim_metrics(tmp_path, 4) == 3
     assert [json.loads(x)["step"] for x in path.read_text().splitlines()] == [1, 2, 3, 4]
+    discarded = (tmp_path / "metrics.discarded.jsonl").read_text().splitlines()
+    assert [json.loads(x)["step"] for x in discarded] == [5, 6, 7]  # kept aside, not lost
     assert rel.trim_metrics(tmp_path, 4) == 0
     assert rel.trim_metrics(tmp_path / "absent", 0) == 0
 

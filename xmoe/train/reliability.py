@@ -104,17 +104,25 @@ def clear_requeue_marker(run_dir: Path) -> None:
 
 
 def trim_metrics(run_dir: Path, step: int) -> int:
-    """Drop metric records past `step` (work lost with the process); returns how many."""
+    """Move metric records past `step` (work lost with the last process) out of the way.
+
+    They go to `metrics.discarded.jsonl`, so `metrics.jsonl` reads as one run with each step
+    once while nothing written is lost. Returns how many were moved.
+    """
     path = Path(run_dir) / "metrics.jsonl"
     if not path.is_file():
         return 0
-    lines = path.read_text().splitlines()
-    keep = [ln for ln in lines if ln.strip() and json.loads(ln).get("step", 0) <= step]
-    if len(keep) != len(lines):
+    lines = [ln for ln in path.read_text().splitlines() if ln.strip()]
+    keep, drop = [], []
+    for ln in lines:
+        (keep if json.loads(ln).get("step", 0) <= step else drop).append(ln)
+    if drop:
+        with open(Path(run_dir) / "metrics.discarded.jsonl", "a") as f:
+            f.writelines(ln + "\n" for ln in drop)
         tmp = path.with_suffix(".jsonl.tmp")
         tmp.write_text("".join(ln + "\n" for ln in keep))
         os.replace(tmp, path)
-    return len(lines) - len(keep)
+    return len(drop)
 
 
 # --------------------------------------------------------------------------- faults
