@@ -3,7 +3,14 @@
 Fields of each `metrics.jsonl` record: step, loss, lm_loss, aux_loss, z_loss, lr,
 grad_norm, tokens_per_s (global), tflops_per_gpu (MoE-correct, `xmoe.flops`), mfu (null
 when no peak is known), peak_mem_gib, step_time_s, dropped_fraction, expert_load_max_mean
-(per MoE layer: the busiest expert's tokens over the mean, 1.0 = balanced), skipped_steps.
+(per MoE layer: the busiest expert's tokens over the mean, 1.0 = balanced), skipped_steps,
+dispatcher.
+
+`dispatcher` holds the MoE dispatcher's exact counters (`Dispatched.stats`: rows, bytes...)
+as per-step averages over the log window of the sums over all ranks, MoE layers and
+micro-batches of a step (dispatch direction only; combine sends the same rows back), plus
+`name` (`moe.dispatcher`). Ratios are recomputed from the summed counts (`dedup_ratio` =
+routed_rows / pilot_rows) and per-layer sizes are averaged (`capacity`), never summed.
 """
 
 from __future__ import annotations
@@ -16,6 +23,51 @@ from typing import Any
 import torch
 
 from xmoe.flops import datasheet_peak_tflops
+
+# counters that are not additive: a ratio from two summed counters; a per-layer size
+DISPATCH_RATIOS = {"dedup_ratio": ("routed_rows", "pilot_rows")}
+DISPATCH_MEANS = ("capacity",)
+_FORWARDS = "layer_forwards"  # how many layer forwards the sums span (divides the means)
+
+
+def add_dispatch_stats(sums: dict[str, float], stats: dict[str, Any]) -> None:
+    """Add one layer forward's `Dispatched.stats` into `sums` (numbers only, in place)."""
+    sums[_FORWARDS] = sums.get(_FORWARDS, 0.0) + 1.0
+    for key, value in stats.items():
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            if key not in DISPATCH_RATIOS:
+                sums[key] = sums.get(key, 0.0) + float(value)
+
+
+def merge_dispatch_sums(a: dict[str, float], b: dict[str, float]) -> dict[str, float]:
+    """`a + b` key by key (sums of two steps or windows)."""
+    return {k: a.get(k, 0.0) + b.get(k, 0.0) for k in sorted(set(a) | set(b))}
+
+
+def dispatch_record(
+    sums: dict[str, float], steps: int, name: str, group: Any = None, copies: int = 1
+) -> dict[str, Any]:
+    """The `dispatcher` entry of a record: `sums` (one rank's, over `steps` optimizer steps)
+    summed over the ranks of `group` (default: all), divided by `copies` (ranks that each
+    dispatched the same tokens, plain TP) and by `steps`.
+
+    Collective: every rank calls it with the same keys (one dispatcher type everywhere).
+    """
+    keys = sorted(sums)
+    out: dict[str, Any] = {"name": name}
+    if not keys:
+        return out
+    t = torch.tensor([sums[k] for k in keys], dtype=torch.float64)
+    if torch.distributed.is_initialized() and torch.distributed.get_world_size() > 1:
+        torch.distributed.all_reduce(t, group=group)
+    total = dict(zip(keys, t.tolist()))
+    forwards = max(1.0, total.pop(_FORWARDS, 1.0))
+    for key, value in total.items():
+        out[key] = value / forwards if key in DISPATCH_MEANS else value / copies / max(1, steps)
+    for key, (num, den) in DISPATCH_RATIOS.items():
+        if num in total and den in total:
+            out[key] = total[num] / total[den] if total[den] else 1.0
+    return out
 
 
 def resolve_peak_tflops(flag: float | None, cfg_value: float, device: torch.device) -> float | None:
@@ -67,6 +119,10 @@ class MetricsWriter:
             for key, value in record.items():
                 if isinstance(value, (int, float)) and key != "step":
                     self.tb.add_scalar(key, value, record["step"])
+                elif isinstance(value, dict):  # e.g. dispatcher counters
+                    for sub, v in value.items():
+                        if isinstance(v, (int, float)):
+                            self.tb.add_scalar(f"{key}/{sub}", v, record["step"])
             self.tb.flush()
 
     def close(self) -> None:
@@ -83,5 +139,15 @@ def format_line(r: dict[str, Any]) -> str:
         f"z {r['z_loss']:.3f}) | lr {r['lr']:.2e} | gnorm {r['grad_norm']:.3f} | "
         f"{r['tokens_per_s']:.0f} tok/s | {r['tflops_per_gpu']:.3f} TFLOP/s/gpu | MFU {mfu} | "
         f"load max/mean {worst} | dropped {100 * r['dropped_fraction']:.1f}% | "
-        f"mem {r['peak_mem_gib']:.2f} GiB"
+        f"mem {r['peak_mem_gib']:.2f} GiB{_rbd_part(r.get('dispatcher') or {})}"
+    )
+
+
+def _rbd_part(d: dict[str, Any]) -> str:
+    """RBD's network saving for the stdout line (the other dispatchers cross nodes as PFT)."""
+    if d.get("name") != "rbd" or "inter_node_rows" not in d:
+        return ""
+    return (
+        f" | inter-node rows/step {d['inter_node_rows']:.0f} "
+        f"(pft {d.get('pft_inter_node_rows', 0.0):.0f}) dedup {d.get('dedup_ratio', 1.0):.2f}x"
     )
