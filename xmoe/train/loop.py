@@ -23,6 +23,7 @@ import torch.distributed as dist
 
 from xmoe.config import Config
 from xmoe.flops import flops_per_token
+from xmoe.train.metrics import add_dispatch_stats, merge_dispatch_sums
 
 
 @dataclass
@@ -38,6 +39,8 @@ class StepResult:
     tokens: int  # tokens this rank processed
     load_LE: torch.Tensor  # routed tokens per expert per MoE layer (this rank, all micro-batches)
     dropped_fraction: float
+    # dispatcher counters summed over MoE layers and micro-batches (this rank; metrics.py)
+    dispatch: dict[str, float] = field(default_factory=dict)
 
 
 def train_step(engine: Any, data: Any, model: Any, accum: int, guard: Any = None) -> StepResult:
@@ -50,6 +53,7 @@ def train_step(engine: Any, data: Any, model: Any, accum: int, guard: Any = None
     moe = model.moe_layers()
     load_LE = torch.zeros(len(moe), model.cfg.moe.num_experts, dtype=torch.long)
     dropped = 0.0
+    dispatch: dict[str, float] = {}
     tokens = 0
     lr = engine.get_lr()[0]  # the rate this step's update uses
     for i in range(accum):
@@ -69,11 +73,12 @@ def train_step(engine: Any, data: Any, model: Any, accum: int, guard: Any = None
         for i, layer in enumerate(moe):
             load_LE[i] += layer.last_stats["tokens_per_expert"].cpu()
             dropped += layer.last_stats["dropped_fraction"] / max(1, len(moe))
+            add_dispatch_stats(dispatch, layer.last_stats.get("dispatcher", {}))
         tokens += inputs.numel()
     grad_norm = engine.get_global_grad_norm()
     grad_norm = float(grad_norm) if grad_norm is not None else float("nan")
     loss, lm, aux, z = (sums / accum).tolist()
-    return StepResult(loss, lm, aux, z, grad_norm, lr, tokens, load_LE, dropped / accum)
+    return StepResult(loss, lm, aux, z, grad_norm, lr, tokens, load_LE, dropped / accum, dispatch)
 
 
 def update_expert_bias(model: Any, load_LE: torch.Tensor) -> None:
@@ -92,6 +97,7 @@ class Window:
     tokens: int = 0
     load_LE: torch.Tensor | None = None
     skipped: int = 0  # steps whose update was skipped (non-finite loss); not in the sums
+    dispatch: dict[str, float] = field(default_factory=dict)
 
     def add(self, r: StepResult) -> None:
         self.steps += 1
@@ -100,6 +106,7 @@ class Window:
         )
         self.tokens += r.tokens
         self.load_LE = r.load_LE.clone() if self.load_LE is None else self.load_LE + r.load_LE
+        self.dispatch = merge_dispatch_sums(self.dispatch, r.dispatch)
 
 
 def _all_reduce_sum(t: torch.Tensor, group: Any = None) -> torch.Tensor:
@@ -126,7 +133,11 @@ def _window_record(
     if load_LE is not None:
         mean = load_LE.mean(1).clamp_min(1e-9)
         balance = [round(v, 4) for v in (load_LE.max(1).values / mean).tolist()]
-    from xmoe.train.metrics import peak_memory_gib
+    from xmoe.train.metrics import dispatch_record, peak_memory_gib
+
+    # per-step averages of all ranks' sums; plain-TP ranks each dispatch the same tokens
+    copies = pstate.tp if pstate.tp > 1 and not cfg.parallel.ssmb else 1
+    dispatch = dispatch_record(w.dispatch, w.steps, cfg.moe.dispatcher, copies=copies)
 
     return {
         "step": step,
@@ -144,6 +155,7 @@ def _window_record(
         "dropped_fraction": dropped,
         "expert_load_max_mean": balance,
         "skipped_steps": w.skipped,
+        "dispatcher": dispatch,
     }
 
 
