@@ -153,7 +153,7 @@ CORRUPTIONS = {
     ),
     "truncated file": (
         lambda d: (d / "rank0.pt").write_bytes(b"rank"),
-        "rank0.pt has 4 bytes, the manifest says 14",
+        "rank0.pt has 4 bytes, the manifest says 13",
     ),
     "missing file": (lambda d: (d / "sub" / "extra.bin").unlink(), "sub/extra.bin is missing"),
     "no manifest (save interrupted)": (
