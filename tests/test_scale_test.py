@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -298,3 +299,25 @@ def test_local_site_runs_its_points_in_turn_and_reports(tmp_path):
     assert st.returncode == 0 and "COMPLETED  ok" in st.stdout and "step=4" in st.stdout
     rep = xmoectl("scale-test", "report", "loc", "--runs-dir", str(tmp_path / "runs"), cwd=tmp_path)
     assert rep.returncode == 0 and (tmp_path / "runs" / "loc" / "throughput.png").is_file()
+
+
+def test_skip_invalid_leaves_out_only_the_points_that_cannot_run(tmp_path):
+    runs = str(tmp_path / "runs")
+    grid = ("scale-test", "--site", "local-slurm", "--nodes", "1,2", "--runs-dir", runs)
+    r = xmoectl(*grid, "--vary", "parallel.tp=1,4", "--dry-run", cwd=tmp_path)
+    assert r.returncode == 2 and "point n1-tp_4: parallel.tp=4 does not divide" in r.stderr
+    r = xmoectl(*grid, "--vary", "parallel.tp=1,4", "--dry-run", "--skip-invalid", cwd=tmp_path)
+    assert r.returncode == 0, r.stderr
+    assert "skipped n1-tp_4: parallel.tp=4 does not divide the world size 2" in r.stdout
+    assert "3 points, 2 jobs" in r.stdout and re.search(r"^  n2-tp_4 .* tp4 ", r.stdout, re.M)
+    r = xmoectl(*grid, "--vary", "parallel.tp=8", "--skip-invalid", cwd=tmp_path)
+    assert r.returncode == 2 and "no point of the grid can run; point n1-tp_8" in r.stderr
+    assert not (tmp_path / "runs").exists()
+    # the sweep keeps what it skipped; status and report say so
+    sp = spec(vary=("parallel.tp=1,4",), skip_invalid=True)
+    skipped: list = []
+    planned = SW.plan(sp, tmp_path / "runs" / "sw", skipped)
+    SW.Sweep.create(tmp_path / "runs" / "sw", sp, planned, skipped)
+    st = xmoectl("scale-test", "status", "sw", "--runs-dir", runs, cwd=tmp_path)
+    assert st.returncode == 0 and "3 not submitted" in st.stdout
+    assert "skipped n1-tp_4: parallel.tp=4" in st.stdout

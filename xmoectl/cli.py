@@ -568,6 +568,7 @@ def scale_test() -> None:
 @click.option("--tasks-per-node", type=int)
 @click.option("--env", help="environment built by `env build` (default: profile)")
 @click.option("--hang-timeout", type=float, help="seconds without a step = hung [900; 0 = off]")
+@click.option("--skip-invalid", is_flag=True, default=None, help="leave out points that cannot run")
 @click.option("--name", help="sweep name (default: scale-<model>-<site>-<time>)")
 @click.option("--runs-dir", default=None, help="parent of sweeps and runs")
 @click.option("--resume", is_flag=True, help="resubmit the missing and failed points of --name")
@@ -633,7 +634,9 @@ def scale_test_report(
         text = report.format_comparison(changes, old.name, threshold)
         regressed = any(c["regression"] for c in changes)
     click.echo(report.format_table(table), nl=False)
-    for path in report.write(sw.dir, sw.name, table, text):
+    for line in report.skipped_lines(sw.skipped):
+        click.echo(line)
+    for path in report.write(sw.dir, sw.name, table, text, sw.skipped):
         click.echo(f"wrote {path}")
     click.echo(text, nl=False)
     if regressed:

@@ -222,11 +222,16 @@ def format_comparison(changes: list[dict[str, Any]], other: str, threshold: floa
 
 
 def write(
-    out_dir: Path, name: str, table: list[dict[str, Any]], comparison: str = ""
+    out_dir: Path,
+    name: str,
+    table: list[dict[str, Any]],
+    comparison: str = "",
+    skipped: list[dict[str, Any]] | None = None,
 ) -> list[Path]:
     """report.md, report.json and the plots, into the sweep folder."""
     out_dir = Path(out_dir)
     md = f"# Scale test {name}\n\n" + format_table(table, markdown=True)
+    md += "".join(f"\n{line}\n" for line in skipped_lines(skipped or []))
     md += "".join(f"\n![{p[:-4]}]({p})\n" for p in PLOTS)
     if comparison:
         md += "\n```\n" + comparison + "```\n"
@@ -275,4 +280,10 @@ def format_status(sweep: Any, state: dict[str, dict[str, Any]]) -> str:
     for row in table:
         lines.append("  ".join(c.ljust(w) for c, w in zip(row, widths)) + "  " + row[5])
     lines.append(", ".join(f"{n} {k}" for k, n in sorted(counts.items())))
+    lines += skipped_lines(sweep.skipped)
     return "\n".join(line.rstrip() for line in lines) + "\n"
+
+
+def skipped_lines(skipped: list[dict[str, Any]]) -> list[str]:
+    """The points `--skip-invalid` left out of the sweep, and why."""
+    return [f"skipped {sk['name']}: {sk['reason']}" for sk in skipped]

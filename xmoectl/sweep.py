@@ -208,9 +208,15 @@ def _tasks_per_node(site: Any, spec: dict[str, Any]) -> int:
     return site.slurm.tasks_per_node
 
 
-def plan(spec: dict[str, Any], sweep_dir: Path) -> list[Planned]:
+def plan(
+    spec: dict[str, Any], sweep_dir: Path, skipped: list[dict[str, Any]] | None = None
+) -> list[Planned]:
     """Every point of the grid in `spec`, checked and resolved; raises UserError (one line)
-    naming the point on the first invalid one, before anything is written or submitted."""
+    naming the point on the first invalid one, before anything is written or submitted.
+
+    With a `skipped` list, points that cannot run (RBD on one node, a TP size the heads do
+    not allow at that scale...) are appended to it with the reason instead; a grid with no
+    runnable point is still refused."""
     from xmoe.config import ConfigError
     from xmoectl import render
     from xmoectl import sites as S
@@ -264,18 +270,27 @@ def plan(spec: dict[str, Any], sweep_dir: Path) -> list[Planned]:
             names.add(name)
             overrides = base + axis_sets
             try:
-                overrides += _batch_overrides(
-                    spec["model"], overrides, n * tpn, nodes[0] * tpn, spec["mode"]
-                )
-            except (UserError, ConfigError) as e:
-                raise UserError(f"point {name}: {e}") from None
-            job = resolve(name, n, overrides)
+                try:
+                    overrides += _batch_overrides(
+                        spec["model"], overrides, n * tpn, nodes[0] * tpn, spec["mode"]
+                    )
+                except (UserError, ConfigError) as e:
+                    raise UserError(f"point {name}: {e}") from None
+                job = resolve(name, n, overrides)
+            except UserError as e:
+                if skipped is None:
+                    raise
+                skipped.append({"name": name, "nodes": n, "reason": str(e).split(": ", 1)[1]})
+                continue
             planned.append(
                 Planned(
                     name, n, " ".join(settings), overrides, job,
                     render.render_script(job), render.sbatch_options(job),
                 )
             )  # fmt: skip
+    if not planned and skipped:
+        first = skipped[0]
+        raise UserError(f"no point of the grid can run; point {first['name']}: {first['reason']}")
     return planned
 
 
@@ -306,18 +321,25 @@ class Sweep:
             raise UserError(f"{self.dir}: not a sweep (unreadable {SWEEP_FILE}: {e})") from None
         self.spec: dict[str, Any] = data["spec"]
         self.points: list[dict[str, Any]] = data["points"]
+        self.skipped: list[dict[str, Any]] = data.get("skipped") or []  # points that cannot run
 
     @property
     def name(self) -> str:
         return self.dir.name
 
     @classmethod
-    def create(cls, path: Path, spec: dict[str, Any], planned: list[Planned]) -> Sweep:
+    def create(
+        cls,
+        path: Path,
+        spec: dict[str, Any],
+        planned: list[Planned],
+        skipped: list[dict[str, Any]] | None = None,
+    ) -> Sweep:
         path = Path(path)
         if (path / SWEEP_FILE).exists():
             raise UserError(f"sweep {path} already exists: pick another --name, or --resume it")
         path.mkdir(parents=True, exist_ok=True)
-        data = {"spec": spec, "points": [p.record() for p in planned]}
+        data = {"spec": spec, "points": [p.record() for p in planned], "skipped": skipped or []}
         tmp = path / (SWEEP_FILE + ".tmp")
         tmp.write_text(json.dumps(data, indent=2) + "\n")
         tmp.replace(path / SWEEP_FILE)
@@ -390,7 +412,7 @@ def make_spec(
     vary: tuple[str, ...] = (), steps: int | None = None, sets: tuple[str, ...] = (),
     time: str | None = None, account: str | None = None, partition: str | None = None,
     qos: str | None = None, tasks_per_node: int | None = None, env: str | None = None,
-    hang_timeout: float | None = None,
+    hang_timeout: float | None = None, skip_invalid: bool = False,
 ) -> dict[str, Any]:  # fmt: skip
     """The grid as `scale-test run` options give it (what sweep.json keeps)."""
     if not site:
@@ -403,4 +425,5 @@ def make_spec(
         "sets": list(sets), "time": time or "", "account": account or "",
         "partition": partition or "", "qos": qos or "", "tasks_per_node": tasks_per_node or 0,
         "env": env, "hang_timeout_s": 900.0 if hang_timeout is None else hang_timeout,
+        "skip_invalid": skip_invalid,
     }  # fmt: skip

@@ -209,14 +209,18 @@ def start(
     path = Path(root) / check_name(name)
     if (path / SWEEP_FILE).exists():
         raise UserError(f"sweep {path} already exists: pick another --name, or --resume it")
-    planned = plan(spec, path)
+    skipped: list[dict[str, Any]] | None = [] if spec.get("skip_invalid") else None
+    planned = plan(spec, path, skipped)
     n, jobs = len(planned), len(groups(planned))
-    head = f"sweep {name}: {n} point{'s' * (n != 1)}, {jobs} job{'s' * (jobs != 1)}, {spec['mode']} scaling"
+    head = f"sweep {name}: {n} point{'s' * (n != 1)}, {jobs} job{'s' * (jobs != 1)}"
+    head += f", {spec['mode']} scaling"
+    for sk in skipped or []:
+        echo(f"skipped {sk['name']}: {sk['reason']}")
     if dry_run:
         echo(head + "; nothing submitted (--dry-run)")
         describe(planned, echo)
         return None
-    sw = Sweep.create(path, spec, planned)
+    sw = Sweep.create(path, spec, planned, skipped or [])
     echo(f"{head}\nsweep directory: {sw.dir}")
     submit(sw, planned, echo)
     return sw
@@ -228,7 +232,8 @@ def resume(sw: Sweep, dry_run: bool = False, echo: Any = print) -> list[str]:
     if not names:
         echo(f"sweep {sw.name}: nothing to resubmit (every point is done, queued or running)")
         return []
-    planned = [p for p in plan(sw.spec, sw.dir) if p.name in names]
+    skipped = [] if sw.spec.get("skip_invalid") else None
+    planned = [p for p in plan(sw.spec, sw.dir, skipped) if p.name in names]
     echo(f"sweep {sw.name}: resubmitting {len(planned)} of {len(sw.points)} points")
     if dry_run:
         describe(planned, echo)
