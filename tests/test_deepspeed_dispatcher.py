@@ -77,3 +77,24 @@ def test_deepspeed_dispatcher_trains_with_capacity():
         losses.append(loss.item())
     assert losses[-1] < 0.7 * losses[0], losses
     assert 0 <= layer.last_stats["dropped_fraction"] < 1
+
+
+def test_deepspeed_dispatcher_in_the_trainer_with_ep2(tmp_path):
+    """DeepSpeed's engine wraps its own MoE layer with our EP groups (2 gloo ranks)."""
+    from helpers import read_metrics, run_xmoe
+
+    args = ["train", "--config", "tiny", "--run-dir", str(tmp_path)]
+    for kv in (
+        "moe.dispatcher=deepspeed",
+        "parallel.ep=2",
+        "moe.capacity_factor=1.25",
+        "train.global_batch=16",
+        "train.steps=8",
+        "train.log_interval=1",
+    ):
+        args += ["--set", kv]
+    proc = run_xmoe(args, nproc=2)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    recs = read_metrics(tmp_path)
+    assert [r["step"] for r in recs] == list(range(1, 9))
+    assert recs[-1]["lm_loss"] < recs[0]["lm_loss"] - 0.5

@@ -77,12 +77,16 @@ class DeepSpeedDispatcher(Dispatcher):
 
             # DeepSpeed finds our EP / expert-DP groups under its name and builds none of its own
             register_with_deepspeed(parallel_state)
-            self.moe.set_deepspeed_parallelism()
+        self.ep = ep
 
     def forward_routed(
         self, x_TD: torch.Tensor
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, dict]:
         """out_TD, aux loss, z loss (zero: DeepSpeed has none) and the layer's statistics."""
+        if self.ep > 1 and self.moe.deepspeed_moe.ep_group is None:
+            # DeepSpeed's engine does this when it wraps the model; without an engine
+            # (benchmarks, tests) the first forward does. It may happen only once.
+            self.moe.set_deepspeed_parallelism()
         out_TD, aux, counts_E = self.moe(x_TD)
         T = x_TD.shape[0]
         dropped = 0.0
