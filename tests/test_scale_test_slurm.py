@@ -156,3 +156,24 @@ def test_sweep_runs_classifies_a_nan_reports_and_resumes_only_the_failed(tmp_pat
     assert all(st[n]["job_id"] != before[n] and st[n]["attempts"] == 2 for n in bad)
     again = xmoectl("scale-test", "--resume", "--name", "sw", runs_dir=runs)
     assert again.returncode == 0 and "nothing to resubmit" in again.stdout
+
+
+def test_a_hung_rank_is_classified_as_a_hang(tmp_path):
+    """One rank stops before step 2 (XMOE_FAULT); the trainer's watchdog, set by
+    --hang-timeout, ends the job instead of letting it sit until the time limit."""
+    runs = tmp_path / "runs"
+    r = xmoectl(
+        "scale-test", "--site", "local-slurm", "--nodes", "1", "--steps", "6", "--name", "hang",
+        "--set", "model.seq_len=64", "--hang-timeout", "20", runs_dir=runs,
+        fault="hang@rank1:step:2",
+    )  # fmt: skip
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert re.search(r"^job \d+: n1$", r.stdout, re.M)  # one point: a plain job, no array
+    sw = SW.find("hang", runs)
+    st = wait_final(sw, 300)["n1"]["final"]
+    assert (st["state"], st["class"]) == ("FAILED", "hang"), st
+    assert "no training step completed within 20 s" in st["detail"]
+    status = xmoectl("scale-test", "status", "hang", runs_dir=runs)
+    assert re.search(
+        r"n1\s+1\s+\d+\s+FAILED\s+hang\s+xmoe: rank \d: no training step", status.stdout
+    )
