@@ -227,3 +227,49 @@ def test_a_run_directory_is_never_overwritten_without_force(tmp_path, monkeypatc
     assert ckpt.find_valid_checkpoint(aside / "checkpoints", ONE_RANK) == "step0000010"
     assert not (tmp_path / "checkpoints").exists() and not (tmp_path / "metrics.jsonl").exists()
     check_run_dir(tmp_path, resume=False, force=False)  # now empty: a new run may start
+
+
+# --------------------------------------------------------------------------- job scripts
+
+
+def _render(site: str, tmp_path: Path, **kw) -> str:
+    from xmoectl import render
+    from xmoectl import sites as S
+
+    fit = ["train.micro_batch=1", "train.global_batch=16"]
+    job = render.resolve(S.load(site), "tiny", 2, tmp_path / site, overrides=fit, **kw)
+    return render.render_script(job)
+
+
+@pytest.mark.parametrize("site, grace", [("frontier", 300), ("perlmutter", 300), ("h200", 180)])
+def test_every_slurm_job_asks_for_the_warning_and_may_requeue(site, grace, tmp_path):
+    text = _render(site, tmp_path)
+    for line in (
+        f"#SBATCH --signal=USR2@{grace}",
+        "#SBATCH --requeue",
+        "#SBATCH --open-mode=append",
+    ):
+        assert line in text
+    assert "export XMOE_REQUEUE_SIGNAL=USR2" in text
+    assert '[ "${SLURM_RESTART_COUNT:-0}" -lt 10 ]' in text  # slurm.max_restarts
+
+
+def test_torchrun_jobs_hand_the_warning_to_their_ranks(tmp_path):
+    text = _render("dgx-a100", tmp_path)
+    assert (
+        'export PET_SIGNALS_TO_HANDLE="SIGTERM,SIGINT,SIGHUP,SIGQUIT,SIG${XMOE_REQUEUE_SIGNAL}"'
+        in text
+    )
+    assert "export PET_SHUTDOWN_TIMEOUT=240" in text
+
+
+def test_requeue_settings_are_checked(tmp_path):
+    from xmoectl import UserError
+    from xmoectl import sites as S
+
+    with pytest.raises(UserError, match="not longer than the requeue warning"):
+        _render("local-slurm", tmp_path, time="1")  # 60 s, the local warning is 60 s
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("name: bad\nslurm: {max_restarts: -1}\n")
+    with pytest.raises(S.SiteError, match="field slurm.max_restarts must be a whole number >= 0"):
+        S.load(str(bad))
