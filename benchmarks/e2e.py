@@ -1,0 +1,421 @@
+"""End-to-end training throughput: our dispatcher against DeepSpeed-MoE's, same model, same run.
+
+Under torchrun, every rank trains the small preset (or `--config`) with EP = world size,
+ZeRO-1, bf16 on GPUs, SDPA attention, the preset's capacity factor and the router's own
+decisions (no forced balance) on the shipped text corpus (`--data synthetic` for random
+tokens). The setup and the step are the trainer's own (`xmoe.train.loop.train_step` on
+the `xmoe.train.engine` DeepSpeed engine, with the loop's step guard), minus checkpoints
+and metric files. Each dispatcher of `--dispatchers` runs in turn: `--warmup` steps, then
+`--steps` timed steps. Per run (one entry of `runs` in the JSON):
+
+  tokens_per_s     global tokens per second over the timed steps
+  tflops_per_gpu   MoE-correct training FLOPs (`xmoe.flops`, dropped rows excluded) / s / GPU
+  mfu              tflops_per_gpu / --peak-tflops (989, the H200 datasheet bf16 figure)
+  mfu_gemm         tflops_per_gpu / --gemm-tflops (780, dense bf16 GEMM measured on H200)
+  peak_gib         peak allocated device memory, max over ranks (CPU: peak resident set)
+plus the step time, dropped fraction and the busiest expert's load over the mean.
+
+Layers: without `--layers`, as many of the preset's layers as the planner's memory model
+(`xmoectl.costmodel`) fits on this GPU for every dispatcher of the run, at `--micro-batch`.
+
+`--profile`: after the timed steps one more step runs under torch.profiler; rank 0 sorts
+its device time (CPU time on CPU) into attention, expert GEMMs, permute/combine,
+all-to-all, router, optimizer, gradient sync and other, prints the table and writes it
+to `--profile-out`. `--trace FILE` also keeps rank 0's Chrome trace.
+
+  torchrun --nproc_per_node 4 benchmarks/e2e.py --out benchmarks/results/e2e.json
+  torchrun --nproc_per_node 4 benchmarks/e2e.py --dispatchers pft --profile \\
+      --out benchmarks/results/e2e.json --append
+  torchrun --nproc_per_node 2 benchmarks/e2e.py --device cpu --tiny --profile \\
+      --out /tmp/e2e.json                                                  # smoke test
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import gc
+import json
+import os
+import shlex
+import sys
+import time
+from datetime import date
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from xmoe.config import Config, ConfigError, load_config  # noqa: E402
+from xmoe.flops import flops_per_token  # noqa: E402
+
+GIB = 2**30
+TINY = [
+    "model.hidden=64", "model.heads=4", "model.vocab_size=320", "model.seq_len=64",
+    "model.layers=2", "moe.num_experts=8", "moe.top_k=2", "moe.expert_hidden=32",
+    "train.micro_batch=2",
+]  # fmt: skip
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--out", required=True, help="JSON file to write")
+    p.add_argument("--append", action="store_true", help="merge into an existing --out file")
+    p.add_argument("--device", choices=("cuda", "cpu"), default="cuda")
+    p.add_argument("--config", default="small", help="preset name or YAML file")
+    p.add_argument("--tiny", action="store_true", help="tiny shapes (CPU smoke test)")
+    p.add_argument("--dispatchers", default=None, help="comma list [pft,deepspeed]")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="SEC.KEY=V")
+    p.add_argument("--layers", type=int, default=0, help="0 = as many as fit")
+    p.add_argument("--micro-batch", type=int, default=0, help="0 = 2 (GPU) or the preset's")
+    p.add_argument("--global-batch", type=int, default=0, help="0 = the preset's")
+    p.add_argument("--data", choices=("sample", "synthetic"), default="sample")
+    p.add_argument("--warmup", type=int, default=2, help="untimed steps first")
+    p.add_argument("--steps", type=int, default=4, help="timed optimizer steps")
+    p.add_argument("--peak-tflops", type=float, default=989.0)
+    p.add_argument("--gemm-tflops", type=float, default=780.0)
+    p.add_argument("--profile", action="store_true", help="profile one more step per run")
+    p.add_argument("--profile-out", default="", help="[<out dir>/e2e_profile.json]")
+    p.add_argument("--trace", default="", help="Chrome trace of rank 0's profiled step")
+    args = p.parse_args(argv)
+    if args.warmup < 0 or args.steps < 1:
+        p.error("--warmup must be >= 0 and --steps >= 1")
+    return args
+
+
+def typed_command(argv: list[str], world: int) -> str:
+    """The command as typed, with paths relative to the repository (no machine paths)."""
+
+    def rel(token: str) -> str:
+        key, eq, value = token.partition("=") if token.startswith("--") else ("", "", token)
+        if os.path.isabs(value):
+            path = Path(value)
+            value = os.path.relpath(path, ROOT) if path.is_relative_to(ROOT) else path.name
+        return key + eq + value
+
+    return f"torchrun --nproc_per_node {world} benchmarks/e2e.py " + shlex.join(
+        rel(a) for a in argv
+    )
+
+
+def dispatchers_of(args: argparse.Namespace) -> list[str]:
+    if args.dispatchers:
+        return [d.strip() for d in args.dispatchers.split(",") if d.strip()]
+    given = [o.split("=", 1)[1] for o in args.overrides if o.startswith("moe.dispatcher=")]
+    return given[-1:] or ["pft", "deepspeed"]
+
+
+def base_overrides(args: argparse.Namespace, world: int) -> list[str]:
+    out = list(TINY) if args.tiny else []
+    out += [f"parallel.ep={world}", "parallel.zero_stage=1", "parallel.tp=1"]
+    out += [f"data.source={args.data}", "train.dtype=auto"]
+    if args.micro_batch or (args.device == "cuda" and not args.tiny):
+        out.append(f"train.micro_batch={args.micro_batch or 2}")
+    return out + list(args.overrides)
+
+
+def run_config(args: argparse.Namespace, world: int, dispatcher: str, layers: int) -> Config:
+    """The config of one run: preset, benchmark settings, user overrides, the dispatcher."""
+    over = base_overrides(args, world) + [f"moe.dispatcher={dispatcher}"]
+    if layers:
+        over.append(f"model.layers={layers}")
+    cfg = load_config(args.config, over)
+    t = cfg.train
+    if args.global_batch:
+        t.global_batch = args.global_batch
+    elif args.tiny:
+        t.global_batch = 2 * t.micro_batch * world  # two micro-batches: accumulation runs
+    t.steps = args.warmup + args.steps + (1 if args.profile else 0)
+    t.warmup_steps = min(t.warmup_steps, t.steps)
+    t.log_interval = t.steps
+    return cfg
+
+
+def fit_layers(args: argparse.Namespace, world: int, dispatchers: list[str], hbm_gib: float) -> int:
+    """Most layers (up to the preset's) the planner's memory model fits for every dispatcher."""
+    from xmoectl import preflight
+    from xmoectl import sites as S
+    from xmoectl.costmodel import Assumptions, Layout, evaluate
+
+    a = Assumptions()
+    site = S.load("h200")
+    found = preflight.load_measured(site)
+    hw = preflight.hardware(site, found[0] if found else None, a, ranks_per_node=world)
+    hw = dataclasses.replace(hw, hbm_gib=hbm_gib)
+    top = run_config(args, world, dispatchers[0], 0).model
+    for layers in range(top.layers, top.dense_layers, -1):
+        fits = True
+        for d in dispatchers:
+            cfg = run_config(args, world, d, layers)
+            e, t = cfg.moe, cfg.train
+            lay = Layout(ep=world, dispatcher=d, micro_batch=t.micro_batch,
+                         checkpointing=t.activation_checkpointing, zero_stage=1,
+                         capacity_factor=e.capacity_factor)  # fmt: skip
+            fits = fits and evaluate(cfg, lay, hw, world, a).fits
+        if fits:
+            return layers
+    raise ConfigError(
+        f"not even {top.dense_layers + 1} layer(s) fit {hbm_gib:.0f} GiB at micro-batch "
+        f"{args.micro_batch or 2}: lower --micro-batch or give --layers"
+    )
+
+
+# --------------------------------------------------------------------------- one run
+
+
+def _sig(x: float, digits: int = 4) -> float:
+    return float(f"{x:.{digits}g}")
+
+
+def _sync(device: Any) -> None:
+    import torch
+
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _max_over_ranks(values: list[float], device: Any) -> list[float]:
+    import torch
+    import torch.distributed as dist
+
+    t = torch.tensor(values, dtype=torch.float64, device=device)
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return t.tolist()
+
+
+def _sum_over_ranks(values: list[float], device: Any) -> list[float]:
+    import torch
+    import torch.distributed as dist
+
+    t = torch.tensor(values, dtype=torch.float64, device=device)
+    dist.all_reduce(t)
+    return t.tolist()
+
+
+def _skip_repeated_ep_setup(model: Any) -> None:
+    # The deepspeed dispatcher already handed its DeepSpeed MoE layers their EP group; the
+    # engine calls `set_deepspeed_parallelism` on them again, which DeepSpeed's gate refuses
+    # ("Attempting to override an existing ep_group") when EP > 1.
+    for module in model.modules():
+        inner = getattr(module, "deepspeed_moe", None)
+        if inner is not None and getattr(inner, "ep_group", None) is not None:
+            module.set_deepspeed_parallelism = lambda *args, **kwargs: None
+
+
+class BenchTrainer:
+    """The trainer's model, DeepSpeed engine, data and step guard for one config.
+
+    Built the way `xmoe.train.loop.train` builds them (same seeds, so the same losses);
+    `step()` is the loop's step: guard, `train_step`, expert-bias update.
+    """
+
+    def __init__(self, cfg: Config) -> None:
+        import torch
+
+        from xmoe.data import build_train_data
+        from xmoe.model import Transformer
+        from xmoe.parallel.launch import setup_parallel
+        from xmoe.train import reliability
+        from xmoe.train.engine import build_engine
+        from xmoe.train.loop import seed_everything
+
+        t = cfg.train
+        self.cfg = cfg
+        self.pstate = setup_parallel(cfg)
+        self.device = torch.device(self.pstate.device)
+        if self.device.type == "cuda":
+            torch.cuda.empty_cache()
+            torch.cuda.reset_peak_memory_stats(self.device)
+        seed_everything(t.seed)  # identical dense init on every rank, as in the loop
+        self.model = Transformer(cfg, self.pstate)
+        _skip_repeated_ep_setup(self.model)
+        self.engine = build_engine(cfg, self.model, self.pstate)
+        self.accum = self.engine.gradient_accumulation_steps()
+        self.data = build_train_data(cfg, self.pstate.dp_rank, self.pstate.dp)
+        seed_everything(t.seed + self.pstate.rank)
+        self.guard = reliability.StepGuard(self.engine, self.pstate.rank, t.max_bad_steps)
+        self.engine.train()
+        self.steps_done = 0
+        self.losses: list[float] = []
+
+    def step(self) -> Any:
+        import torch
+
+        from xmoe.train.loop import train_step, update_expert_bias
+
+        self.guard.before_step(self.steps_done + 1)
+        r = train_step(self.engine, self.data, self.model, self.accum, self.guard)
+        self.steps_done += 1
+        self.guard.after_update()
+        if self.cfg.moe.expert_bias and not self.guard.skipped:
+            total = _sum_over_ranks(r.load_LE.flatten().tolist(), self.device)
+            update_expert_bias(self.model, torch.tensor(total).view_as(r.load_LE))
+        self.losses.append(r.loss)
+        return r
+
+    def close(self) -> None:
+        """Free the model and engine so that the next run starts from an empty GPU."""
+        import torch
+        import torch.distributed as dist
+
+        del self.engine, self.model, self.data, self.guard
+        gc.collect()
+        if self.device.type == "cuda":
+            torch.cuda.empty_cache()
+        dist.barrier()
+
+
+def measure(trainer: BenchTrainer, args: argparse.Namespace) -> dict[str, Any]:
+    """`--warmup` untimed steps, then `--steps` timed ones; the run's record (all ranks)."""
+    import torch
+    import torch.distributed as dist
+
+    from xmoe.train.metrics import peak_memory_gib
+
+    cfg, device, world = trainer.cfg, trainer.device, trainer.pstate.world
+    for _ in range(args.warmup):
+        trainer.step()
+    _sync(device)
+    dist.barrier()
+    t0 = time.perf_counter()
+    timed = [trainer.step() for _ in range(args.steps)]
+    _sync(device)
+    elapsed = _max_over_ranks([time.perf_counter() - t0], device)[0]
+
+    tokens, dropped = _sum_over_ranks(
+        [float(sum(r.tokens for r in timed)), sum(r.dropped_fraction for r in timed)], device
+    )
+    dropped /= world * args.steps
+    load_LE = torch.stack([r.load_LE for r in timed]).sum(0).double()
+    load_LE = torch.tensor(_sum_over_ranks(load_LE.flatten().tolist(), device)).view_as(load_LE)
+    balance = (load_LE.max(1).values / load_LE.mean(1).clamp_min(1e-9)).tolist()
+    peak = _max_over_ranks([peak_memory_gib(device)], device)[0]
+    tokens_per_s = tokens / elapsed
+    tflops = flops_per_token(cfg, dropped) * tokens_per_s / world / 1e12
+    return {
+        "dispatcher": cfg.moe.dispatcher,
+        "gpus": world,
+        "layers": cfg.model.layers,
+        "tokens_per_s": _sig(tokens_per_s),
+        "tflops_per_gpu": _sig(tflops),
+        "mfu": _sig(tflops / args.peak_tflops),
+        "mfu_gemm": _sig(tflops / args.gemm_tflops),
+        "peak_gib": _sig(peak),
+        "step_s": _sig(elapsed / args.steps),
+        "micro_batch": cfg.train.micro_batch,
+        "global_batch": cfg.train.global_batch,
+        "seq_len": cfg.model.seq_len,
+        "capacity_factor": cfg.moe.capacity_factor,
+        "dropped_fraction": round(dropped, 4),
+        "load_max_mean": round(max(balance), 3) if balance else None,
+        "data": cfg.data.source,
+        "losses": [round(v, 4) for v in trainer.losses],  # this rank's, warm-up included
+    }
+
+
+# --------------------------------------------------------------------------- results
+
+
+def write_results(path: Path, doc: dict, append: bool) -> None:
+    """Write the e2e JSON; with `append`, runs of another (dispatcher, gpus, layers) stay."""
+    if append and path.is_file():
+        old = json.loads(path.read_text())
+        keys = {(r["dispatcher"], r["gpus"], r["layers"]) for r in doc["runs"]}
+        kept = [
+            r for r in old.get("runs", []) if (r["dispatcher"], r["gpus"], r["layers"]) not in keys
+        ]
+        commands = [c for c in old.get("command", "").split(" ; ") if c and c != doc["command"]]
+        doc = {
+            **doc,
+            "command": " ; ".join(commands + [doc["command"]]),
+            "runs": kept + doc["runs"],
+        }
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(doc, indent=1) + "\n")
+
+
+def machine_name(device: Any, world: int) -> str:
+    import torch
+
+    try:
+        import deepspeed
+
+        ds = f", DeepSpeed {deepspeed.__version__}"
+    except ImportError:
+        ds = ""
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else "CPU"
+    return f"{world}x {name} (torch {torch.__version__}{ds})"
+
+
+def print_table(runs: list[dict]) -> None:
+    print(f"{'dispatcher':<10} {'gpus':>4} {'layers':>6} {'tok/s':>10} {'TF/s/GPU':>9} "
+          f"{'MFU':>6} {'MFU780':>7} {'peak GiB':>9} {'step s':>7} {'dropped':>7}")  # fmt: skip
+    for r in runs:
+        print(f"{r['dispatcher']:<10} {r['gpus']:>4} {r['layers']:>6} {r['tokens_per_s']:>10.0f} "
+              f"{r['tflops_per_gpu']:>9.1f} {100 * r['mfu']:>5.1f}% {100 * r['mfu_gemm']:>6.1f}% "
+              f"{r['peak_gib']:>9.2f} {r['step_s']:>7.3f} {100 * r['dropped_fraction']:>6.1f}%")  # fmt: skip
+    if len(runs) > 1 and runs[-1]["tokens_per_s"]:
+        base = {r["dispatcher"]: r["tokens_per_s"] for r in runs}
+        if "deepspeed" in base and "pft" in base:
+            print(f"pft / deepspeed throughput: {base['pft'] / base['deepspeed']:.2f}x")
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    if args.device == "cpu":
+        os.environ["CUDA_VISIBLE_DEVICES"] = ""  # the trainer picks CUDA whenever it sees one
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    rank = int(os.environ.get("RANK", "0"))
+    import torch
+
+    try:
+        dispatchers = dispatchers_of(args)
+        layers = args.layers
+        if not layers and args.device == "cuda" and not args.tiny:
+            local = int(os.environ.get("LOCAL_RANK", "0"))
+            hbm = torch.cuda.get_device_properties(local).total_memory / GIB
+            layers = fit_layers(args, world, dispatchers, hbm)
+            if rank == 0:
+                print(
+                    f"layers: {layers} fit {hbm:.0f} GiB for {', '.join(dispatchers)}", flush=True
+                )
+        configs = [run_config(args, world, d, layers) for d in dispatchers]
+    except ConfigError as e:
+        if rank == 0:
+            print(f"error: {e}", file=sys.stderr)
+        return 2
+    runs: list[dict] = []
+    profiles: list[dict] = []
+    out = Path(args.out)
+    profile_out = Path(args.profile_out or out.with_name("e2e_profile.json"))
+    device = torch.device("cuda", 0) if args.device == "cuda" else torch.device("cpu")
+    head = {
+        "date": date.today().isoformat(),
+        "machine": machine_name(device, world) if rank == 0 else "",
+        "command": typed_command(sys.argv[1:] if argv is None else argv, world),
+    }
+    for cfg in configs:
+        trainer = BenchTrainer(cfg)
+        runs.append(measure(trainer, args))
+        if rank == 0:  # written after every run: a later failure keeps the earlier ones
+            print(json.dumps(runs[-1]), flush=True)
+            doc = {**head, "peak_tflops": args.peak_tflops, "gemm_tflops": args.gemm_tflops}
+            write_results(out, {**doc, "runs": runs}, args.append)
+        if args.profile:
+            from benchmarks.e2e_profile import print_profile, profile_step, write_profiles
+
+            prof = profile_step(trainer, rank == 0, args.trace)
+            if prof is not None:
+                print_profile(prof)
+                profiles.append(prof)
+                write_profiles(profile_out, {**head, "profiles": profiles}, args.append)
+        trainer.close()
+    if rank == 0:
+        print_table(runs)
+        print(f"wrote {out}" + (f" and {profile_out}" if profiles else ""))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

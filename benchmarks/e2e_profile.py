@@ -1,0 +1,242 @@
+"""Where one training step's time goes: a torch.profiler trace sorted into categories.
+
+Used by `benchmarks/e2e.py --profile`. During the profiled step every attention block,
+router, expert bank and MoE layer of the model runs inside a named profiler scope
+(`xmoe::<category>`, set by forward hooks) and the engine's `step` inside
+`xmoe::optimizer`. Each operator's own device time (CPU time on CPU) goes to the first
+of these that matches, walking from the operator up through its callers:
+
+  1. the operator's name: collectives (all-to-all; any other one is `grad_sync`, ZeRO's
+     gradient reduction and parameter gathering), fused attention, grouped GEMM;
+  2. a `xmoe::` scope;
+  3. a backward node (`autograd::engine::evaluate_function: ...`): the category of the
+     forward operator that created it, found by its autograd sequence number;
+  4. torch's `Optimizer.step` scope.
+Anything else (embedding, norms, LM head and loss, residual adds) is `other`. On a MoE
+layer whatever is not its router or experts (the dispatcher's own work: metadata,
+permute, combine, DeepSpeed's dispatch einsums) is `permute_combine`.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections import defaultdict
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch.profiler import ProfilerActivity, profile, record_function
+
+CATEGORIES = (
+    "attention",
+    "expert_gemm",
+    "permute_combine",
+    "all_to_all",
+    "router",
+    "optimizer",
+    "grad_sync",
+    "other",
+)
+BACKWARD = "autograd::engine::evaluate_function:"
+
+
+def module_category(name: str, module: torch.nn.Module) -> str | None:
+    """The category of a model submodule (by its class), or None to inherit the caller's."""
+    kind = type(module).__name__
+    if kind == "Attention":
+        return "attention"
+    if kind in ("Router", "TPRouter", "TopKGate"):
+        return "router"
+    if kind in ("GroupedExperts", "Experts") or name.endswith(".shared"):
+        return "expert_gemm"
+    if kind == "MoELayer":
+        return "permute_combine"
+    return None
+
+
+def name_category(name: str) -> str | None:
+    """Categories that an operator's own name decides, whatever scope it runs in."""
+    low = name.lower()
+    if "all_to_all" in low or "alltoall" in low:
+        return "all_to_all"
+    if any(c in low for c in ("all_reduce", "allreduce", "reduce_scatter", "all_gather",
+                               "allgather", "broadcast", "nccl:", "gloo:")):  # fmt: skip
+        return "grad_sync"
+    if any(a in low for a in ("scaled_dot_product", "flash", "efficient_attention",
+                               "cudnn_attention", "sdpa")):  # fmt: skip
+        return "attention"
+    if "grouped_mm" in low or "groupedmm" in low or "grouped_gemm" in low:
+        return "expert_gemm"
+    return None
+
+
+def add_scopes(model: torch.nn.Module) -> list[Any]:
+    """Forward hooks that run each categorised submodule inside `xmoe::<category>`."""
+    handles = []
+    for name, module in model.named_modules():
+        cat = module_category(name, module)
+        if cat is None:
+            continue
+        open_scopes: list[Any] = []
+
+        def enter(_m, _inp, cat=cat, open_scopes=open_scopes):
+            rf = record_function(f"xmoe::{cat}")
+            rf.__enter__()
+            open_scopes.append(rf)
+
+        def leave(_m, _inp, _out, open_scopes=open_scopes):
+            open_scopes.pop().__exit__(None, None, None)
+
+        handles += [module.register_forward_pre_hook(enter), module.register_forward_hook(leave)]
+    return handles
+
+
+def _self_time_us(evt: Any, on_device: bool) -> float:
+    if not on_device:
+        return float(evt.self_cpu_time_total)
+    value = getattr(evt, "self_device_time_total", None)
+    if value is None:  # older torch
+        value = getattr(evt, "self_cuda_time_total", 0.0)
+    return float(value)
+
+
+def _scope_category(evt: Any) -> str | None:
+    while evt is not None:
+        if evt.name.startswith("xmoe::"):
+            return evt.name[len("xmoe::") :]
+        evt = evt.cpu_parent
+    return None
+
+
+def _cpu_events(events: list[Any]) -> list[Any]:
+    cpu = [e for e in events if str(getattr(e, "device_type", "CPU")).endswith("CPU")]
+    return sorted(cpu, key=lambda e: e.time_range.start)
+
+
+def forward_categories(events: list[Any]) -> dict[int, str]:
+    """Autograd sequence number -> category of the forward operator that created the node."""
+    forward_of: dict[int, str] = {}
+    for evt in _cpu_events(events):
+        seq = getattr(evt, "sequence_nr", -1)
+        if seq is None or seq < 0 or _in_backward(evt):
+            continue
+        cat = _scope_category(evt)
+        if cat is not None:
+            # operators peek the next number before one of them creates the node: the last
+            # of them in time order is the creator
+            forward_of[seq] = cat
+    return forward_of
+
+
+def categorise(events: list[Any], on_device: bool) -> tuple[dict[str, float], list[tuple]]:
+    """Self time per category (microseconds), and the ten operators with most self time."""
+    forward_of = forward_categories(events)
+    totals: dict[str, float] = defaultdict(float)
+    per_op: dict[str, float] = defaultdict(float)
+    for evt in _cpu_events(events):
+        us = _self_time_us(evt, on_device)
+        if us <= 0:
+            continue
+        totals[_category(evt, forward_of)] += us
+        per_op[evt.name] += us
+    top = sorted(per_op.items(), key=lambda kv: -kv[1])[:10]
+    return dict(totals), top
+
+
+def _in_backward(evt: Any) -> bool:
+    while evt is not None:
+        if evt.name.startswith(BACKWARD):
+            return True
+        evt = evt.cpu_parent
+    return False
+
+
+def _category(evt: Any, forward_of: dict[int, str]) -> str:
+    while evt is not None:
+        name = evt.name
+        cat = name_category(name)
+        if cat is None and name.startswith("xmoe::"):
+            cat = name[len("xmoe::") :]
+        if cat is None and name.startswith(BACKWARD):
+            cat = forward_of.get(getattr(evt, "sequence_nr", -1))
+        if cat is None and name.startswith("Optimizer.step"):
+            cat = "optimizer"
+        if cat is not None:
+            return cat
+        evt = evt.cpu_parent
+    return "other"
+
+
+def profile_step(trainer: Any, is_main: bool, trace: str = "") -> dict[str, Any] | None:
+    """One more `trainer.step()`; on the main rank under the profiler, returning the summary.
+
+    `trainer` is `benchmarks.e2e.BenchTrainer` (model, engine, device, pstate, cfg, step).
+    """
+    if not is_main:
+        trainer.step()
+        return None
+    engine, device = trainer.engine, trainer.device
+    handles = add_scopes(trainer.model)
+    plain_step = engine.step
+
+    def scoped_step(*args: Any, **kwargs: Any) -> Any:
+        with record_function("xmoe::optimizer"):
+            return plain_step(*args, **kwargs)
+
+    engine.step = scoped_step
+    on_device = device.type == "cuda"
+    acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if on_device else [])
+    try:
+        with profile(activities=acts) as prof:
+            t0 = time.perf_counter()
+            trainer.step()
+            if on_device:
+                torch.cuda.synchronize(device)
+            wall = time.perf_counter() - t0
+    finally:
+        del engine.step
+        for h in handles:
+            h.remove()
+    if trace:
+        prof.export_chrome_trace(trace)
+    totals, top = categorise(list(prof.events()), on_device)
+    total = sum(totals.values()) or 1.0
+    return {
+        "dispatcher": trainer.cfg.moe.dispatcher,
+        "gpus": trainer.pstate.world,
+        "layers": trainer.cfg.model.layers,
+        "time": "device kernel time" if on_device else "CPU operator time",
+        "step_s": round(wall, 4),
+        "total_ms": round(total / 1e3, 3),
+        "categories": {
+            c: {
+                "ms": round(totals.get(c, 0.0) / 1e3, 3),
+                "percent": round(100 * totals.get(c, 0.0) / total, 2),
+            }  # fmt: skip
+            for c in CATEGORIES
+        },
+        "top_ops": [{"name": n, "ms": round(us / 1e3, 3)} for n, us in top],
+    }
+
+
+def write_profiles(path: Path, doc: dict[str, Any], append: bool) -> None:
+    """The profile JSON; with `append`, profiles of another (dispatcher, gpus, layers) stay."""
+    key = lambda p: (p["dispatcher"], p["gpus"], p["layers"])  # noqa: E731
+    if append and path.is_file():
+        mine = {key(p) for p in doc["profiles"]}
+        old = json.loads(path.read_text()).get("profiles", [])
+        doc = {**doc, "profiles": [p for p in old if key(p) not in mine] + doc["profiles"]}
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(doc, indent=1) + "\n")
+
+
+def print_profile(p: dict[str, Any]) -> None:
+    print(f"\nprofile: {p['dispatcher']} on {p['gpus']} ranks, one step {p['step_s']:.3f} s "
+          f"(profiled), {p['time']} {p['total_ms']:.1f} ms on rank 0")  # fmt: skip
+    print(f"  {'category':<16} {'ms':>10} {'%':>6}")
+    for cat, v in sorted(p["categories"].items(), key=lambda kv: -kv[1]["ms"]):
+        print(f"  {cat:<16} {v['ms']:>10.2f} {v['percent']:>5.1f}%")
+    print(
+        "  top operators: " + ", ".join(f"{o['name']} {o['ms']:.1f} ms" for o in p["top_ops"][:5])
+    )
