@@ -18,7 +18,9 @@ import time
 from pathlib import Path
 
 import pytest
+import yaml
 
+from xmoectl import resource_dir
 from xmoectl import sweep as SW
 from xmoectl import sweep_run as SR
 
@@ -100,6 +102,21 @@ def test_grid_beyond_the_partition_is_refused(tmp_path):
         "xmoectl: error: --nodes 4 does not fit: partition debug has 2 nodes"
     )
     assert not (tmp_path / "r").exists()
+
+
+def test_memory_beyond_the_node_is_refused_before_anything_is_submitted(tmp_path):
+    """`sbatch --test-only` asks Slurm about every job shape: --mem beyond the node's."""
+    prof = yaml.safe_load((resource_dir("site_profiles") / "local-slurm.yaml").read_text())
+    prof["name"] = "local-slurm-bigmem"
+    prof["slurm"]["extra_sbatch"] = ["--mem=100000"]  # MB; the nodes declare 2000
+    site = tmp_path / "local-slurm-bigmem.yaml"
+    site.write_text(yaml.safe_dump(prof))
+    r = xmoectl("scale-test", "--site", str(site), "--nodes", "1,2", "--name", "big",
+                runs_dir=tmp_path / "r")  # fmt: skip
+    assert r.returncode == 2 and r.stderr.count("\n") == 1
+    assert "point n1: sbatch --test-only refuses it:" in r.stderr
+    assert "Requested node configuration is not available" in r.stderr
+    assert not (tmp_path / "r").exists() and queued("n1") == [] and queued("big") == []
 
 
 def test_sweep_runs_classifies_a_nan_reports_and_resumes_only_the_failed(tmp_path):

@@ -26,6 +26,7 @@ import itertools
 import json
 import os
 import re
+import shutil
 import subprocess
 import time
 from dataclasses import dataclass, field
@@ -171,6 +172,23 @@ def partition_nodes(partition: str) -> int | None:
     return total
 
 
+def sbatch_refusal(options: list[tuple[str, Any]]) -> str:
+    """Why Slurm would refuse a job with these `#SBATCH` options (`sbatch --test-only`,
+    which submits nothing); "" when it would take it, or when there is no sbatch to ask."""
+    if not shutil.which("sbatch"):
+        return ""
+    args = ["sbatch", "--test-only"]
+    args += [f"--{k}" if v is True else f"--{k}={v}" for k, v in options if k != "output"]
+    try:
+        out = subprocess.run([*args, "--wrap", "true"], capture_output=True, text=True, timeout=60)
+    except (OSError, subprocess.TimeoutExpired):
+        return ""
+    if out.returncode == 0:
+        return ""
+    lines = [ln.strip() for ln in (out.stderr + out.stdout).splitlines() if ln.strip()]
+    return lines[-1] if lines else f"sbatch --test-only exited with status {out.returncode}"
+
+
 def _batch_overrides(
     model: str, overrides: list[str], world: int, world0: int, mode: str
 ) -> list[str]:
@@ -288,6 +306,15 @@ def plan(
                     render.render_script(job), render.sbatch_options(job),
                 )
             )  # fmt: skip
+    if site.scheduler == "slurm":  # memory, account, QOS, constraints: asked of Slurm itself
+        for group in groups(planned):
+            why = sbatch_refusal(group[0].options)
+            if not why:
+                continue
+            if skipped is None:
+                raise UserError(f"point {group[0].name}: sbatch --test-only refuses it: {why}")
+            skipped += [{"name": p.name, "nodes": p.nodes, "reason": why} for p in group]
+            planned = [p for p in planned if p not in group]
     if not planned and skipped:
         first = skipped[0]
         raise UserError(f"no point of the grid can run; point {first['name']}: {first['reason']}")
