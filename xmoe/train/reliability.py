@@ -84,7 +84,8 @@ def install_requeue_signal() -> signal.Signals:
     def _handler(signum: int, frame: Any) -> None:
         _stop_signal["received"] = signum
 
-    signal.signal(sig, _handler)
+    if threading.current_thread() is threading.main_thread():  # Python's rule for handlers
+        signal.signal(sig, _handler)
     return sig
 
 
