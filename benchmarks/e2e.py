@@ -18,10 +18,12 @@ plus the step time, dropped fraction and the busiest expert's load over the mean
 Layers: without `--layers`, as many of the preset's layers as the planner's memory model
 (`xmoectl.costmodel`) fits on this GPU for every dispatcher of the run, at `--micro-batch`.
 
-`--profile`: after the timed steps one more step runs under torch.profiler; rank 0 sorts
-its device time (CPU time on CPU) into attention, expert GEMMs, permute/combine,
-all-to-all, router, optimizer, gradient sync and other, prints the table and writes it
-to `--profile-out`. `--trace FILE` also keeps rank 0's Chrome trace.
+`--profile`: after the timed steps one more step runs; on rank 0 its last
+`--profile-micro-batches` micro-batches and the update run under torch.profiler, whose
+device time (CPU time on CPU) `benchmarks/e2e_profile.py` sorts into attention, expert
+GEMMs, permute/combine, all-to-all, router, optimizer, gradient sync and other, scaled to
+the whole step; printed as a table and written to `--profile-out`. `--trace FILE` also
+keeps rank 0's Chrome trace of that window.
 
   torchrun --nproc_per_node 4 benchmarks/e2e.py --out benchmarks/results/e2e.json
   torchrun --nproc_per_node 4 benchmarks/e2e.py --dispatchers pft --profile \\
@@ -76,6 +78,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--peak-tflops", type=float, default=989.0)
     p.add_argument("--gemm-tflops", type=float, default=780.0)
     p.add_argument("--profile", action="store_true", help="profile one more step per run")
+    p.add_argument(
+        "--profile-micro-batches",
+        type=int,
+        default=4,
+        help="profile the step's last N micro-batches and the update (0 = all)",
+    )
     p.add_argument("--profile-out", default="", help="[<out dir>/e2e_profile.json]")
     p.add_argument("--trace", default="", help="Chrome trace of rank 0's profiled step")
     args = p.parse_args(argv)
@@ -405,7 +413,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.profile:
             from benchmarks.e2e_profile import print_profile, profile_step, write_profiles
 
-            prof = profile_step(trainer, rank == 0, args.trace)
+            prof = profile_step(trainer, rank == 0, args.trace, args.profile_micro_batches)
             if prof is not None:
                 print_profile(prof)
                 profiles.append(prof)

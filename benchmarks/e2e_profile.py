@@ -1,7 +1,10 @@
 """Where one training step's time goes: a torch.profiler trace sorted into categories.
 
-Used by `benchmarks/e2e.py --profile`. During the profiled step every attention block,
-router, expert bank and MoE layer of the model runs inside a named profiler scope
+Used by `benchmarks/e2e.py --profile`. The profiler records the step's last few
+micro-batches and the optimizer update (a whole step of the small preset has 32
+micro-batches per GPU: hundreds of thousands of events); per-micro-batch categories are
+scaled to the whole step, the update and gradient sync counted once. In the window every
+attention block, router, expert bank and MoE layer runs inside a named profiler scope
 (`xmoe::<category>`, set by forward hooks) and the engine's `step` inside
 `xmoe::optimizer`. Each operator's own device time (CPU time on CPU) goes to the first
 of these that matches, walking from the operator up through its callers:
@@ -168,32 +171,69 @@ def _category(evt: Any, forward_of: dict[int, str]) -> str:
     return "other"
 
 
-def profile_step(trainer: Any, is_main: bool, trace: str = "") -> dict[str, Any] | None:
-    """One more `trainer.step()`; on the main rank under the profiler, returning the summary.
+ONCE_PER_STEP = ("optimizer", "grad_sync")  # the update and ZeRO's reduction at its boundary
 
-    `trainer` is `benchmarks.e2e.BenchTrainer` (model, engine, device, pstate, cfg, step).
+
+class _Window:
+    """Starts the profiler at the forward of micro-batch `first` (1-based) of the step and
+    stops it after the step's last `engine.step` call (the one that updates)."""
+
+    def __init__(self, prof: Any, first: int, accum: int, device: torch.device) -> None:
+        self.prof, self.first, self.accum, self.device = prof, first, accum, device
+        self.forwards = self.steps = 0
+        self.t0 = self.wall = 0.0
+
+    def _sync(self) -> None:
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+
+    def on_forward(self, _module: Any, _inputs: Any) -> None:
+        self.forwards += 1
+        if self.forwards == self.first:
+            self._sync()  # the window holds this micro-batch's work only
+            self.prof.start()
+            self.t0 = time.perf_counter()
+
+    def after_engine_step(self) -> None:
+        self.steps += 1
+        if self.steps == self.accum:
+            self._sync()
+            self.wall = time.perf_counter() - self.t0
+            self.prof.stop()
+
+
+def profile_step(
+    trainer: Any, is_main: bool, trace: str = "", micro_batches: int = 0
+) -> dict[str, Any] | None:
+    """One more `trainer.step()`; on the main rank its last `micro_batches` micro-batches
+    (0 = all) and the update run under the profiler. Returns the summary there.
+
+    `trainer` is `benchmarks.e2e.BenchTrainer` (model, engine, accum, device, pstate, cfg,
+    step). With fewer micro-batches than the step has, `step_ms` scales the per-micro-batch
+    categories up to the whole step (the update and gradient sync happen once).
     """
     if not is_main:
         trainer.step()
         return None
-    engine, device = trainer.engine, trainer.device
+    engine, device, accum = trainer.engine, trainer.device, trainer.accum
+    n = accum if micro_batches <= 0 else min(micro_batches, accum)
+    on_device = device.type == "cuda"
+    acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if on_device else [])
+    prof = profile(activities=acts)
+    window = _Window(prof, accum - n + 1, accum, device)
     handles = add_scopes(trainer.model)
+    handles.append(trainer.model.register_forward_pre_hook(window.on_forward))
     plain_step = engine.step
 
     def scoped_step(*args: Any, **kwargs: Any) -> Any:
         with record_function("xmoe::optimizer"):
-            return plain_step(*args, **kwargs)
+            out = plain_step(*args, **kwargs)
+        window.after_engine_step()
+        return out
 
     engine.step = scoped_step
-    on_device = device.type == "cuda"
-    acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if on_device else [])
     try:
-        with profile(activities=acts) as prof:
-            t0 = time.perf_counter()
-            trainer.step()
-            if on_device:
-                torch.cuda.synchronize(device)
-            wall = time.perf_counter() - t0
+        trainer.step()
     finally:
         del engine.step
         for h in handles:
@@ -201,19 +241,24 @@ def profile_step(trainer: Any, is_main: bool, trace: str = "") -> dict[str, Any]
     if trace:
         prof.export_chrome_trace(trace)
     totals, top = categorise(list(prof.events()), on_device)
-    total = sum(totals.values()) or 1.0
+    scale = {c: 1.0 if c in ONCE_PER_STEP else accum / n for c in CATEGORIES}
+    step_us = {c: totals.get(c, 0.0) * scale[c] for c in CATEGORIES}
+    step_total = sum(step_us.values()) or 1.0
     return {
         "dispatcher": trainer.cfg.moe.dispatcher,
         "gpus": trainer.pstate.world,
         "layers": trainer.cfg.model.layers,
         "time": "device kernel time" if on_device else "CPU operator time",
-        "step_s": round(wall, 4),
-        "total_ms": round(total / 1e3, 3),
+        "micro_batches": f"{n} of {accum}",
+        "window_s": round(window.wall, 4),
+        "window_ms": round(sum(totals.values()) / 1e3, 3),
+        "step_ms": round(step_total / 1e3, 3),
         "categories": {
             c: {
                 "ms": round(totals.get(c, 0.0) / 1e3, 3),
-                "percent": round(100 * totals.get(c, 0.0) / total, 2),
-            }  # fmt: skip
+                "step_ms": round(step_us[c] / 1e3, 3),
+                "percent": round(100 * step_us[c] / step_total, 2),
+            }
             for c in CATEGORIES
         },
         "top_ops": [{"name": n, "ms": round(us / 1e3, 3)} for n, us in top],
@@ -232,11 +277,12 @@ def write_profiles(path: Path, doc: dict[str, Any], append: bool) -> None:
 
 
 def print_profile(p: dict[str, Any]) -> None:
-    print(f"\nprofile: {p['dispatcher']} on {p['gpus']} ranks, one step {p['step_s']:.3f} s "
-          f"(profiled), {p['time']} {p['total_ms']:.1f} ms on rank 0")  # fmt: skip
-    print(f"  {'category':<16} {'ms':>10} {'%':>6}")
-    for cat, v in sorted(p["categories"].items(), key=lambda kv: -kv[1]["ms"]):
-        print(f"  {cat:<16} {v['ms']:>10.2f} {v['percent']:>5.1f}%")
+    print(f"\nprofile: {p['dispatcher']} on {p['gpus']} ranks, rank 0's {p['time']}; "
+          f"window of {p['micro_batches']} micro-batches + update: {p['window_s']:.3f} s wall, "
+          f"{p['window_ms']:.1f} ms busy; whole step estimated {p['step_ms']:.1f} ms")  # fmt: skip
+    print(f"  {'category':<16} {'window ms':>10} {'step ms':>10} {'% step':>7}")
+    for cat, v in sorted(p["categories"].items(), key=lambda kv: -kv[1]["step_ms"]):
+        print(f"  {cat:<16} {v['ms']:>10.2f} {v['step_ms']:>10.2f} {v['percent']:>6.1f}%")
     print(
         "  top operators: " + ", ".join(f"{o['name']} {o['ms']:.1f} ms" for o in p["top_ops"][:5])
     )

@@ -33,7 +33,7 @@ def test_two_rank_run_writes_consistent_results(tmp_path):
     cmd = [
         sys.executable, "-m", "torch.distributed.run", "--nproc-per-node=2",
         f"--master-port={free_port()}", "benchmarks/e2e.py", "--device", "cpu", "--tiny",
-        "--warmup", "1", "--steps", "2", "--profile", "--append", "--out", str(out),
+        "--warmup", "1", "--steps", "2", "--profile", "--profile-micro-batches", "1", "--append", "--out", str(out),
         "--set", f"data.cache_dir={tmp_path / 'cache'}",
     ]  # fmt: skip
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
@@ -62,6 +62,10 @@ def test_two_rank_run_writes_consistent_results(tmp_path):
     assert [p["dispatcher"] for p in prof["profiles"]] == ["pft", "deepspeed"]
     for p in prof["profiles"]:
         cats = p["categories"]
+        assert p["micro_batches"] == "1 of 2"  # one micro-batch and the update, of two
+        for name, c in cats.items():
+            once = name in ("optimizer", "grad_sync")
+            assert c["step_ms"] == pytest.approx(c["ms"] * (1 if once else 2), abs=2e-3)
         assert list(cats) == list(e2e_profile.CATEGORIES)
         assert sum(c["percent"] for c in cats.values()) == pytest.approx(100.0, abs=0.1)
         for busy in ("attention", "expert_gemm", "all_to_all", "router", "optimizer"):
