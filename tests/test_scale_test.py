@@ -79,6 +79,11 @@ def test_plan_weak_scaling_grows_the_global_batch_and_groups_arrays_by_shape(tmp
         ["n2-rbd_on", "n2-rbd_off"],
     ]
     assert not (tmp_path / "sw").exists()  # planning writes nothing
+    # ranks per node as a list: scaling inside the node, points n<nodes>x<ranks>
+    planned = SW.plan(spec(nodes="1", tasks_per_node="1,2"), tmp_path / "sw")
+    assert [(p.name, p.job.world_size, p.job.config.train.global_batch) for p in planned] == [
+        ("n1x1", 1, 8), ("n1x2", 2, 16)
+    ]  # fmt: skip
 
 
 def test_plan_strong_scaling_keeps_the_global_batch(tmp_path):
@@ -288,17 +293,28 @@ def test_rows_efficiency_per_series_plots_and_compare(tmp_path):
 
 
 @pytest.mark.slow
-def test_local_site_runs_its_points_in_turn_and_reports(tmp_path):
+def test_local_site_scales_ranks_inside_the_node_one_point_at_a_time(tmp_path):
+    runs = str(tmp_path / "runs")
     r = xmoectl(
-        "scale-test", "--site", "local", "--nodes", "1", "--steps", "4", "--name", "loc",
-        "--set", "model.seq_len=32", "--set", "train.micro_batch=2", "--set", "train.global_batch=2",
-        "--runs-dir", str(tmp_path / "runs"), cwd=tmp_path,
+        "scale-test", "--site", "local", "--nodes", "1", "--tasks-per-node", "1,2", "--steps", "4",
+        "--name", "loc", "--set", "model.seq_len=32", "--set", "train.micro_batch=2",
+        "--set", "train.global_batch=2", "--runs-dir", runs, cwd=tmp_path,
     )  # fmt: skip
     assert r.returncode == 0, r.stdout + r.stderr
-    st = xmoectl("scale-test", "status", "loc", "--runs-dir", str(tmp_path / "runs"), cwd=tmp_path)
-    assert st.returncode == 0 and "COMPLETED  ok" in st.stdout and "step=4" in st.stdout
-    rep = xmoectl("scale-test", "report", "loc", "--runs-dir", str(tmp_path / "runs"), cwd=tmp_path)
-    assert rep.returncode == 0 and (tmp_path / "runs" / "loc" / "throughput.png").is_file()
+    assert "n1x1: running here" in r.stdout and "n1x2: running here" in r.stdout
+    sw = SW.find("loc", Path(runs))
+    st = {name: s["final"] for name, s in SW.Sweep(sw.dir).state().items()}
+    assert st["n1x1"]["class"] == "ok" and st["n1x2"]["class"] == "ok", st
+    # one after the other: the second started after the first had finished
+    assert st["n1x1"]["time"] <= (sw.dir / "points" / "n1x2" / "manifest.json").stat().st_mtime
+    status = xmoectl("scale-test", "status", "loc", "--runs-dir", runs, cwd=tmp_path)
+    assert status.returncode == 0 and "2 ok" in status.stdout and "step=4" in status.stdout
+    rep = xmoectl("scale-test", "report", "loc", "--runs-dir", runs, cwd=tmp_path)
+    assert rep.returncode == 0, rep.stderr
+    table = {row["point"]: row for row in json.loads((sw.dir / "report.json").read_text())}
+    assert (table["n1x1"]["gpus"], table["n1x2"]["gpus"]) == (1, 2)
+    assert table["n1x2"]["global_batch"] == 4 and table["n1x1"]["efficiency"] == 1.0
+    assert table["n1x2"]["efficiency"] > 0 and (sw.dir / "efficiency.png").is_file()
 
 
 def test_skip_invalid_leaves_out_only_the_points_that_cannot_run(tmp_path):

@@ -565,7 +565,7 @@ def scale_test() -> None:
 @click.option("--account")
 @click.option("--partition")
 @click.option("--qos")
-@click.option("--tasks-per-node", type=int)
+@click.option("--tasks-per-node", metavar="T1,T2,...", help="ranks per node; a list scales GPUs")
 @click.option("--env", help="environment built by `env build` (default: profile)")
 @click.option("--hang-timeout", type=float, help="seconds without a step = hung [900; 0 = off]")
 @click.option("--skip-invalid", is_flag=True, default=None, help="leave out points that cannot run")

@@ -81,7 +81,9 @@ def rows(points: list[dict[str, Any]], state: dict[str, dict[str, Any]]) -> list
             }
         )  # fmt: skip
     for series in {r["series"] for r in out}:
-        members = sorted((r for r in out if r["series"] == series), key=lambda r: r["nodes"])
+        members = sorted(
+            (r for r in out if r["series"] == series), key=lambda r: (r["gpus"], r["nodes"])
+        )
         base = next((r for r in members if r.get("tokens_per_s")), None)
         if base is None:
             continue
@@ -129,13 +131,15 @@ def format_table(table: list[dict[str, Any]], markdown: bool = False) -> str:
 
 
 def plot(out_dir: Path, table: list[dict[str, Any]], title: str) -> list[Path]:
-    """throughput.png, efficiency.png and memory.png against nodes, one line per series."""
+    """throughput.png, efficiency.png and memory.png against nodes (or GPUs), a line per series."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     series = sorted({r["series"] for r in table})
+    # scaling inside a node (--tasks-per-node 1,2,4,8) is drawn against GPUs
+    xkey = "gpus" if len({r["gpus"] / r["nodes"] for r in table}) > 1 else "nodes"
     specs = (
         ("throughput.png", "tokens_per_s", "tokens/s (all GPUs)"),
         ("efficiency.png", "efficiency", "scaling efficiency (per-GPU tokens/s vs smallest)"),
@@ -146,7 +150,7 @@ def plot(out_dir: Path, table: list[dict[str, Any]], title: str) -> list[Path]:
         fig, ax = plt.subplots(figsize=(6.4, 4.2), dpi=100)
         for s in series:
             pts = sorted(
-                (r["nodes"], r[key]) for r in table if r["series"] == s and r.get(key) is not None
+                (r[xkey], r[key]) for r in table if r["series"] == s and r.get(key) is not None
             )
             if pts:
                 xs, ys = zip(*pts)
@@ -154,12 +158,12 @@ def plot(out_dir: Path, table: list[dict[str, Any]], title: str) -> list[Path]:
         if key == "efficiency":
             ax.axhline(1.0, color="grey", linestyle="--", linewidth=1)
             ax.set_ylim(bottom=0)
-        nodes = sorted({r["nodes"] for r in table})
-        if len(nodes) > 1 and nodes[-1] / nodes[0] >= 4:
+        xs = sorted({r[xkey] for r in table})
+        if len(xs) > 1 and xs[-1] / xs[0] >= 4:
             ax.set_xscale("log", base=2)
-        ax.set_xticks(nodes)
-        ax.set_xticklabels([str(n) for n in nodes])
-        ax.set_xlabel("nodes")
+        ax.set_xticks(xs)
+        ax.set_xticklabels([str(x) for x in xs])
+        ax.set_xlabel("GPUs (ranks)" if xkey == "gpus" else "nodes")
         ax.set_ylabel(ylabel)
         ax.set_title(title)
         ax.grid(True, alpha=0.3)
@@ -176,15 +180,15 @@ def plot(out_dir: Path, table: list[dict[str, Any]], title: str) -> list[Path]:
 def compare(
     table: list[dict[str, Any]], other: list[dict[str, Any]], threshold: float = DEFAULT_THRESHOLD
 ) -> list[dict[str, Any]]:
-    """Point-by-point changes against an earlier sweep (matched by series and nodes).
+    """Point-by-point changes against an earlier sweep (matched by series, nodes and GPUs).
 
     A regression is tokens/s lower, or peak memory higher, by more than `threshold` (a
     fraction), or a point that succeeded before and fails now.
     """
-    before = {(r["series"], r["nodes"]): r for r in other}
+    before = {(r["series"], r["nodes"], r["gpus"]): r for r in other}
     out = []
     for r in table:
-        old = before.get((r["series"], r["nodes"]))
+        old = before.get((r["series"], r["nodes"], r["gpus"]))
         if old is None:
             continue
         if old["result"] == "ok" and r["result"] != "ok":

@@ -66,18 +66,18 @@ class Axis:
         return f"{self.key}={dict(self.spellings).get(value, value)}"
 
 
-def parse_nodes(text: str) -> list[int]:
+def parse_nodes(text: str, flag: str = "--nodes") -> list[int]:
     """`1,2,4,8` -> [1, 2, 4, 8]: distinct positive counts, ascending."""
     try:
         nodes = [int(x) for x in str(text).split(",") if x.strip()]
     except ValueError:
         raise UserError(
-            f"--nodes {text!r} must be node counts separated by commas, e.g. 1,2,4,8"
+            f"{flag} {text!r} must be counts separated by commas, e.g. 1,2,4,8"
         ) from None
     if not nodes or min(nodes) < 1:
-        raise UserError(f"--nodes {text!r} must be node counts >= 1, e.g. 1,2,4,8")
+        raise UserError(f"{flag} {text!r} must be counts >= 1, e.g. 1,2,4,8")
     if len(set(nodes)) != len(nodes):
-        raise UserError(f"--nodes {text!r} names a node count twice")
+        raise UserError(f"{flag} {text!r} names a count twice")
     return sorted(nodes)
 
 
@@ -215,15 +215,16 @@ def _batch_overrides(
     return out
 
 
-def _tasks_per_node(site: Any, spec: dict[str, Any]) -> int:
-    """Ranks per node as `render.resolve` will pick them."""
+def _tasks_per_node(site: Any, spec: dict[str, Any]) -> list[int]:
+    """Ranks per node as `render.resolve` will pick them; a list scales inside the node."""
     from xmoectl.render import local_accelerators
 
-    if spec.get("tasks_per_node"):
-        return int(spec["tasks_per_node"])
+    given = spec.get("tasks_per_node")
+    if given:
+        return [int(given)] if isinstance(given, int) else [int(t) for t in given]
     if site.scheduler == "local":
-        return site.node.gpus or local_accelerators()[1] or site.slurm.tasks_per_node
-    return site.slurm.tasks_per_node
+        return [site.node.gpus or local_accelerators()[1] or site.slurm.tasks_per_node]
+    return [site.slurm.tasks_per_node]
 
 
 def plan(
@@ -262,13 +263,13 @@ def plan(
     if spec.get("hang_timeout_s") and "train.hang_timeout_s" not in keys:
         base.append(f"train.hang_timeout_s={spec['hang_timeout_s']}")
 
-    def resolve(name: str, n: int, overrides: list[str]) -> Any:
+    def resolve(name: str, n: int, tpn: int, overrides: list[str]) -> Any:
         try:
             return render.resolve(
                 site, spec["model"], n, sweep_dir / POINTS_DIR / name, overrides=overrides,
                 time=spec.get("time", ""), account=spec.get("account", ""),
                 partition=spec.get("partition", ""), qos=spec.get("qos", ""),
-                tasks_per_node=int(spec.get("tasks_per_node") or 0),
+                tasks_per_node=tpn,
                 env_prefix=spec.get("env"), force=True,
             )  # fmt: skip
         except (UserError, ConfigError) as e:
@@ -276,13 +277,14 @@ def plan(
 
     planned: list[Planned] = []
     names: set[str] = set()
-    tpn = _tasks_per_node(site, spec)
+    tpns = _tasks_per_node(site, spec)
+    world0 = nodes[0] * tpns[0]
     for combo in itertools.product(*(a.values for a in axes)):
         settings = [f"{a.name}={v}" for a, v in zip(axes, combo)]
         axis_sets = [a.override(v) for a, v in zip(axes, combo)]
         suffix = "".join(f"-{_slug(a.name.split('.')[-1])}_{_slug(v)}" for a, v in zip(axes, combo))
-        for n in nodes:
-            name = f"n{n}{suffix}"
+        for n, tpn in itertools.product(nodes, tpns):
+            name = f"n{n}" + (f"x{tpn}" if len(tpns) > 1 else "") + suffix
             if name in names:
                 raise UserError(f"two points are both named {name}: spell the --vary values apart")
             names.add(name)
@@ -290,11 +292,11 @@ def plan(
             try:
                 try:
                     overrides += _batch_overrides(
-                        spec["model"], overrides, n * tpn, nodes[0] * tpn, spec["mode"]
+                        spec["model"], overrides, n * tpn, world0, spec["mode"]
                     )
                 except (UserError, ConfigError) as e:
                     raise UserError(f"point {name}: {e}") from None
-                job = resolve(name, n, overrides)
+                job = resolve(name, n, tpn, overrides)
             except UserError as e:
                 if skipped is None:
                     raise
@@ -438,7 +440,7 @@ def make_spec(
     site: str | None, nodes: str | None, model: str | None = None, weak: bool | None = None,
     vary: tuple[str, ...] = (), steps: int | None = None, sets: tuple[str, ...] = (),
     time: str | None = None, account: str | None = None, partition: str | None = None,
-    qos: str | None = None, tasks_per_node: int | None = None, env: str | None = None,
+    qos: str | None = None, tasks_per_node: str | None = None, env: str | None = None,
     hang_timeout: float | None = None, skip_invalid: bool = False,
 ) -> dict[str, Any]:  # fmt: skip
     """The grid as `scale-test run` options give it (what sweep.json keeps)."""
@@ -450,7 +452,7 @@ def make_spec(
         "site": site, "model": model or "tiny", "nodes": parse_nodes(nodes),
         "mode": "strong" if weak is False else "weak", "vary": list(vary), "steps": steps,
         "sets": list(sets), "time": time or "", "account": account or "",
-        "partition": partition or "", "qos": qos or "", "tasks_per_node": tasks_per_node or 0,
+        "partition": partition or "", "qos": qos or "", "tasks_per_node": parse_nodes(tasks_per_node, "--tasks-per-node") if tasks_per_node else 0,
         "env": env, "hang_timeout_s": 900.0 if hang_timeout is None else hang_timeout,
         "skip_invalid": skip_invalid,
     }  # fmt: skip

@@ -48,6 +48,9 @@ def submit(sweep: Sweep, planned: list[Planned], echo: Any = print) -> int:
                     echo(f"{p.name}: running here as {job_id}")
                     with open(os.devnull, "w") as sink:
                         state = local.follow(p.job.run_dir, job_id, out=sink)
+                    final = refresh(sweep)[p.name]["final"] or {}
+                    line = f"{p.name}: {state} {final.get('class', '')} {final.get('detail', '')}"
+                    echo(line.rstrip())
                     if state == "CANCELLED":  # ctrl-C or `xmoectl cancel`: stop the sweep too
                         echo(f"{p.name} was cancelled; the rest waits for --resume")
                         return refused
