@@ -288,6 +288,11 @@ def test_rows_efficiency_per_series_plots_and_compare(tmp_path):
     assert flagged == {("n2", "peak_mem_gib"), ("n4", "result")}
     out = report.format_comparison(changes, "old", 0.05)
     assert "REGRESSION n4: ok -> oom" in out and "(-4.0%)" in out
+    fixed = report.compare(report.rows(pts[:3], before), table, threshold=0.05)
+    assert [c for c in fixed if c["metric"] == "result"] == [
+        {"point": "n4", "metric": "result", "old": "oom", "new": "ok", "change": None,
+         "regression": False}
+    ]  # fmt: skip
     changes = report.compare(table, report.rows(pts[:3], before), threshold=0.02)
     assert ("n2", "tokens_per_s") in {(c["point"], c["metric"]) for c in changes if c["regression"]}
 
@@ -337,3 +342,26 @@ def test_skip_invalid_leaves_out_only_the_points_that_cannot_run(tmp_path):
     st = xmoectl("scale-test", "status", "sw", "--runs-dir", runs, cwd=tmp_path)
     assert st.returncode == 0 and "3 not submitted" in st.stdout
     assert "skipped n1-tp_4: parallel.tp=4" in st.stdout
+
+
+def test_report_cli_writes_into_the_sweep_and_exits_1_on_a_regression(tmp_path):
+    root = tmp_path / "runs"
+    sp = spec(nodes="1,2")
+    for name, tps in (("old", (100.0, 190.0)), ("new", (100.0, 150.0))):
+        sw = SW.Sweep.create(root / name, sp, SW.plan(sp, root / name))
+        for p, t in zip(sw.points, tps):
+            sw.append({"point": p["name"], "event": "submitted", "job_id": f"{name}-{p['name']}"})
+            sw.append({"point": p["name"], "event": "final", "job_id": f"{name}-{p['name']}",
+                       "state": "COMPLETED", "class": "ok",
+                       "summary": report.summarize(metrics([1.0, t], 0.5))})  # fmt: skip
+    args = ("--runs-dir", str(root))
+    r = xmoectl("scale-test", "report", "new", "--compare", "old", *args, cwd=tmp_path)
+    assert r.returncode == 1, r.stderr
+    assert "REGRESSION n2: tokens_per_s 190 -> 150 (-21.1%)" in r.stdout
+    assert re.search(
+        r"^n2\s+2\s+4\s+tp1 ep1 dp4 reference mb4\s+16\s+150 .* 0\.75\s+ok$", r.stdout, re.M
+    )
+    for name in ("report.md", "report.json", *report.PLOTS):
+        assert (root / "new" / name).is_file()
+    r = xmoectl("scale-test", "report", "old", "--compare", "new", *args, cwd=tmp_path)
+    assert r.returncode == 0 and "REGRESSION" not in r.stdout

@@ -167,7 +167,7 @@ def plot(out_dir: Path, table: list[dict[str, Any]], title: str) -> list[Path]:
         ax.set_ylabel(ylabel)
         ax.set_title(title)
         ax.grid(True, alpha=0.3)
-        if len(series) > 1:
+        if len(series) > 1 and ax.get_lines():
             ax.legend(fontsize="small")
         fig.tight_layout()
         path = Path(out_dir) / fname
@@ -191,10 +191,10 @@ def compare(
         old = before.get((r["series"], r["nodes"], r["gpus"]))
         if old is None:
             continue
-        if old["result"] == "ok" and r["result"] != "ok":
+        if (old["result"] == "ok") != (r["result"] == "ok"):
             out.append(
-                {"point": r["point"], "metric": "result", "old": "ok", "new": r["result"],
-                 "change": None, "regression": True}
+                {"point": r["point"], "metric": "result", "old": old["result"], "new": r["result"],
+                 "change": None, "regression": old["result"] == "ok"}
             )  # fmt: skip
             continue
         for metric, worse in (("tokens_per_s", -1), ("peak_mem_gib", +1)):
@@ -212,7 +212,7 @@ def compare(
 def format_comparison(changes: list[dict[str, Any]], other: str, threshold: float) -> str:
     lines = [f"against {other} (noise threshold {100 * threshold:.0f}%):"]
     if not changes:
-        lines.append("  no point in common")
+        lines.append("  nothing to compare: no point of the same series and size measured in both")
     for c in changes:
         mark = "REGRESSION" if c["regression"] else "ok"
         if c["change"] is None:
