@@ -363,10 +363,11 @@ def print_table(runs: list[dict]) -> None:
         print(f"{r['dispatcher']:<10} {r['gpus']:>4} {r['layers']:>6} {r['tokens_per_s']:>10.0f} "
               f"{r['tflops_per_gpu']:>9.1f} {100 * r['mfu']:>5.1f}% {100 * r['mfu_gemm']:>6.1f}% "
               f"{r['peak_gib']:>9.2f} {r['step_s']:>7.3f} {100 * r['dropped_fraction']:>6.1f}%")  # fmt: skip
-    if len(runs) > 1 and runs[-1]["tokens_per_s"]:
-        base = {r["dispatcher"]: r["tokens_per_s"] for r in runs}
-        if "deepspeed" in base and "pft" in base:
-            print(f"pft / deepspeed throughput: {base['pft'] / base['deepspeed']:.2f}x")
+    by = {(r["dispatcher"], r["gpus"], r["layers"]): r["tokens_per_s"] for r in runs}
+    for (d, gpus, layers), tps in by.items():
+        base = by.get(("deepspeed", gpus, layers))
+        if d != "deepspeed" and base:
+            print(f"{d} / deepspeed throughput on {gpus} ranks, {layers} layers: {tps / base:.2f}x")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -420,7 +421,7 @@ def main(argv: list[str] | None = None) -> int:
                 write_profiles(profile_out, {**head, "profiles": profiles}, args.append)
         trainer.close()
     if rank == 0:
-        print_table(runs)
+        print_table(json.loads(out.read_text())["runs"])  # with the runs --append kept
         print(f"wrote {out}" + (f" and {profile_out}" if profiles else ""))
     return 0
 

@@ -124,7 +124,8 @@ step_ssmb() {
 }
 step_rbd() {
     run_step rbd 70 "$PY" benchmarks/rbd.py --out "$RES/rbd.json" \
-        -- --cpu --gpus 2 --tokens 256 --hidden 64 --iters 2
+        -- --cpu --gpus 2 --node-sizes 1 --capacity-factors 0 --tokens 256 --hidden 64 \
+        --experts 8 --top-k 2 --expert-hidden 64 --iters 2 --sim-tokens 2048
 }
 step_planner() {
     run_step planner 150 "$PY" benchmarks/planner_validate.py --gpus 4 --only 0 1 --timeout 70 \
@@ -134,5 +135,6 @@ step_planner() {
 for s in ${STEPS:-e2e_pft e2e_deepspeed moe_1gpu moe_2gpu moe_4gpu ssmb rbd planner}; do
     if declare -F "step_$s" >/dev/null; then "step_$s"; else echo "unknown step $s" | tee -a "$OUT/summary.txt"; fi
 done
-echo "suite: $(($(date +%s) - START))s of ${BUDGET_S}s" | tee -a "$OUT/summary.txt"
+echo "suite: $(($(date +%s) - START))s of ${BUDGET_S}s" >>"$OUT/summary.txt"
+echo "== summary"
 cat "$OUT/summary.txt"

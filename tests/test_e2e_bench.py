@@ -27,8 +27,10 @@ def test_two_rank_run_writes_consistent_results(tmp_path):
     out = tmp_path / "res" / "e2e.json"
     out.parent.mkdir()
     # an earlier result of another size stays when --append merges
-    old = {"date": "x", "machine": "m", "command": "earlier", "runs": [
-        {"dispatcher": "pft", "gpus": 8, "layers": 2, "tokens_per_s": 1.0}]}  # fmt: skip
+    earlier = {"dispatcher": "pft", "gpus": 8, "layers": 2, "tokens_per_s": 1.0,
+               "tflops_per_gpu": 1.0, "mfu": 1e-3, "mfu_gemm": 1e-3, "peak_gib": 1.0,
+               "step_s": 1.0, "dropped_fraction": 0.0}  # fmt: skip
+    old = {"date": "x", "machine": "m", "command": "earlier", "runs": [earlier]}
     out.write_text(json.dumps(old))
     cmd = [
         sys.executable, "-m", "torch.distributed.run", "--nproc-per-node=2",
@@ -70,7 +72,7 @@ def test_two_rank_run_writes_consistent_results(tmp_path):
         assert sum(c["percent"] for c in cats.values()) == pytest.approx(100.0, abs=0.1)
         for busy in ("attention", "expert_gemm", "all_to_all", "router", "optimizer"):
             assert cats[busy]["ms"] > 0, (p["dispatcher"], busy)
-    assert "pft / deepspeed throughput" in proc.stdout
+    assert "pft / deepspeed throughput on 2 ranks, 2 layers" in proc.stdout
 
 
 def _bench_and_loop(rank: int, world: int, tmp: str) -> None:
