@@ -59,15 +59,20 @@ def _cmd(args: list[str]) -> list[str]:
 
 def run2(args: list[str], fault: str = "", timeout: float = 240) -> subprocess.CompletedProcess:
     """Two gloo ranks under torchrun, with faults from `fault`; output as one text."""
-    return subprocess.run(
-        _cmd(args),
-        cwd=REPO,
-        env=_env(fault),
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
-        timeout=timeout,
-    )
+    for _ in range(3):
+        proc = subprocess.run(
+            _cmd(args),
+            cwd=REPO,
+            env=_env(fault),
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+            timeout=timeout,
+        )
+        # the free port can be taken by another process before torchrun binds it
+        if "address already in use" not in proc.stdout.lower():
+            break
+    return proc
 
 
 def _ok(proc: subprocess.CompletedProcess) -> subprocess.CompletedProcess:
