@@ -201,16 +201,6 @@ def _sum_over_ranks(values: list[float], device: Any) -> list[float]:
     return t.tolist()
 
 
-def _skip_repeated_ep_setup(model: Any) -> None:
-    # The deepspeed dispatcher already handed its DeepSpeed MoE layers their EP group; the
-    # engine calls `set_deepspeed_parallelism` on them again, which DeepSpeed's gate refuses
-    # ("Attempting to override an existing ep_group") when EP > 1.
-    for module in model.modules():
-        inner = getattr(module, "deepspeed_moe", None)
-        if inner is not None and getattr(inner, "ep_group", None) is not None:
-            module.set_deepspeed_parallelism = lambda *args, **kwargs: None
-
-
 class BenchTrainer:
     """The trainer's model, DeepSpeed engine, data and step guard for one config.
 
@@ -237,7 +227,6 @@ class BenchTrainer:
             torch.cuda.reset_peak_memory_stats(self.device)
         seed_everything(t.seed)  # identical dense init on every rank, as in the loop
         self.model = Transformer(cfg, self.pstate)
-        _skip_repeated_ep_setup(self.model)
         self.engine = build_engine(cfg, self.model, self.pstate)
         self.accum = self.engine.gradient_accumulation_steps()
         self.data = build_train_data(cfg, self.pstate.dp_rank, self.pstate.dp)

@@ -1,7 +1,10 @@
-"""DeepSpeed's own MoE layer behind our MoELayer: same math as the reference, and it trains."""
+"""DeepSpeed's own MoE layer behind our MoELayer: same math as the reference, it trains, and
+with EP > 1 it exchanges tokens over our expert-parallel groups, engine or not."""
 
 import pytest
 import torch
+import torch.distributed as dist
+from ep_spawn import run_ranks
 
 from xmoe.config import load_config
 from xmoe.moe.layer import MoELayer
@@ -80,7 +83,11 @@ def test_deepspeed_dispatcher_trains_with_capacity():
 
 
 def test_deepspeed_dispatcher_in_the_trainer_with_ep2(tmp_path):
-    """DeepSpeed's engine wraps its own MoE layer with our EP groups (2 gloo ranks)."""
+    """The trainer on DeepSpeed's engine wraps DeepSpeed's MoE layer at EP=2 (2 gloo ranks).
+
+    The engine sets every MoE module's parallelism again after the layer took our groups;
+    that must neither crash nor swap the groups, and the run must learn.
+    """
     from helpers import read_metrics, run_xmoe
 
     args = ["train", "--config", "tiny", "--run-dir", str(tmp_path)]
@@ -88,13 +95,68 @@ def test_deepspeed_dispatcher_in_the_trainer_with_ep2(tmp_path):
         "moe.dispatcher=deepspeed",
         "parallel.ep=2",
         "moe.capacity_factor=1.25",
+        "model.seq_len=32",
+        "model.layers=2",
         "train.global_batch=16",
-        "train.steps=8",
+        "train.steps=5",
         "train.log_interval=1",
     ):
         args += ["--set", kv]
     proc = run_xmoe(args, nproc=2)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert "override an existing ep_group" not in proc.stderr
     recs = read_metrics(tmp_path)
-    assert [r["step"] for r in recs] == list(range(1, 9))
-    assert recs[-1]["lm_loss"] < recs[0]["lm_loss"] - 0.5
+    assert [r["step"] for r in recs] == list(range(1, 6))
+    assert all(0 < r["dropped_fraction"] < 0.5 for r in recs)
+    assert recs[-1]["lm_loss"] < recs[0]["lm_loss"] - 0.3, [r["lm_loss"] for r in recs]
+
+
+def _forward_then_engine(rank: int, world: int) -> None:
+    from deepspeed.utils import groups as ds_groups
+
+    from xmoe.model import Transformer
+    from xmoe.parallel.groups import create_parallel_state
+    from xmoe.train.engine import build_engine
+
+    over = ["moe.dispatcher=deepspeed", "parallel.ep=2", "model.layers=2", "model.seq_len=16"]
+    cfg = load_config("tiny", [*over, "train.global_batch=16"])
+    state = create_parallel_state(cfg, rank, world)
+    torch.manual_seed(0)
+    model = Transformer(cfg, state)
+    tokens_BS = torch.randint(
+        0, cfg.model.vocab_size, (2, 17), generator=torch.Generator().manual_seed(rank)
+    )
+    # a forward before any engine exists: the layer already exchanges over our EP group
+    model(tokens_BS[:, :-1], tokens_BS[:, 1:])
+    engine = build_engine(cfg, model, state)  # sets every MoE module's parallelism again
+
+    name = "ep_size_2"
+    (layer,) = model.moe_layers()
+    ds_moe = layer.dispatcher.moe
+    # the very groups xmoe.parallel built: DeepSpeed made none of its own
+    assert ds_moe.deepspeed_moe.ep_group is state.ep_group
+    assert ds_moe.deepspeed_moe.gate.ep_group is state.ep_group
+    assert engine.expert_parallel_group[name] is state.ep_group
+    assert engine.expert_data_parallel_group[name] is state.expert_dp_group
+    assert dist.get_process_group_ranks(state.ep_group) == [0, 1]
+    assert dist.get_process_group_ranks(state.expert_dp_group) == [rank]
+
+    loss, _ = engine(tokens_BS[:, :-1], tokens_BS[:, 1:])
+    engine.backward(loss)
+    engine.step()
+    assert torch.isfinite(loss)
+
+    # a group table that no longer matches our layout is refused, not used
+    ours = ds_groups._EXPERT_DATA_PARALLEL_GROUP[name]
+    ds_groups._EXPERT_DATA_PARALLEL_GROUP[name] = dist.group.WORLD
+    with pytest.raises(RuntimeError, match=r"expert_dp group ep_size_2 holds ranks \[0, 1\]"):
+        ds_moe.set_deepspeed_parallelism()
+    ds_groups._EXPERT_DATA_PARALLEL_GROUP[name] = ours
+    with pytest.raises(RuntimeError, match="use_data_before_expert_parallel"):
+        ds_moe.set_deepspeed_parallelism(use_data_before_expert_parallel_=True)
+    ds_moe.set_deepspeed_parallelism()  # our own groups: a check that passes, nothing reset
+
+
+def test_deepspeed_layer_keeps_our_ep_groups_through_the_engine():
+    """Forward without an engine, then DeepSpeed's engine: same groups, no second setup."""
+    run_ranks(2, _forward_then_engine)
