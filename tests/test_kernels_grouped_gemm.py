@@ -4,23 +4,9 @@ import pytest
 import torch
 import triton_interp
 
-from xmoe.kernels import backend
 from xmoe.kernels.grouped_gemm import grouped_mm, resolve_impl, torch_grouped_mm_supported
 
-
-@pytest.mark.skipif(triton_interp.READY, reason="the kernels run in this process")
-def test_in_interpreter_process():
-    triton_interp.run_in_child(__file__)
-
-
-@pytest.fixture
-def interpreter(monkeypatch):
-    if not triton_interp.READY:
-        pytest.skip(
-            "triton was imported without the interpreter: test_in_interpreter_process runs these"
-        )
-    monkeypatch.setenv("TRITON_INTERPRET", "1")
-    assert backend.use_triton(torch.zeros(1))
+test_in_interpreter_process = triton_interp.child_process_test(__file__)
 
 
 COUNTS = {

@@ -5,7 +5,6 @@ import torch
 import triton_interp
 from kernel_cases import CASES, make_routing
 
-from xmoe.kernels import backend
 from xmoe.kernels.combine import combine, row_dot, row_dot_torch
 from xmoe.kernels.permute import (
     gather_rows,
@@ -19,19 +18,7 @@ from xmoe.kernels.routing import routing_metadata
 D = 24  # not a power of two: exercises the column masks
 
 
-@pytest.mark.skipif(triton_interp.READY, reason="the kernels run in this process")
-def test_in_interpreter_process():
-    triton_interp.run_in_child(__file__)
-
-
-@pytest.fixture
-def interpreter(monkeypatch):
-    if not triton_interp.READY:
-        pytest.skip(
-            "triton was imported without the interpreter: test_in_interpreter_process runs these"
-        )
-    monkeypatch.setenv("TRITON_INTERPRET", "1")
-    assert backend.use_triton(torch.zeros(1))
+test_in_interpreter_process = triton_interp.child_process_test(__file__)
 
 
 def _setup(T, K, E, drop, seed=0):

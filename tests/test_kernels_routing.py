@@ -3,23 +3,9 @@ import torch
 import triton_interp
 from kernel_cases import CASES, make_routing
 
-from xmoe.kernels import backend
 from xmoe.kernels.routing import routing_metadata, routing_metadata_torch
 
-
-@pytest.mark.skipif(triton_interp.READY, reason="the kernels run in this process")
-def test_in_interpreter_process():
-    triton_interp.run_in_child(__file__)
-
-
-@pytest.fixture
-def interpreter(monkeypatch):
-    if not triton_interp.READY:
-        pytest.skip(
-            "triton was imported without the interpreter: test_in_interpreter_process runs these"
-        )
-    monkeypatch.setenv("TRITON_INTERPRET", "1")
-    assert backend.use_triton(torch.zeros(1))
+test_in_interpreter_process = triton_interp.child_process_test(__file__)
 
 
 def _expected(ids_TK, keep_TK, E):

@@ -55,9 +55,7 @@ def test_pft_matches_reference(case):
         assert pft.last_stats["dispatcher"]["rows"] < T * pft.cfg.moe.top_k
 
 
-@pytest.mark.skipif(triton_interp.READY, reason="the kernels run in this process")
-def test_in_interpreter_process():
-    triton_interp.run_in_child(__file__)
+test_in_interpreter_process = triton_interp.child_process_test(__file__)
 
 
 @pytest.mark.parametrize("grouped_gemm", ["triton", "torch"])

@@ -4,11 +4,10 @@ from __future__ import annotations
 
 import itertools
 import json
-import subprocess
-import sys
 from dataclasses import replace
 
 import pytest
+from helpers import xmoectl
 
 from xmoe.config import load_config
 from xmoectl import UserError, plan_report, planner
@@ -50,17 +49,6 @@ HW = Hardware(
     allreduce_intra_gbs=100.0,
     node_nic_gbs=40.0,
 )
-
-
-def xmoectl(*args: str, cwd=None, env=None) -> subprocess.CompletedProcess:
-    return subprocess.run(
-        [sys.executable, "-m", "xmoectl.cli", *args],
-        capture_output=True,
-        text=True,
-        cwd=cwd,
-        env=env,
-        timeout=120,
-    )
 
 
 def test_memory_of_a_small_shape_by_hand():

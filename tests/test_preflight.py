@@ -4,23 +4,17 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+from helpers import free_port, xmoectl
 
 from xmoe.config import load_config
 from xmoectl import UserError, planner
 from xmoectl import preflight as P
 from xmoectl import sites as S
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def torchrun(nproc: int, *args: str, cwd: Path) -> subprocess.CompletedProcess:
@@ -30,17 +24,6 @@ def torchrun(nproc: int, *args: str, cwd: Path) -> subprocess.CompletedProcess:
     ]  # fmt: skip
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     return subprocess.run(cmd, capture_output=True, text=True, cwd=cwd, env=env, timeout=120)
-
-
-def xmoectl(*args: str, cwd=None, env=None) -> subprocess.CompletedProcess:
-    return subprocess.run(
-        [sys.executable, "-m", "xmoectl.cli", *args],
-        capture_output=True,
-        text=True,
-        cwd=cwd,
-        env=env,
-        timeout=120,
-    )
 
 
 def test_measures_two_virtual_nodes(tmp_path):

@@ -4,32 +4,12 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import subprocess
 import sys
 
-import pytest
+from helpers.slurm import needs_slurm
 
-
-def _slurm_ready() -> str:
-    if not shutil.which("salloc"):
-        return "Slurm is not installed: run `scripts/slurm-local up` as root"
-    try:
-        out = subprocess.run(
-            ["sinfo", "-h", "-N", "-o", "%N %t"], capture_output=True, text=True, timeout=20
-        )
-    except (OSError, subprocess.TimeoutExpired):
-        return "sinfo does not answer: run `scripts/slurm-local up`"
-    usable = [ln for ln in out.stdout.splitlines() if ln.split()[-1] in ("idle", "mix")]
-    if out.returncode or len(usable) < 2:
-        return "the local Slurm cluster is not up with 2 free nodes: run `scripts/slurm-local up`"
-    return ""
-
-
-pytestmark = [
-    pytest.mark.slurm,
-    pytest.mark.skipif(bool(_slurm_ready()), reason=_slurm_ready() or "-"),
-]
+pytestmark = needs_slurm(free=True)
 
 
 def test_preflight_inside_a_two_node_allocation(tmp_path):

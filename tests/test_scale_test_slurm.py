@@ -11,39 +11,20 @@ from __future__ import annotations
 import json
 import os
 import re
-import shutil
 import subprocess
 import sys
 import time
 from pathlib import Path
 
-import pytest
 import yaml
+from helpers import xmoectl as run_xmoectl
+from helpers.slurm import needs_slurm
 
 from xmoectl import resource_dir
 from xmoectl import sweep as SW
 from xmoectl import sweep_run as SR
 
-
-def _slurm_ready() -> str:
-    if not shutil.which("sinfo"):
-        return "Slurm is not installed: run `scripts/slurm-local up` as root"
-    try:
-        out = subprocess.run(
-            ["sinfo", "-h", "-N", "-o", "%N %t"], capture_output=True, text=True, timeout=20
-        )
-    except (OSError, subprocess.TimeoutExpired):
-        return "sinfo does not answer: run `scripts/slurm-local up`"
-    usable = [ln for ln in out.stdout.splitlines() if ln.split()[-1] in ("idle", "mix", "alloc")]
-    if out.returncode or len(usable) < 2:
-        return "the local Slurm cluster is not up with 2 nodes: run `scripts/slurm-local up`"
-    return ""
-
-
-pytestmark = [
-    pytest.mark.slurm,
-    pytest.mark.skipif(bool(_slurm_ready()), reason=_slurm_ready() or "-"),
-]
+pytestmark = needs_slurm()
 
 GRID = (
     "--site", "local-slurm", "--nodes", "1,2", "--vary", "train.max_bad_steps=1,20",
@@ -55,10 +36,7 @@ def xmoectl(*args: str, runs_dir: Path, fault: str = "") -> subprocess.Completed
     env = {k: v for k, v in os.environ.items() if k != "XMOE_FAULT"}
     if fault:
         env["XMOE_FAULT"] = fault
-    return subprocess.run(
-        [sys.executable, "-m", "xmoectl.cli", *args, "--runs-dir", str(runs_dir)],
-        capture_output=True, text=True, env=env, timeout=120,
-    )  # fmt: skip
+    return run_xmoectl(*args, "--runs-dir", str(runs_dir), env=env)
 
 
 def queued(name: str) -> list[str]:

@@ -3,50 +3,18 @@
 from __future__ import annotations
 
 import json
-import os
 import re
-import shutil
 import subprocess
-import sys
 import time
 from pathlib import Path
 
-import pytest
 import yaml
+from helpers import xmoectl
+from helpers.slurm import needs_slurm
 
 from xmoectl import resource_dir, slurm
 
-
-def _slurm_ready() -> str:
-    if not shutil.which("sinfo"):
-        return "Slurm is not installed: run `scripts/slurm-local up` as root"
-    try:
-        out = subprocess.run(
-            ["sinfo", "-h", "-N", "-o", "%N %t"], capture_output=True, text=True, timeout=20
-        )
-    except (OSError, subprocess.TimeoutExpired):
-        return "sinfo does not answer: run `scripts/slurm-local up`"
-    usable = [ln for ln in out.stdout.splitlines() if ln.split()[-1] in ("idle", "mix", "alloc")]
-    if out.returncode or len(usable) < 2:
-        return "the local Slurm cluster is not up with 2 nodes: run `scripts/slurm-local up`"
-    return ""
-
-
-pytestmark = [
-    pytest.mark.slurm,
-    pytest.mark.skipif(bool(_slurm_ready()), reason=_slurm_ready() or "-"),
-]
-
-
-def xmoectl(*args: str, runs_dir: Path, timeout: int = 120) -> subprocess.CompletedProcess:
-    env = {**os.environ, "XMOE_RUNS": str(runs_dir)}
-    return subprocess.run(
-        [sys.executable, "-m", "xmoectl.cli", *args],
-        capture_output=True,
-        text=True,
-        env=env,
-        timeout=timeout,
-    )
+pytestmark = needs_slurm()
 
 
 def wait_for(job_id: str, states: set[str], timeout_s: float) -> str:

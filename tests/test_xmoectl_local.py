@@ -6,24 +6,17 @@ import json
 import os
 import re
 import subprocess
-import sys
 import time
 from pathlib import Path
 
 import pytest
+from helpers import xmoectl as run_xmoectl
 
 from xmoectl import local
 
 
 def xmoectl(*args: str, runs_dir: Path, timeout: int = 600) -> subprocess.CompletedProcess:
-    env = {**os.environ, "XMOE_RUNS": str(runs_dir)}
-    return subprocess.run(
-        [sys.executable, "-m", "xmoectl.cli", *args],
-        capture_output=True,
-        text=True,
-        env=env,
-        timeout=timeout,
-    )
+    return run_xmoectl(*args, runs_dir=runs_dir, timeout=timeout)
 
 
 @pytest.mark.slow

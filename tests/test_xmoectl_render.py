@@ -5,27 +5,16 @@ from __future__ import annotations
 import json
 import os
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
+from helpers import xmoectl
 
 from xmoectl import UserError, render, runs
 from xmoectl import sites as S
 
 # make the tiny preset fit any world size up to 16 ranks
 FIT = ["train.micro_batch=1", "train.global_batch=16"]
-
-
-def xmoectl(*args: str, cwd=None, env=None) -> subprocess.CompletedProcess:
-    return subprocess.run(
-        [sys.executable, "-m", "xmoectl.cli", *args],
-        capture_output=True,
-        text=True,
-        cwd=cwd,
-        env=env,
-        timeout=120,
-    )
 
 
 def bash_n(text: str, tmp_path: Path) -> None:

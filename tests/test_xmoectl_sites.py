@@ -3,26 +3,14 @@
 from __future__ import annotations
 
 import os
-import subprocess
-import sys
 
 import pytest
+from helpers import xmoectl
 
 from xmoectl import resource_dir
 from xmoectl import sites as S
 
 BUNDLED = ["dgx-a100", "frontier", "h200", "local", "local-slurm", "perlmutter"]
-
-
-def xmoectl(*args: str, cwd=None, env=None) -> subprocess.CompletedProcess:
-    return subprocess.run(
-        [sys.executable, "-m", "xmoectl.cli", *args],
-        capture_output=True,
-        text=True,
-        cwd=cwd,
-        env=env,
-        timeout=120,
-    )
 
 
 def test_bundled_profiles_all_load():

@@ -14,6 +14,8 @@ import os
 import subprocess
 import sys
 
+import pytest
+
 
 def prepare() -> bool:
     """True when this process can interpret Triton kernels on CPU."""
@@ -46,3 +48,16 @@ def run_in_child(test_file: str) -> None:
         timeout=600,
     )
     assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-2000:]
+
+
+def child_process_test(test_file: str):
+    """The test that re-runs `test_file` under the interpreter when this process cannot.
+
+    A kernel test module binds it as `test_in_interpreter_process = child_process_test(__file__)`.
+    """
+
+    @pytest.mark.skipif(READY, reason="the kernels run in this process")
+    def test_in_interpreter_process() -> None:
+        run_in_child(test_file)
+
+    return test_in_interpreter_process

@@ -1,4 +1,4 @@
-"""Shared test utilities: free ports and running the trainer as real processes."""
+"""Shared test utilities: free ports, running the trainer and the xmoectl CLI as real processes."""
 
 from __future__ import annotations
 
@@ -58,3 +58,23 @@ def run_xmoe(args: list[str], nproc: int = 1, timeout: float = 300) -> subproces
 
 def read_metrics(run_dir: Path) -> list[dict]:
     return [json.loads(line) for line in (Path(run_dir) / "metrics.jsonl").read_text().splitlines()]
+
+
+def xmoectl(
+    *args: str,
+    cwd: Path | str | None = None,
+    env: dict[str, str] | None = None,
+    runs_dir: Path | None = None,
+    timeout: float = 120,
+) -> subprocess.CompletedProcess:
+    """`python -m xmoectl.cli ARGS`; with `runs_dir` its runs are filed there (XMOE_RUNS)."""
+    if runs_dir is not None:
+        env = {**(os.environ if env is None else env), "XMOE_RUNS": str(runs_dir)}
+    return subprocess.run(
+        [sys.executable, "-m", "xmoectl.cli", *args],
+        capture_output=True,
+        text=True,
+        cwd=cwd,
+        env=env,
+        timeout=timeout,
+    )

@@ -51,7 +51,20 @@ def _tokenizers_module():
     return tokenizers
 
 
-class HFTokenizer:
+class _TokenizersBacked:
+    """Encoding through a `tokenizers.Tokenizer` in `self._tok`, special tokens never added."""
+
+    def encode(self, text: str) -> list[int]:
+        return self._tok.encode(text, add_special_tokens=False).ids
+
+    def encode_batch(self, texts: list[str]) -> list[list[int]]:
+        return [e.ids for e in self._tok.encode_batch(texts, add_special_tokens=False)]
+
+    def decode(self, ids) -> str:
+        return self._tok.decode([int(i) for i in ids], skip_special_tokens=False)
+
+
+class HFTokenizer(_TokenizersBacked):
     """A local Hugging Face `tokenizer.json` (special tokens not added around documents)."""
 
     def __init__(self, path: str, eod_token: str | None = None, spec: str = "") -> None:
@@ -76,17 +89,8 @@ class HFTokenizer:
         self.eod = vocab[found]
         self.vocab_size = max(self._tok.get_vocab_size(with_added_tokens=True), self.eod + 1)
 
-    def encode(self, text: str) -> list[int]:
-        return self._tok.encode(text, add_special_tokens=False).ids
 
-    def encode_batch(self, texts: list[str]) -> list[list[int]]:
-        return [e.ids for e in self._tok.encode_batch(texts, add_special_tokens=False)]
-
-    def decode(self, ids) -> str:
-        return self._tok.decode([int(i) for i in ids], skip_special_tokens=False)
-
-
-class GPT2BPETokenizer:
+class GPT2BPETokenizer(_TokenizersBacked):
     """GPT-2 byte-level BPE from local vocab.json and merges.txt, as GPT-2 and Megatron use it.
 
     "<|endoftext|>" inside a document is ordinary text, as in Megatron's GPT-2 tokenizer; only
@@ -119,15 +123,6 @@ class GPT2BPETokenizer:
         self.spec = spec or f"gpt2:{vocab_file},{merges_file}"
         self.eod = int(vocab[GPT2_EOD])
         self.vocab_size = max(len(vocab), max(vocab.values()) + 1)
-
-    def encode(self, text: str) -> list[int]:
-        return self._tok.encode(text, add_special_tokens=False).ids
-
-    def encode_batch(self, texts: list[str]) -> list[list[int]]:
-        return [e.ids for e in self._tok.encode_batch(texts, add_special_tokens=False)]
-
-    def decode(self, ids) -> str:
-        return self._tok.decode([int(i) for i in ids], skip_special_tokens=False)
 
 
 def load_tokenizer(spec: str):

@@ -23,6 +23,7 @@ sequence-parallel parameters.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -79,48 +80,24 @@ def _slice_rows(x_TD: torch.Tensor, tp: TPGroup) -> torch.Tensor:
     return x_TD[tp.rows(x_TD.shape[0])].contiguous()
 
 
-class _GatherSequence(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, x, tp):
+def _paired(name: str, forward: Callable, backward: Callable) -> type[torch.autograd.Function]:
+    """An autograd Function running `forward(x, tp)`, whose backward is `backward(grad, tp)`."""
+
+    def fwd(ctx, x, tp):
         ctx.tp = tp
-        return _gather_rows(x, tp)
+        return forward(x, tp)
 
-    @staticmethod
-    def backward(ctx, grad):
-        return _reduce_scatter_rows(grad, ctx.tp), None
+    def bwd(ctx, grad):
+        return backward(grad, ctx.tp), None
 
-
-class _ReduceScatterSequence(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, x, tp):
-        ctx.tp = tp
-        return _reduce_scatter_rows(x, tp)
-
-    @staticmethod
-    def backward(ctx, grad):
-        return _gather_rows(grad, ctx.tp), None
+    body = {"forward": staticmethod(fwd), "backward": staticmethod(bwd)}
+    return type(name, (torch.autograd.Function,), body)
 
 
-class _ScatterReplicated(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, x, tp):
-        ctx.tp = tp
-        return _slice_rows(x, tp)
-
-    @staticmethod
-    def backward(ctx, grad):
-        return _gather_rows(grad, ctx.tp), None
-
-
-class _GatherReplicated(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, x, tp):
-        ctx.tp = tp
-        return _gather_rows(x, tp)
-
-    @staticmethod
-    def backward(ctx, grad):
-        return _slice_rows(grad, ctx.tp), None
+_GatherSequence = _paired("_GatherSequence", _gather_rows, _reduce_scatter_rows)
+_ReduceScatterSequence = _paired("_ReduceScatterSequence", _reduce_scatter_rows, _gather_rows)
+_ScatterReplicated = _paired("_ScatterReplicated", _slice_rows, _gather_rows)
+_GatherReplicated = _paired("_GatherReplicated", _gather_rows, _slice_rows)
 
 
 class _ReduceFromTP(torch.autograd.Function):
