@@ -27,6 +27,8 @@ from dataclasses import dataclass
 
 import torch
 
+from xmoe.moe.dispatch import count_ids
+
 
 @dataclass(frozen=True)
 class NodeLayout:
@@ -103,7 +105,7 @@ def plan_sender(
     first_N[1:] = pair_N[1:] != pair_N[:-1]
     first_N &= pair_N < N * T
     pilot_idx_N = torch.cumsum(first_N, 0) - 1
-    pilots_N = torch.bincount(torch.where(first_N, pair_N // max(T, 1), N), minlength=N + 1)[:N]
+    pilots_N = count_ids(torch.where(first_N, pair_N // max(T, 1), N), N + 1)[:N]
     pilot_start_N = torch.cumsum(pilots_N, 0) - pilots_N
     node_N = (pair_N // max(T, 1)).clamp_max(N - 1)
     # stable sort of "not a pilot start" lists the pilot starts first, in replica order
@@ -113,7 +115,7 @@ def plan_sender(
     Kh = min(K, En)
     meta_N = ((pilot_idx_N - pilot_start_N[node_N]) * Kh + slot_N) * En + key_sorted_N % En
 
-    counts_E = torch.bincount(kept_ids_N, minlength=E + 1)[:E]
+    counts_E = count_ids(kept_ids_N, E + 1)[:E]
     counts_NLE = counts_E.view(N, L, El)
     msg_NLC = torch.zeros(N, L, layout.msg_width, dtype=torch.int64, device=dev)
     msg_NLC[:, :, :El] = counts_NLE

@@ -14,7 +14,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from xmoe.config import MoEConfig, capacity
-from xmoe.moe.dispatch import Routing
+from xmoe.moe.dispatch import Routing, count_ids
 from xmoe.moe.rbd_plan import node_limited_topk
 
 
@@ -26,7 +26,9 @@ class RouterOutput:
     aux_loss: torch.Tensor  # Switch/GShard load-balancing loss (unscaled, fp32 scalar)
     z_loss: torch.Tensor  # mean squared log-partition of the logits (unscaled)
     tokens_per_expert_E: torch.Tensor  # int64 routed assignments per expert, before dropping
-    dropped_fraction: float  # share of (token, k) assignments removed by capacity
+    # share of (token, k) assignments removed by capacity: a 0-dim fp64 tensor on the
+    # router's device, read on the host only when logged (no host sync in the step)
+    dropped_fraction: torch.Tensor
 
 
 def capacity_keep_mask(
@@ -45,7 +47,7 @@ def capacity_keep_mask(
     by_prob_N = torch.sort(probs_N, descending=True, stable=True).indices
     by_expert = torch.sort(ids_N[by_prob_N], stable=True).indices
     order_N = by_prob_N[by_expert]
-    counts_E = torch.bincount(ids_N, minlength=num_experts)
+    counts_E = count_ids(ids_N, num_experts)
     starts_E = torch.cumsum(counts_E, 0) - counts_E
     sorted_ids_N = ids_N[order_N]
     rank_sorted_N = torch.arange(n, device=ids_N.device) - starts_E[sorted_ids_N]
@@ -105,14 +107,14 @@ class Router(nn.Module):
         else:
             weights_TK = topk_probs_TK
 
-        tokens_per_expert_E = torch.bincount(topk_ids_TK.reshape(-1), minlength=self.num_experts)
+        tokens_per_expert_E = count_ids(topk_ids_TK, self.num_experts)
         keep_TK = None
-        dropped = 0.0
+        dropped = torch.zeros((), dtype=torch.float64, device=x_TD.device)
         if not cfg.dropless and T > 0:
             keep_TK = capacity_keep_mask(
                 topk_ids_TK, topk_probs_TK, self.num_experts, capacity(T, cfg)
             )
-            dropped = 1.0 - keep_TK.sum().item() / keep_TK.numel()
+            dropped = (~keep_TK).sum().double() / keep_TK.numel()
 
         aux_loss, z_loss = self._losses(logits_TE, probs_TE, tokens_per_expert_E, T)
         routing = Routing(
@@ -153,5 +155,5 @@ class Router(nn.Module):
         if not self.cfg.expert_bias:
             return
         load = load_E.to(self.bias_steps_E.device).double()
-        if load.sum() > 0:
-            self.bias_steps_E += torch.sign(load.mean() - load).long()
+        # no load at all moves nothing (mean - load = 0): no host-side check needed
+        self.bias_steps_E += torch.sign(load.mean() - load).long()

@@ -51,8 +51,9 @@ def train_step(engine: Any, data: Any, model: Any, accum: int, guard: Any = None
     device = engine.device
     sums = torch.zeros(4, dtype=torch.float64)
     moe = model.moe_layers()
-    load_LE = torch.zeros(len(moe), model.cfg.moe.num_experts, dtype=torch.long)
-    dropped = 0.0
+    # the layers leave their statistics on the device: summed there, read once per step
+    load_LE: Any = 0
+    dropped: Any = 0.0
     dispatch: dict[str, float] = {}
     tokens = 0
     lr = engine.get_lr()[0]  # the rate this step's update uses
@@ -70,15 +71,20 @@ def train_step(engine: Any, data: Any, model: Any, accum: int, guard: Any = None
         if guard is not None and i == accum - 1:
             guard.before_update(bool(torch.isfinite(sums).all()))
         engine.step()  # DeepSpeed applies the update only at the accumulation boundary
-        for i, layer in enumerate(moe):
-            load_LE[i] += layer.last_stats["tokens_per_expert"].cpu()
-            dropped += layer.last_stats["dropped_fraction"] / max(1, len(moe))
+        if moe:
+            load_LE = load_LE + torch.stack([m.last_stats["tokens_per_expert"] for m in moe])
+        for layer in moe:
+            dropped = dropped + layer.last_stats["dropped_fraction"] / len(moe)
             add_dispatch_stats(dispatch, layer.last_stats.get("dispatcher", {}))
         tokens += inputs.numel()
     grad_norm = engine.get_global_grad_norm()
     grad_norm = float(grad_norm) if grad_norm is not None else float("nan")
     loss, lm, aux, z = (sums / accum).tolist()
-    return StepResult(loss, lm, aux, z, grad_norm, lr, tokens, load_LE, dropped / accum, dispatch)
+    if not moe:
+        load_LE = torch.zeros(0, model.cfg.moe.num_experts, dtype=torch.long)
+    load_LE = load_LE.long().cpu()
+    dropped = float(dropped) / accum
+    return StepResult(loss, lm, aux, z, grad_norm, lr, tokens, load_LE, dropped, dispatch)
 
 
 def update_expert_bias(model: Any, load_LE: torch.Tensor) -> None:
