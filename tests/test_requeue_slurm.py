@@ -15,7 +15,7 @@ import time
 from pathlib import Path
 
 import yaml
-from helpers.slurm import needs_slurm
+from helpers.slurm import needs_slurm, wait_job
 
 from xmoectl import resource_dir, slurm
 
@@ -53,24 +53,8 @@ def _scontrol(job_id: str) -> str:
 
 
 def _wait(job_id: str, run_dir: Path, timeout_s: float, until=None) -> str:
-    """Poll until the job ends (or `until(state)` holds); cancels it on timeout.
-
-    A requeued job waits about two minutes before Slurm lets it start again (its begin time
-    is pushed back); the test lets it start at once so that it runs in seconds.
-    """
-    deadline = time.monotonic() + timeout_s
-    state = "UNKNOWN"
-    while time.monotonic() < deadline:
-        state = slurm.job_state(job_id)["state"]
-        if until is not None and until(state):
-            return state
-        if state in slurm.TERMINAL:
-            return state
-        if state == "PENDING" and "BeginTime" in slurm.job_state(job_id).get("reason", ""):
-            subprocess.run(["scontrol", "update", f"JobId={job_id}", "StartTime=now"], timeout=30)
-        time.sleep(1.0)
-    subprocess.run(["scancel", job_id], timeout=30)
-    raise AssertionError(f"job {job_id} still {state} after {timeout_s}s: {_log(run_dir)[-3000:]}")
+    """Poll until the job ends (or `until(state)` holds), letting a requeued job start at once."""
+    return wait_job(job_id, slurm.TERMINAL, timeout_s, until, log=lambda: _log(run_dir))
 
 
 def _log(run_dir: Path) -> str:
@@ -92,12 +76,14 @@ def _last_step(run_dir: Path) -> int:
 def test_time_limit_signal_checkpoints_requeues_and_completes(tmp_path):
     """Slurm itself sends the warning when the job nears its time limit.
 
-    The job starts with room to spare; once it trains, its time limit is cut to where the
-    60 s warning is due (what a short allocation looks like from the inside), and after the
-    requeue the limit is given back so that the second allocation can finish.
+    The job starts with room to spare; once it trains, its time limit is cut to 1-2 minutes
+    from now, inside the 110 s warning window (what a short allocation looks like from the
+    inside), so Slurm sends the warning at its next time-limit check (every 30 s) while at
+    least a minute is left; after the requeue the limit is given back so that the second
+    allocation can finish.
     """
-    steps = 400  # about 100 s of training: the warning comes while it trains
-    site = _site(tmp_path, "local-slurm-rq", requeue_grace_s=60, max_restarts=2, time="00:10:00")
+    steps = 240  # about 60 s of training: the warning comes while it trains
+    site = _site(tmp_path, "local-slurm-rq", requeue_grace_s=110, max_restarts=2, time="00:10:00")
     run_dir, job_id = _submit(tmp_path, site, "--set", f"train.steps={steps}")
     deadline = time.monotonic() + 300
     while _last_step(run_dir) < 3:
@@ -148,7 +134,8 @@ def test_torchrun_passes_the_warning_to_its_ranks(tmp_path):
     prof = yaml.safe_load(site.read_text())
     prof["launcher"] = "torchrun"
     site.write_text(yaml.safe_dump(prof))
-    run_dir, job_id = _submit(tmp_path, site, "--set", "train.steps=300")
+    steps = 80  # the signal below reaches the ranks within a second or two, ~20 s of margin
+    run_dir, job_id = _submit(tmp_path, site, "--set", f"train.steps={steps}")
     deadline = time.monotonic() + 300
     while _last_step(run_dir) < 3:
         assert time.monotonic() < deadline, _log(run_dir)[-3000:]
@@ -160,6 +147,6 @@ def test_torchrun_passes_the_warning_to_its_ranks(tmp_path):
     log = _log(run_dir)
     assert state == "COMPLETED", log[-3000:]
     stopped = int(re.search(r"requeue signal received: checkpoint written at step (\d+)", log)[1])
-    assert stopped < 300 and f"at step {stopped}" in log
+    assert stopped < steps and f"at step {stopped}" in log
     assert re.search(r"Restarts=1\b", _scontrol(job_id))
-    assert _steps(run_dir) == list(range(1, 301))
+    assert _steps(run_dir) == list(range(1, steps + 1))
