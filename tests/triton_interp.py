@@ -38,8 +38,15 @@ def prepare() -> bool:
 READY = prepare()
 
 
+CHILD_ENV = "XMOE_TRITON_INTERP_CHILD"
+
+
 def run_in_child(test_file: str) -> None:
-    env = dict(os.environ, TRITON_INTERPRET="1")
+    # The child's prepare() imports triton for the interpreter and leaves TRITON_INTERPRET
+    # unset, as in a process that runs the file alone: tests of the torch paths (fp64) stay
+    # on torch, and the kernel tests set the variable themselves.
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env[CHILD_ENV] = "1"
     proc = subprocess.run(
         [sys.executable, "-m", "pytest", "-x", "-q", "-p", "no:cacheprovider", test_file],
         env=env,
@@ -58,6 +65,8 @@ def child_process_test(test_file: str):
 
     @pytest.mark.skipif(READY, reason="the kernels run in this process")
     def test_in_interpreter_process() -> None:
+        if os.environ.get(CHILD_ENV):
+            pytest.fail("triton was imported before triton_interp could set up the interpreter")
         run_in_child(test_file)
 
     return test_in_interpreter_process
