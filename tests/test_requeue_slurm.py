@@ -73,6 +73,15 @@ def _last_step(run_dir: Path) -> int:
         return 0
 
 
+def _wait_training(job_id: str, run_dir: Path) -> None:
+    """Until the job has logged step 3 (it trains), failing if it ends first."""
+    deadline = time.monotonic() + 300
+    while _last_step(run_dir) < 3:
+        assert time.monotonic() < deadline, _log(run_dir)[-3000:]
+        assert slurm.job_state(job_id)["state"] not in slurm.TERMINAL, _log(run_dir)[-3000:]
+        time.sleep(0.5)
+
+
 def test_time_limit_signal_checkpoints_requeues_and_completes(tmp_path):
     """Slurm itself sends the warning when the job nears its time limit.
 
@@ -82,14 +91,10 @@ def test_time_limit_signal_checkpoints_requeues_and_completes(tmp_path):
     least a minute is left; after the requeue the limit is given back so that the second
     allocation can finish.
     """
-    steps = 240  # about 60 s of training: the warning comes while it trains
+    steps = 300  # 45-75 s of training: the warning (within ~30 s) comes while it trains
     site = _site(tmp_path, "local-slurm-rq", requeue_grace_s=110, max_restarts=2, time="00:10:00")
     run_dir, job_id = _submit(tmp_path, site, "--set", f"train.steps={steps}")
-    deadline = time.monotonic() + 300
-    while _last_step(run_dir) < 3:
-        assert time.monotonic() < deadline, _log(run_dir)[-3000:]
-        assert slurm.job_state(job_id)["state"] not in slurm.TERMINAL, _log(run_dir)[-3000:]
-        time.sleep(0.5)
+    _wait_training(job_id, run_dir)
     elapsed_min = int(re.search(r"RunTime=(\d+):(\d+):(\d+)", _scontrol(job_id)).group(2))
     subprocess.run(
         ["scontrol", "update", f"JobId={job_id}", f"TimeLimit={elapsed_min + 2}"],
@@ -136,11 +141,7 @@ def test_torchrun_passes_the_warning_to_its_ranks(tmp_path):
     site.write_text(yaml.safe_dump(prof))
     steps = 80  # the signal below reaches the ranks within a second or two, ~20 s of margin
     run_dir, job_id = _submit(tmp_path, site, "--set", f"train.steps={steps}")
-    deadline = time.monotonic() + 300
-    while _last_step(run_dir) < 3:
-        assert time.monotonic() < deadline, _log(run_dir)[-3000:]
-        assert slurm.job_state(job_id)["state"] not in slurm.TERMINAL, _log(run_dir)[-3000:]
-        time.sleep(0.5)
+    _wait_training(job_id, run_dir)
     # what Slurm does at the warning time: the signal to every task of the job's steps
     subprocess.run(["scancel", "--signal=USR2", job_id], check=True, timeout=30)
     state = _wait(job_id, run_dir, 600)

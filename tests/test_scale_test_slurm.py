@@ -57,7 +57,7 @@ def wait_final(sw: SW.Sweep, timeout_s: float) -> dict:
                 if s["job_id"] and s["final"] is None:
                     subprocess.run(["scancel", s["job_id"]], timeout=30)
             raise AssertionError(f"sweep not done after {timeout_s}s: {st}")
-        time.sleep(2.0)
+        time.sleep(1.0)
 
 
 def test_dry_run_shows_every_job_and_submits_nothing(tmp_path):

@@ -10,23 +10,11 @@ from pathlib import Path
 
 import yaml
 from helpers import xmoectl
-from helpers.slurm import needs_slurm
+from helpers.slurm import needs_slurm, wait_job
 
 from xmoectl import resource_dir, slurm
 
 pytestmark = needs_slurm()
-
-
-def wait_for(job_id: str, states: set[str], timeout_s: float) -> str:
-    deadline = time.monotonic() + timeout_s
-    state = "UNKNOWN"
-    while time.monotonic() < deadline:
-        state = slurm.job_state(job_id)["state"]
-        if state in states:
-            return state
-        time.sleep(1.0)
-    subprocess.run(["scancel", job_id], timeout=30)
-    raise AssertionError(f"job {job_id} still {state} after {timeout_s}s")
 
 
 def submitted(r: subprocess.CompletedProcess) -> tuple[Path, str]:
@@ -74,7 +62,7 @@ def test_job_script_runs_through_submitit_on_two_nodes(tmp_path):
         runs_dir=runs_dir,
     )  # fmt: skip
     run_dir, job_id = submitted(r)
-    assert wait_for(job_id, slurm.TERMINAL, 120) == "COMPLETED"
+    assert wait_job(job_id, slurm.TERMINAL, 120) == "COMPLETED"
     rows = sorted((out / f"rank-{i}").read_text().strip().split("|") for i in range(4))
     assert [row[0] for row in rows] == ["0", "1", "2", "3"]
     assert sorted(row[1] for row in rows) == ["n1", "n1", "n2", "n2"]
@@ -104,7 +92,7 @@ def test_failing_job_reads_failed_and_refused_sbatch_leaves_nothing(tmp_path):
         "--name", "fails", runs_dir=runs_dir,
     )  # fmt: skip
     run_dir, job_id = submitted(r)
-    assert wait_for(job_id, slurm.TERMINAL, 120) == "FAILED"
+    assert wait_job(job_id, slurm.TERMINAL, 120) == "FAILED"
     logs = xmoectl("logs", "fails", runs_dir=runs_dir)
     assert "rank failing on purpose" in logs.stdout
     r = xmoectl(
@@ -123,7 +111,7 @@ def test_train_tiny_on_two_nodes_then_status_logs_runs(tmp_path):
         runs_dir=runs_dir,
     )  # fmt: skip
     run_dir, job_id = submitted(r)
-    assert wait_for(job_id, slurm.TERMINAL, 480) == "COMPLETED", xmoectl(
+    assert wait_job(job_id, slurm.TERMINAL, 480) == "COMPLETED", xmoectl(
         "logs", "tiny2x2", runs_dir=runs_dir
     ).stdout
     metrics = [
@@ -150,10 +138,10 @@ def test_cancelled_job_reads_cancelled(tmp_path):
         "--set", "train.micro_batch=2", "--set", "train.steps=1000000", runs_dir=runs_dir,
     )  # fmt: skip
     run_dir, job_id = submitted(r)
-    wait_for(job_id, {"RUNNING"}, 120)
+    wait_job(job_id, {"RUNNING"}, 120)
     c = xmoectl("cancel", "long", runs_dir=runs_dir)
     assert c.returncode == 0 and f"job {job_id}" in c.stdout
-    assert wait_for(job_id, slurm.TERMINAL, 120) == "CANCELLED"
+    assert wait_job(job_id, slurm.TERMINAL, 120) == "CANCELLED"
     st = xmoectl("status", "long", runs_dir=runs_dir)
     assert "CANCELLED" in st.stdout
     acct = subprocess.run(
@@ -179,7 +167,7 @@ def test_torchrun_launcher_trains_on_two_nodes(tmp_path):
         "torch.distributed.run --nnodes=2 --nproc-per-node=2"
         in (run_dir / "job.sbatch").read_text()
     )
-    state = wait_for(job_id, slurm.TERMINAL, 480)
+    state = wait_job(job_id, slurm.TERMINAL, 480)
     log = xmoectl("logs", "tr", runs_dir=runs_dir).stdout
     assert state == "COMPLETED", log[-3000:]
     assert "world 4" in log
@@ -205,7 +193,7 @@ def test_time_limit_signal_checkpoints_requeues_and_resumes(tmp_path):
         assert slurm.job_state(job_id)["state"] not in slurm.TERMINAL
         time.sleep(0.5)
     subprocess.run(["scancel", "--signal=USR2", job_id], check=True, timeout=30)
-    state = wait_for(job_id, slurm.TERMINAL, 600)
+    state = wait_job(job_id, slurm.TERMINAL, 600)
     log = xmoectl("logs", "rq", runs_dir=runs_dir).stdout
     assert state == "COMPLETED", log[-3000:]
     assert f"requeueing job {job_id}" in log and "resumed from" in log
