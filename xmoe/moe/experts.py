@@ -8,7 +8,9 @@ portable fallback every other variant is tested against.
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 
 import torch
 import torch.nn.functional as F
@@ -57,6 +59,13 @@ def select_grouped_mm(kind: str) -> GroupedMM:
     return kernel_grouped_mm
 
 
+def _init_threads() -> int:
+    """CPU cores this process may use for initialisation: its share of the node's
+    (torchrun's OMP_NUM_THREADS=1 says nothing about the cores free at build time)."""
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    return max(1, (cores or 1) // max(1, int(os.environ.get("LOCAL_WORLD_SIZE", "1"))))
+
+
 def mark_expert_params(module: nn.Module, ep_size: int) -> None:
     """Tag parameters with DeepSpeed's MoE conventions.
 
@@ -100,12 +109,28 @@ class GroupedExperts(nn.Module):
 
         So expert e starts identical whatever the EP size, and building experts does not
         shift the random stream of the rest of the model: EP=n runs match EP=1 runs.
+        Experts are independent streams, so on the CPU a pool of threads fills them in
+        place (the generator is the bottleneck and runs without the GIL); the values do
+        not depend on the thread count. Weights created on a GPU (built under
+        `torch.device("cuda")`) are drawn there by per-expert GPU generators: as
+        EP-independent, but not the CPU's values.
         """
-        for i in range(self.num_local_experts):
-            gen = torch.Generator().manual_seed(init_seed * 1_000_003 + first_expert + i)
-            for p in (self.w1_EFD, self.w3_EFD, self.w2_EDF):
-                if p is not None:
-                    p[i].copy_(torch.randn(p.shape[1:], generator=gen) * init_std)
+        weights = [p for p in (self.w1_EFD, self.w3_EFD, self.w2_EDF) if p is not None]
+
+        @torch.no_grad()  # grad mode is per thread
+        def init_expert(i: int) -> None:
+            gen = torch.Generator(weights[0].device)
+            gen.manual_seed(init_seed * 1_000_003 + first_expert + i)
+            for p in weights:
+                p[i].normal_(0.0, init_std, generator=gen)
+
+        workers = min(self.num_local_experts, _init_threads())
+        if workers <= 1 or weights[0].device.type != "cpu":
+            for i in range(self.num_local_experts):
+                init_expert(i)
+            return
+        with ThreadPoolExecutor(workers) as pool:
+            list(pool.map(init_expert, range(self.num_local_experts)))
 
     def grouped_mm(
         self, x_RX: torch.Tensor, w_EYX: torch.Tensor, counts_El: list[int]
