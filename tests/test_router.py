@@ -102,3 +102,38 @@ def test_dropping_reports_fraction():
     per_expert = torch.bincount(out.routing.topk_ids_TK[kept], minlength=4)
     assert torch.all(per_expert <= cap)
     assert out.dropped_fraction == pytest.approx(1 - kept.sum().item() / 80)
+
+
+class _SliceRouter(Router):
+    """Routes one slice of a batch; its losses are normalised by the whole batch's load."""
+
+    def __init__(self, cfg, hidden, batch_load_E, batch_tokens):
+        super().__init__(cfg, hidden)
+        self.batch = (batch_load_E, batch_tokens)
+        self.calls = []
+
+    def reduce_load(self, load_E, tokens):
+        self.calls.append((load_E.clone(), tokens))
+        return self.batch
+
+
+def test_reduce_load_hook_makes_slice_losses_add_up_to_the_batch():
+    torch.manual_seed(1)
+    cfg = MoEConfig(num_experts=6, top_k=2)
+    whole = Router(cfg, 16)
+    x = torch.randn(30, 16)
+    full = whole(x)
+    (full.aux_loss + full.z_loss).backward()
+    parts, grads = [], []
+    for rows in (slice(0, 11), slice(11, 30)):
+        r = _SliceRouter(cfg, 16, full.tokens_per_expert_E, 30)
+        r.load_state_dict(whole.state_dict())
+        out = r(x[rows])
+        (out.aux_loss + out.z_loss).backward()
+        # the hook saw this slice's own load and token count
+        assert torch.equal(r.calls[0][0], out.tokens_per_expert_E)
+        assert r.calls[0][1] == rows.stop - rows.start
+        parts.append(torch.stack([out.aux_loss, out.z_loss]))
+        grads.append(r.weight_ED.grad)
+    torch.testing.assert_close(parts[0] + parts[1], torch.stack([full.aux_loss, full.z_loss]))
+    torch.testing.assert_close(grads[0] + grads[1], whole.weight_ED.grad)

@@ -125,6 +125,17 @@ class Router(nn.Module):
         )
         return RouterOutput(routing, aux_loss, z_loss, tokens_per_expert_E, dropped)
 
+    def reduce_load(self, load_E: torch.Tensor, tokens: int) -> tuple[torch.Tensor, int]:
+        """The routed load and token count the balance losses are normalised by.
+
+        They are those of every router whose losses are added to this one's: this router
+        alone here (both returned as given). Each router's losses are the share of its own
+        tokens, so the shares add up to the loss over all of them. A subclass that routes
+        with others (`xmoe.moe.ssmb.TPRouter`) returns their sums; every rank of such a
+        group calls it, even with no tokens, so it may hold a collective.
+        """
+        return load_E, tokens
+
     def _losses(
         self,
         logits_TE: torch.Tensor,
@@ -132,16 +143,18 @@ class Router(nn.Module):
         tokens_per_expert_E: torch.Tensor,
         T: int,
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        if T == 0:
+        load_E, total = self.reduce_load(tokens_per_expert_E, T)
+        if total == 0:
             zero = logits_TE.sum() * 0.0
             return zero, zero
         # Switch Transformer: E * sum_e f_e * P_e, f_e = share of assignments routed to e
         # (not differentiable), P_e = mean router probability of e; 1.0 when balanced.
-        f_E = tokens_per_expert_E.float() / (T * self.top_k)
-        P_E = probs_TE.mean(0)
-        aux = self.num_experts * torch.sum(f_E * P_E)
+        # Here P_e sums only this router's tokens: its share of the mean over `total`.
+        f_E = load_E.float() / (total * self.top_k)
+        P_share_E = probs_TE.sum(0) / total
+        aux = self.num_experts * torch.sum(f_E * P_share_E)
         # ST-MoE router z-loss keeps logits small, which keeps the fp32 softmax well scaled.
-        z = torch.logsumexp(logits_TE, dim=-1).square().mean()
+        z = torch.logsumexp(logits_TE, dim=-1).square().sum() / total
         return aux, z
 
     @torch.no_grad()

@@ -71,7 +71,8 @@ class TPRouter(Router):
     Under SSMB (`sharded`) the rank routes 1/tp of the tokens: the expert loads f_E are
     summed over the TP group and the probability and z-loss means divided by all T*tp
     tokens, so the shares add up to the loss of the whole micro-batch. In plain TP every
-    rank routes the whole sequence and the share is 1/tp of its loss.
+    rank routes the whole sequence and the share is 1/tp of its loss. Only the
+    `Router.reduce_load` hook differs from the one-rank router.
     """
 
     def __init__(
@@ -81,25 +82,11 @@ class TPRouter(Router):
         self.tp = tp
         self.sharded = sharded
 
-    def _losses(
-        self,
-        logits_TE: torch.Tensor,
-        probs_TE: torch.Tensor,
-        tokens_per_expert_E: torch.Tensor,
-        T: int,
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        # overrides the one-rank formula in Router._losses with its TP-share form
+    def reduce_load(self, load_E: torch.Tensor, tokens: int) -> tuple[torch.Tensor, int]:
+        """The TP group's load and tokens: summed over its ranks under SSMB; in plain TP
+        every rank routes the same sequence, so the group routed it tp times."""
         if not self.sharded:
-            aux, z = super()._losses(logits_TE, probs_TE, tokens_per_expert_E, T)
-            return aux / self.tp.size, z / self.tp.size
-        load_E = tokens_per_expert_E.clone()
-        dist.all_reduce(load_E, group=self.tp.group)  # every rank calls it, even with T = 0
-        total = T * self.tp.size
-        if total == 0:
-            zero = logits_TE.sum() * 0.0
-            return zero, zero
-        f_E = load_E.float() / (total * self.top_k)
-        P_share_E = probs_TE.sum(0) / total
-        aux = self.num_experts * torch.sum(f_E * P_share_E)
-        z = torch.logsumexp(logits_TE, dim=-1).square().sum() / total
-        return aux, z
+            return load_E * self.tp.size, tokens * self.tp.size
+        load_E = load_E.clone()
+        dist.all_reduce(load_E, group=self.tp.group)
+        return load_E, tokens * self.tp.size
