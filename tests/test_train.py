@@ -9,6 +9,9 @@ from helpers import read_metrics, run_xmoe
 
 # expert bias and capacity dropping on: resume must restore every piece of state they use
 COMMON = ["--set", "moe.expert_bias=true", "--set", "moe.capacity_factor=1.25"]
+# the uninterrupted run and its interrupted twin: 30 steps, logged every step, saved every 10
+RUN30 = ["train", "--config", "tiny", *COMMON, "--set", "train.steps=30"]
+RUN30 += ["--set", "train.log_interval=1", "--set", "train.save_interval=10"]
 
 
 def _ok(proc):
@@ -20,24 +23,7 @@ def _ok(proc):
 def full_run(tmp_path_factory):
     """30 uninterrupted steps of the tiny preset, logged every step, saved every 10."""
     run_dir = tmp_path_factory.mktemp("full")
-    _ok(
-        run_xmoe(
-            [
-                "train",
-                "--config",
-                "tiny",
-                "--run-dir",
-                str(run_dir),
-                *COMMON,
-                "--set",
-                "train.steps=30",
-                "--set",
-                "train.log_interval=1",
-                "--set",
-                "train.save_interval=10",
-            ]
-        )
-    )
+    _ok(run_xmoe([*RUN30, "--run-dir", str(run_dir)]))
     return run_dir
 
 
@@ -72,20 +58,7 @@ def test_tiny_loss_falls(full_run):
 
 
 def test_resume_is_bit_exact(full_run, tmp_path):
-    args = [
-        "train",
-        "--config",
-        "tiny",
-        "--run-dir",
-        str(tmp_path),
-        *COMMON,
-        "--set",
-        "train.steps=30",
-        "--set",
-        "train.log_interval=1",
-        "--set",
-        "train.save_interval=10",
-    ]
+    args = [*RUN30, "--run-dir", str(tmp_path)]
     _ok(run_xmoe([*args, "--stop-after", "10"]))
     again = run_xmoe(args)  # without --resume the run directory is refused
     assert again.returncode == 2 and "--resume" in again.stderr
