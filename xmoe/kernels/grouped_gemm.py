@@ -44,6 +44,7 @@ if HAVE_TRITON:
         BM: tl.constexpr,
         BN: tl.constexpr,
         BK: tl.constexpr,
+        ACC_FP64: tl.constexpr,
     ):
         # One program per (row tile of one expert, column tile); tiles never straddle experts.
         # Column tiles vary fastest: the programs running together share one row tile of x
@@ -61,7 +62,10 @@ if HAVE_TRITON:
         mn = rn < N
         x_ptrs = x_ptr + rm[:, None].to(tl.int64) * s_xm + rk[None, :] * s_xk
         w_ptrs = w_ptr + e * s_we + rk[:, None] * s_wk + rn[None, :] * s_wn
-        acc = tl.zeros((BM, BN), dtype=tl.float32)
+        # fp64 operands need an fp64 accumulator: tl.dot returns fp64 for them, and with an
+        # fp32 one the interpreter stores 4-byte values into the 8-byte rows of y, leaving
+        # half of every element as whatever the empty buffer held.
+        acc = tl.zeros((BM, BN), dtype=tl.float64 if ACC_FP64 else tl.float32)
         for k0 in range(0, K, BK):
             mk = (k0 + rk) < K
             a = tl.load(x_ptrs, mask=mm[:, None] & mk[None, :], other=0.0)
@@ -94,6 +98,7 @@ if HAVE_TRITON:
         BM: tl.constexpr,
         BN: tl.constexpr,
         BR: tl.constexpr,
+        ACC_FP64: tl.constexpr,
     ):
         # dw[e] = x[rows of e]^T @ dy[rows of e]; an expert with no rows gets zeros.
         # The expert varies slowest: the programs running together read the same expert's
@@ -109,7 +114,7 @@ if HAVE_TRITON:
         mn = rn < N
         start = tl.load(start_ptr + e)
         end = tl.load(end_ptr + e)
-        acc = tl.zeros((BM, BN), dtype=tl.float32)
+        acc = tl.zeros((BM, BN), dtype=tl.float64 if ACC_FP64 else tl.float32)
         for r0 in range(start, end, BR):
             rr = r0 + tl.arange(0, BR)
             mr = rr < end
@@ -241,6 +246,7 @@ def _gmm_forward(x_RK, w_EKN, tiles, N: int) -> torch.Tensor:
         BM=bm,
         BN=bn,
         BK=bk,
+        ACC_FP64=x_RK.dtype == torch.float64,
         num_warps=warps,
         num_stages=stages,
     )
@@ -274,6 +280,7 @@ def _gmm_wgrad(x_RK, dy_RN, ends, E: int) -> torch.Tensor:
         BM=bm,
         BN=bn,
         BR=bk,
+        ACC_FP64=x_RK.dtype == torch.float64,
         num_warps=warps,
         num_stages=stages,
     )
