@@ -28,6 +28,7 @@ if HAVE_TRITON:
         K,
         s_a,
         s_rows,
+        ACC_FP64: tl.constexpr,
         BLOCK_N: tl.constexpr,
         BLOCK_D: tl.constexpr,
     ):
@@ -36,7 +37,8 @@ if HAVE_TRITON:
         idx = tl.load(dest_ptr + n, mask=mn, other=-1)
         valid = mn & (idx >= 0)
         tok = (n // K).to(tl.int64)
-        acc = tl.zeros((BLOCK_N,), dtype=tl.float32)
+        acc_ty = tl.float64 if ACC_FP64 else tl.float32
+        acc = tl.zeros((BLOCK_N,), dtype=acc_ty)
         for d0 in range(0, D, BLOCK_D):
             d = d0 + tl.arange(0, BLOCK_D)
             md = d < D
@@ -44,12 +46,12 @@ if HAVE_TRITON:
                 a_ptr + tok[:, None] * s_a + d[None, :],
                 mask=valid[:, None] & md[None, :],
                 other=0.0,
-            ).to(tl.float32)
+            ).to(acc_ty)
             b = tl.load(
                 rows_ptr + idx[:, None] * s_rows + d[None, :],
                 mask=valid[:, None] & md[None, :],
                 other=0.0,
-            ).to(tl.float32)
+            ).to(acc_ty)
             acc += tl.sum(a * b, axis=1)
         tl.store(out_ptr + n, acc, mask=mn)
 
@@ -70,13 +72,13 @@ def row_dot_torch(
 
 
 def row_dot(a_TD: torch.Tensor, rows_RD: torch.Tensor, dest_row_TK: torch.Tensor) -> torch.Tensor:
-    """out_TK[t, k] = <a_TD[t], rows_RD[dest_row_TK[t, k]]> in fp32 (0 where dropped)."""
+    """out_TK[t, k] = <a_TD[t], rows_RD[dest_row_TK[t, k]]> in `acc_dtype` (0 where dropped)."""
     if not use_triton(a_TD):
         return row_dot_torch(a_TD, rows_RD, dest_row_TK)
     a_TD, rows_RD = a_TD.contiguous(), rows_RD.contiguous()
     T, K = dest_row_TK.shape
     D = a_TD.shape[1]
-    out_TK = torch.zeros(T, K, dtype=torch.float32, device=a_TD.device)
+    out_TK = torch.zeros(T, K, dtype=acc_dtype(a_TD.dtype), device=a_TD.device)
     if T * K == 0:
         return out_TK
     block_d = min(128, max(16, next_pow2(D)))
@@ -91,6 +93,7 @@ def row_dot(a_TD: torch.Tensor, rows_RD: torch.Tensor, dest_row_TK: torch.Tensor
         K,
         a_TD.stride(0),
         rows_RD.stride(0),
+        ACC_FP64=out_TK.dtype == torch.float64,
         BLOCK_N=block_n,
         BLOCK_D=block_d,
     )

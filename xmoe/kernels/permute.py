@@ -32,6 +32,7 @@ if HAVE_TRITON:
         s_src,
         s_out,
         HAS_W: tl.constexpr,
+        ACC_FP64: tl.constexpr,
         BLOCK_R: tl.constexpr,
         BLOCK_D: tl.constexpr,
     ):
@@ -43,8 +44,9 @@ if HAVE_TRITON:
         tok = slot // K
         v = tl.load(src_ptr + tok[:, None] * s_src + d[None, :], mask=m, other=0.0)
         if HAS_W:
-            w = tl.load(w_ptr + slot, mask=mr, other=0.0).to(tl.float32)
-            v = v.to(tl.float32) * w[:, None]
+            acc_ty = tl.float64 if ACC_FP64 else tl.float32
+            w = tl.load(w_ptr + slot, mask=mr, other=0.0).to(acc_ty)
+            v = v.to(acc_ty) * w[:, None]
         tl.store(
             out_ptr + r[:, None].to(tl.int64) * s_out + d[None, :],
             v.to(out_ptr.dtype.element_ty),
@@ -63,6 +65,7 @@ if HAVE_TRITON:
         s_rows,
         s_out,
         HAS_W: tl.constexpr,
+        ACC_FP64: tl.constexpr,
         BLOCK_T: tl.constexpr,
         BLOCK_D: tl.constexpr,
     ):
@@ -70,7 +73,8 @@ if HAVE_TRITON:
         d = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)
         mt = t < T
         md = d < D
-        acc = tl.zeros((BLOCK_T, BLOCK_D), dtype=tl.float32)
+        acc_ty = tl.float64 if ACC_FP64 else tl.float32
+        acc = tl.zeros((BLOCK_T, BLOCK_D), dtype=acc_ty)
         for k in range(0, K):
             idx = tl.load(dest_ptr + t * K + k, mask=mt, other=-1)
             valid = mt & (idx >= 0)
@@ -78,9 +82,9 @@ if HAVE_TRITON:
                 rows_ptr + idx[:, None] * s_rows + d[None, :],
                 mask=valid[:, None] & md[None, :],
                 other=0.0,
-            ).to(tl.float32)
+            ).to(acc_ty)
             if HAS_W:
-                w = tl.load(w_ptr + t * K + k, mask=valid, other=0.0).to(tl.float32)
+                w = tl.load(w_ptr + t * K + k, mask=valid, other=0.0).to(acc_ty)
                 v = v * w[:, None]
             acc += v
         tl.store(
@@ -133,6 +137,7 @@ def gather_rows(
         x_TD.stride(0),
         out_RD.stride(0),
         HAS_W=w_N is not None,
+        ACC_FP64=acc_dtype(x_TD.dtype) == torch.float64,
         BLOCK_R=br,
         BLOCK_D=bd,
     )
@@ -161,7 +166,8 @@ def unpermute_torch(
 def unpermute(
     rows_RD: torch.Tensor, dest_row_TK: torch.Tensor, w_TK: torch.Tensor | None = None
 ) -> torch.Tensor:
-    """y_TD[t] = sum over kept k of (w_TK[t, k] *) rows_RD[dest_row_TK[t, k]], fp32 accumulation."""
+    """y_TD[t] = sum over kept k of (w_TK[t, k] *) rows_RD[dest_row_TK[t, k]], accumulated in
+    `acc_dtype` (fp32, fp64 for fp64 rows) like the torch reference."""
     if not use_triton(rows_RD):
         return unpermute_torch(rows_RD, dest_row_TK, w_TK)
     rows_RD = rows_RD.contiguous()
@@ -185,6 +191,7 @@ def unpermute(
         rows_RD.stride(0),
         y_TD.stride(0),
         HAS_W=w_TK is not None,
+        ACC_FP64=acc_dtype(rows_RD.dtype) == torch.float64,
         BLOCK_T=bt,
         BLOCK_D=bd,
     )
