@@ -45,6 +45,10 @@ def poisoned():
     torch.use_deterministic_algorithms(was_on, warn_only=was_warn)
 
 
+def _layer(overrides: list[str], dtype: torch.dtype) -> MoELayer:
+    return MoELayer(load_config("tiny", overrides)).to(dtype)
+
+
 def _run(layer, x_TD, g_TD):
     x_TD = x_TD.clone().requires_grad_()
     y_TD = layer(x_TD)
@@ -59,12 +63,8 @@ def test_pft_triton_matches_reference_on_poisoned_memory(interpreter, poisoned, 
     overrides, T = LAYER_CASES[case]
     torch.manual_seed(0)
     cfg = [*BASE, *overrides]
-    ref = MoELayer(
-        load_config("tiny", [*cfg, "moe.dispatcher=reference", "moe.grouped_gemm=loop"])
-    ).to(dtype)
-    pft = MoELayer(
-        load_config("tiny", [*cfg, "moe.dispatcher=pft", "moe.grouped_gemm=triton"])
-    ).to(dtype)
+    ref = _layer([*cfg, "moe.dispatcher=reference", "moe.grouped_gemm=loop"], dtype)
+    pft = _layer([*cfg, "moe.dispatcher=pft", "moe.grouped_gemm=triton"], dtype)
     pft.load_state_dict(ref.state_dict())
     x_TD = torch.randn(T, 32, dtype=dtype)
     g_TD = torch.randn(T, 32, dtype=dtype)
