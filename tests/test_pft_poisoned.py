@@ -108,3 +108,10 @@ def test_grouped_gemm_on_poisoned_memory(interpreter, poisoned, case, dtype):
         outs.append((y.detach(), x.grad, w.grad))
     for name, got, want in zip(("y", "dx", "dw"), *outs):
         torch.testing.assert_close(got, want, msg=name, **TOL[dtype])
+
+
+def test_grouped_gemm_rejects_rows_outside_every_expert(interpreter):
+    x_RK = torch.randn(10, 16)
+    w_EKN = torch.randn(2, 16, 16)
+    with pytest.raises(ValueError, match="sum to 7 rows but x_RK has 10"):
+        grouped_mm(x_RK, w_EKN, [3, 4], "triton")

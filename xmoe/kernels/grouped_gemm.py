@@ -308,7 +308,13 @@ class _TritonGroupedMM(torch.autograd.Function):
 
 
 def grouped_mm_triton(x_RK: torch.Tensor, w_EKN: torch.Tensor, counts_E) -> torch.Tensor:
-    return _TritonGroupedMM.apply(x_RK, w_EKN, _counts_list(counts_E))
+    counts = _counts_list(counts_E)
+    if sum(counts) != x_RK.shape[0]:
+        # rows past the last expert's would be left as the empty output buffer held them
+        raise ValueError(
+            f"grouped_mm: counts_E sum to {sum(counts)} rows but x_RK has {x_RK.shape[0]}"
+        )
+    return _TritonGroupedMM.apply(x_RK, w_EKN, counts)
 
 
 # --------------------------------------------------------------------------- selection
