@@ -7,14 +7,13 @@ import subprocess
 from pathlib import Path
 
 import pytest
-from test_slurm_xmoectl import _slurm_ready  # the test folder is on sys.path (pytest prepend mode)
+from helpers.slurm import needs_slurm
 
 ROOT = Path(__file__).resolve().parent.parent
 BASE = Path(os.environ.get("XMOE_SLURM_BASE", "/tmp/xmoe-slurm"))
 
 pytestmark = [
-    pytest.mark.slurm,
-    pytest.mark.skipif(bool(_slurm_ready()), reason=_slurm_ready() or "-"),
+    *needs_slurm(),
     pytest.mark.skipif(os.geteuid() != 0, reason="scripts/slurm-local runs as root"),
 ]
 
