@@ -16,6 +16,10 @@ import subprocess
 import sys
 import tempfile
 import time
+from pathlib import Path
+
+from xmoectl import render, sites
+from xmoectl import runs as run_dirs
 
 COMMANDS = [
     ["--help"],
@@ -31,7 +35,9 @@ def measure(args: list[str], repeat: int, env: dict[str, str]) -> tuple[float, f
     for _ in range(repeat):
         before = resource.getrusage(resource.RUSAGE_CHILDREN)
         t0 = time.perf_counter()
-        r = subprocess.run([sys.executable, "-m", "xmoectl.cli", *args], capture_output=True, env=env)
+        r = subprocess.run(
+            [sys.executable, "-m", "xmoectl.cli", *args], capture_output=True, env=env
+        )
         wall = time.perf_counter() - t0
         after = resource.getrusage(resource.RUSAGE_CHILDREN)
         if r.returncode != 0:
@@ -45,15 +51,15 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--repeat", type=int, default=5)
     a = ap.parse_args()
-    from pathlib import Path
-
-    from xmoectl import render, runs as run_dirs
-    from xmoectl import sites
-
     with tempfile.TemporaryDirectory() as runs:
         # one run for `status` to report on (its job id is unknown to Slurm: state UNKNOWN)
-        job = render.resolve(sites.load("local-slurm"), "tiny", 2, Path(runs) / "r",
-                             overrides=["train.micro_batch=2"])
+        job = render.resolve(
+            sites.load("local-slurm"),
+            "tiny",
+            2,
+            Path(runs) / "r",
+            overrides=["train.micro_batch=2"],
+        )
         run_dirs.write_run(job, render.render_script(job), ["cli_speed"])
         run_dirs.update_manifest(Path(runs) / "r", job_id="999999")
         env = {**os.environ, "XMOE_RUNS": runs}
