@@ -23,7 +23,9 @@ from torch import nn
 class Routing:
     topk_ids_TK: torch.Tensor  # int64 global expert id per (token, k)
     topk_weights_TK: torch.Tensor  # combine weight per (token, k); carries the router's gradient
-    keep_TK: torch.Tensor | None  # bool, False where capacity dropped the assignment; None = dropless
+    keep_TK: (
+        torch.Tensor | None
+    )  # bool, False where capacity dropped the assignment; None = dropless
     num_experts: int
 
     @property
