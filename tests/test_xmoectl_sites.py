@@ -55,6 +55,7 @@ def test_unknown_site_suggests_closest(tmp_path):
         ('name: x\nenv: {"A B": 1}\n', "env.'A B' is not a valid environment variable name"),
         ("name: x\nslurm: {extra_sbatch: [exclusive]}\n", "must be an option such as"),
         ("name: x\nnode: {gpus: 4}\nslurm: {tasks_per_node: 8}\n", "exceeds node.gpus=4"),
+        ("name: x\nslurm: {requeue_grace_s: 0}\n", "field slurm.requeue_grace_s must be >= 1"),
         ("name: [x\n", "not valid YAML"),
         ("- a\n- b\n", "a site profile is a mapping"),
     ],

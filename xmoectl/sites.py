@@ -275,9 +275,14 @@ def check(p: SiteProfile, origin: str) -> None:
         )
     for name in ("account", "partition", "qos", "constraint", "time"):
         _one_line(getattr(p.slurm, name), origin, f"slurm.{name}")
-    for name in ("requeue_grace_s", "max_restarts"):
-        if getattr(p.slurm, name) < 0:
-            raise SiteError(f"{origin}: field slurm.{name} must be >= 0 (0 = off)")
+    if p.slurm.max_restarts < 0:
+        raise SiteError(f"{origin}: field slurm.max_restarts must be >= 0 (0 = never requeue)")
+    # submitit always asks Slurm for a warning signal, so "no warning" cannot be honoured:
+    # refuse it rather than submit a job that differs from the rendered script.
+    if p.slurm.requeue_grace_s < 1:
+        raise SiteError(
+            f"{origin}: field slurm.requeue_grace_s must be >= 1 (seconds of warning before the time limit)"
+        )
     if p.slurm.time and not _TIME.match(p.slurm.time):
         raise SiteError(
             f"{origin}: field slurm.time={p.slurm.time!r} must look like [D-]HH:MM:SS or minutes"
