@@ -51,6 +51,13 @@ class ScriptJob:
         self.script = script
 
     def __call__(self) -> int:
+        # A requeued job's earlier instance can be killed by `scontrol requeue` while submitit
+        # writes its result; the half-written temporary file would then make submitit refuse
+        # to save this instance's result and mark a completed run FAILED.
+        import submitit
+
+        result = submitit.JobEnvironment().paths.result_pickle
+        result.with_suffix(result.suffix + ".save_tmp").unlink(missing_ok=True)
         rc = subprocess.call(["bash", self.script])
         if rc:
             raise RuntimeError(f"{self.script} exited with status {rc}")
