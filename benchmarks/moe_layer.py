@@ -329,6 +329,33 @@ def sweep_gemm(s: dict, dev, dtype, args) -> list[dict]:
     return out
 
 
+def profile_impl(impl: str, s: dict, ps, dev, dtype, args) -> None:
+    """Device time of one implementation's fwd+bwd by kernel (torch.profiler), printed."""
+    from torch.profiler import ProfilerActivity, profile
+
+    w_gate, u = gate_weight(s, "balanced", dev, dtype)
+    x, gy = inputs(s, u, "balanced", ps.rank, dev, dtype)
+    layer = build_layer(impl, s, ps, dev, dtype, w_gate)
+
+    def step():
+        layer.zero_grad(set_to_none=True)
+        x.grad = None
+        layer(x).backward(gy)
+
+    time_step(step, dev, args.warmup, 1)
+    acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if dev.type == "cuda" else [])
+    n = 3
+    with profile(activities=acts) as prof:
+        for _ in range(n):
+            step()
+        if dev.type == "cuda":
+            torch.cuda.synchronize(dev)
+    if ps.rank == 0:
+        key = "self_cuda_time_total" if dev.type == "cuda" else "self_cpu_time_total"
+        print(f"== {impl}: {n} steps, by kernel", flush=True)
+        print(prof.key_averages().table(sort_by=key, row_limit=40, max_name_column_width=90))
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--out", required=True, help="JSON file to write")
@@ -347,6 +374,7 @@ def main(argv: list[str] | None = None) -> int:
         default="",
         help='Triton GEMM tile configs "BM,BN,BK,warps,stages;..." to time, then exit',
     )
+    ap.add_argument("--profile", default="", help="print IMPL's fwd+bwd time by kernel, then exit")
     args = ap.parse_args(argv)
     if args.quick:
         args.warmup, args.iters = 2, 5
@@ -362,6 +390,9 @@ def main(argv: list[str] | None = None) -> int:
         sweep_gemm(s, dev, dtype, args)
         return 0
     ps = create_parallel_state(layer_config(s, "pft", None, world, "auto"), rank, world, device=dev)
+    if args.profile:
+        profile_impl(args.profile, s, ps, dev, dtype, args)
+        return 0
     impls = args.impls.split(",") if args.impls else (SINGLE if world == 1 else EP_IMPLS)
     cases = []
     for routing in args.routing.split(","):

@@ -7,11 +7,14 @@
 #   SMOKE=1 OUT=/tmp/suite bash benchmarks/run_gpu_suite.sh    # CPU smoke test (gloo, tiny)
 #
 # Steps (default order: the end-to-end runs first, as they matter most when time runs out):
+#   gemm_sweep               Triton grouped GEMM tile configs ($GEMM_CONFIGS) vs _grouped_mm
+#   moe_profile              one pft layer (fwd+bwd) by kernel under torch.profiler, 1 GPU
 #   e2e_pft, e2e_deepspeed   benchmarks/e2e.py on 4 GPUs, small preset, one profiled step each
 #   moe_1gpu, moe_2gpu, moe_4gpu   benchmarks/moe_layer.py on 1 GPU and under torchrun 2 and 4
 #   ssmb                     benchmarks/ssmb.py under torchrun 4
 #   rbd                      benchmarks/rbd.py (spawns its 4 ranks itself)
 #   planner                  benchmarks/planner_validate.py, the first two layouts on 4 GPUs
+# The 4-GPU steps use every GPU when the machine has fewer (moe_4gpu is then skipped).
 # Result files are written to benchmarks/results/ (relative paths, so the commands they
 # record carry no machine paths) and copied to $OUT/results after every step; each step's
 # output goes to $OUT/logs/<step>.log and one line per step to $OUT/summary.txt.
@@ -38,7 +41,8 @@ if [ "$SMOKE" = 1 ]; then
     export PYTHONPATH=$PWD
 else
     RES=benchmarks/results
-    NP4=4
+    NGPU=$("$PY" -c 'import torch; print(torch.cuda.device_count())' 2>/dev/null || echo 0)
+    NP4=$((NGPU < 4 ? NGPU : 4))  # the "4-GPU" steps run on what the machine has, up to 4
     export OMP_NUM_THREADS=${OMP_NUM_THREADS:-8}  # 64 cores for 4 ranks (the h200 profile's value)
     if ls .whl/*.whl >/dev/null 2>&1; then
         python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
@@ -95,6 +99,15 @@ run_step() {
     cp -f "$RES"/*.json "$OUT/results/" 2>/dev/null
 }
 
+step_moe_profile() {
+    run_step moe_profile 60 "$PY" benchmarks/moe_layer.py --quick --profile pft \
+        --out "$RES/moe_layer.json" -- --device cpu --tiny
+}
+GEMM_CONFIGS=${GEMM_CONFIGS:-"128,256,64,8,3;128,256,64,8,4;128,128,64,4,4;128,128,64,8,4;256,128,64,8,3;64,256,64,4,4"}
+step_gemm_sweep() {
+    run_step gemm_sweep 90 "$PY" benchmarks/moe_layer.py --sweep-gemm "$GEMM_CONFIGS" \
+        --out "$RES/moe_layer.json" -- --device cpu --tiny
+}
 E2E_SMOKE=(--device cpu --tiny --warmup 1 --steps 2 --profile-micro-batches 1)
 step_e2e_pft() {
     run_step e2e_pft 170 $TORCHRUN --nproc_per_node $NP4 benchmarks/e2e.py --dispatchers pft \
@@ -115,6 +128,10 @@ step_moe_2gpu() {
         --out "$RES/moe_layer.json" --append -- --device cpu --tiny
 }
 step_moe_4gpu() {
+    if [ "$SMOKE" != 1 ] && [ "$NP4" -lt 4 ]; then
+        echo "moe_4gpu: skipped, $NP4 GPUs" | tee -a "$OUT/summary.txt"
+        return
+    fi
     run_step moe_4gpu 70 $TORCHRUN --nproc_per_node $NP4 benchmarks/moe_layer.py --quick \
         --out "$RES/moe_layer.json" --append -- --device cpu --tiny
 }
@@ -128,11 +145,11 @@ step_rbd() {
         --experts 8 --top-k 2 --expert-hidden 64 --iters 2 --sim-tokens 2048
 }
 step_planner() {
-    run_step planner 150 "$PY" benchmarks/planner_validate.py --gpus 4 --only 0 1 --timeout 70 \
+    run_step planner 150 "$PY" benchmarks/planner_validate.py --gpus $NP4 --only ${PLANNER_ONLY:-0 1} --timeout 70 \
         --out "$RES/planner.json" -- --cpu --gpus 2 --tiny
 }
 
-for s in ${STEPS:-e2e_pft e2e_deepspeed moe_1gpu moe_2gpu moe_4gpu ssmb rbd planner}; do
+for s in ${STEPS:-moe_profile e2e_pft e2e_deepspeed moe_1gpu moe_2gpu moe_4gpu ssmb rbd planner}; do
     if declare -F "step_$s" >/dev/null; then "step_$s"; else echo "unknown step $s" | tee -a "$OUT/summary.txt"; fi
 done
 echo "suite: $(($(date +%s) - START))s of ${BUDGET_S}s" >>"$OUT/summary.txt"
