@@ -99,6 +99,7 @@ def write_results(path: str, machine: str, command: str, cases: list[dict], appe
         prev = json.loads(out.read_text())
         keys = {(c["gpus"], c["routing"], c["impl"]) for c in cases}
         old = [c for c in prev.get("cases", []) if (c["gpus"], c["routing"], c["impl"]) not in keys]
+        old = [{**c, "date": c.get("date", prev.get("date", ""))} for c in old]
         commands = [
             c for c in prev.get("command", "").split(" ; ") if c and c != command
         ] + commands
@@ -107,6 +108,6 @@ def write_results(path: str, machine: str, command: str, cases: list[dict], appe
         "date": date.today().isoformat(),
         "machine": machine,
         "command": " ; ".join(commands),
-        "cases": old + cases,
+        "cases": old + [{**c, "date": c.get("date", date.today().isoformat())} for c in cases],
     }
     out.write_text(json.dumps(doc, indent=1) + "\n")

@@ -69,6 +69,15 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--tiny", action="store_true", help="tiny shapes (CPU smoke test)")
     p.add_argument("--dispatchers", default=None, help="comma list [pft,deepspeed]")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="SEC.KEY=V")
+    p.add_argument(
+        "--variant",
+        dest="variants",
+        action="append",
+        default=[],
+        metavar="SEC.KEY=V[,...]",
+        help="one more run per dispatcher with these overrides on top (repeatable); "
+        'e.g. --variant moe.capacity_factor=null. "" is the plain run',
+    )
     p.add_argument("--layers", type=int, default=0, help="0 = as many as fit")
     p.add_argument("--micro-batch", type=int, default=0, help="0 = 2 (GPU) or the preset's")
     p.add_argument("--global-batch", type=int, default=0, help="0 = the preset's")
@@ -123,9 +132,13 @@ def base_overrides(args: argparse.Namespace, world: int) -> list[str]:
     return out + list(args.overrides)
 
 
-def run_config(args: argparse.Namespace, world: int, dispatcher: str, layers: int) -> Config:
-    """The config of one run: preset, benchmark settings, user overrides, the dispatcher."""
+def run_config(
+    args: argparse.Namespace, world: int, dispatcher: str, layers: int, variant: str = ""
+) -> Config:
+    """The config of one run: preset, benchmark settings, user overrides, the dispatcher,
+    then the variant's overrides."""
     over = base_overrides(args, world) + [f"moe.dispatcher={dispatcher}"]
+    over += [v.strip() for v in variant.split(",") if v.strip()]
     if layers:
         over.append(f"model.layers={layers}")
     cfg = load_config(args.config, over)
@@ -154,8 +167,8 @@ def fit_layers(args: argparse.Namespace, world: int, dispatchers: list[str], hbm
     top = run_config(args, world, dispatchers[0], 0).model
     for layers in range(top.layers, top.dense_layers, -1):
         fits = True
-        for d in dispatchers:
-            cfg = run_config(args, world, d, layers)
+        for d, v in ((d, v) for d in dispatchers for v in args.variants or [""]):
+            cfg = run_config(args, world, d, layers, v)
             e, t = cfg.moe, cfg.train
             lay = Layout(ep=world, dispatcher=d, micro_batch=t.micro_batch,
                          checkpointing=t.activation_checkpointing, zero_stage=1,
@@ -314,14 +327,19 @@ def measure(trainer: BenchTrainer, args: argparse.Namespace) -> dict[str, Any]:
 # --------------------------------------------------------------------------- results
 
 
+def run_key(r: dict) -> tuple:
+    """What makes two runs the same measurement (a later one replaces an earlier one)."""
+    return (
+        r["dispatcher"], r["gpus"], r["layers"], r.get("micro_batch"), r.get("capacity_factor")
+    )  # fmt: skip
+
+
 def write_results(path: Path, doc: dict, append: bool) -> None:
     """Write the e2e JSON; with `append`, runs of another (dispatcher, gpus, layers) stay."""
     if append and path.is_file():
         old = json.loads(path.read_text())
-        keys = {(r["dispatcher"], r["gpus"], r["layers"]) for r in doc["runs"]}
-        kept = [
-            r for r in old.get("runs", []) if (r["dispatcher"], r["gpus"], r["layers"]) not in keys
-        ]
+        keys = {run_key(r) for r in doc["runs"]}
+        kept = [r for r in old.get("runs", []) if run_key(r) not in keys]
         commands = [c for c in old.get("command", "").split(" ; ") if c and c != doc["command"]]
         doc = {
             **doc,
@@ -346,17 +364,24 @@ def machine_name(device: Any, world: int) -> str:
 
 
 def print_table(runs: list[dict]) -> None:
-    print(f"{'dispatcher':<10} {'gpus':>4} {'layers':>6} {'tok/s':>10} {'TF/s/GPU':>9} "
-          f"{'MFU':>6} {'MFU780':>7} {'peak GiB':>9} {'step s':>7} {'dropped':>7}")  # fmt: skip
+    print(f"{'dispatcher':<10} {'gpus':>4} {'layers':>6} {'mb':>3} {'cf':>5} {'tok/s':>10} "
+          f"{'TF/s/GPU':>9} {'MFU':>6} {'MFU780':>7} {'peak GiB':>9} {'step s':>7} "
+          f"{'dropped':>7} {'load':>5}")  # fmt: skip
     for r in runs:
-        print(f"{r['dispatcher']:<10} {r['gpus']:>4} {r['layers']:>6} {r['tokens_per_s']:>10.0f} "
-              f"{r['tflops_per_gpu']:>9.1f} {100 * r['mfu']:>5.1f}% {100 * r['mfu_gemm']:>6.1f}% "
-              f"{r['peak_gib']:>9.2f} {r['step_s']:>7.3f} {100 * r['dropped_fraction']:>6.1f}%")  # fmt: skip
-    by = {(r["dispatcher"], r["gpus"], r["layers"]): r["tokens_per_s"] for r in runs}
-    for (d, gpus, layers), tps in by.items():
-        base = by.get(("deepspeed", gpus, layers))
+        cf = r.get("capacity_factor") or "-"
+        print(f"{r['dispatcher']:<10} {r['gpus']:>4} {r['layers']:>6} {r.get('micro_batch', 0):>3} "
+              f"{cf:>5} {r['tokens_per_s']:>10.0f} {r['tflops_per_gpu']:>9.1f} "
+              f"{100 * r['mfu']:>5.1f}% {100 * r['mfu_gemm']:>6.1f}% {r['peak_gib']:>9.2f} "
+              f"{r['step_s']:>7.3f} {100 * r['dropped_fraction']:>6.1f}% "
+              f"{r.get('load_max_mean') or 0:>5.1f}")  # fmt: skip
+    by = {run_key(r): r["tokens_per_s"] for r in runs}
+    for (d, gpus, layers, mb, cf), tps in by.items():
+        base = by.get(("deepspeed", gpus, layers, mb, cf))
         if d != "deepspeed" and base:
-            print(f"{d} / deepspeed throughput on {gpus} ranks, {layers} layers: {tps / base:.2f}x")
+            print(
+                f"{d} / deepspeed throughput on {gpus} ranks, {layers} layers, micro-batch {mb}, "
+                f"capacity factor {cf}: {tps / base:.2f}x"
+            )
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -378,7 +403,11 @@ def main(argv: list[str] | None = None) -> int:
                 print(
                     f"layers: {layers} fit {hbm:.0f} GiB for {', '.join(dispatchers)}", flush=True
                 )
-        configs = [run_config(args, world, d, layers) for d in dispatchers]
+        configs = [
+            run_config(args, world, d, layers, v)
+            for d in dispatchers
+            for v in (args.variants or [""])
+        ]
     except ConfigError as e:
         if rank == 0:
             print(f"error: {e}", file=sys.stderr)
@@ -393,8 +422,13 @@ def main(argv: list[str] | None = None) -> int:
         "machine": machine_name(device, world) if rank == 0 else "",
         "command": typed_command(sys.argv[1:] if argv is None else argv, world),
     }
+    t_start = time.perf_counter()
     for cfg in configs:
         trainer = BenchTrainer(cfg)
+        if rank == 0:
+            print(f"[{time.perf_counter() - t_start:.0f} s] built {cfg.moe.dispatcher}, "
+                  f"micro-batch {cfg.train.micro_batch}, capacity factor "
+                  f"{cfg.moe.capacity_factor}", flush=True)  # fmt: skip
         runs.append(measure(trainer, args))
         if rank == 0:  # written after every run: a later failure keeps the earlier ones
             print(json.dumps(runs[-1]), flush=True)
@@ -409,6 +443,8 @@ def main(argv: list[str] | None = None) -> int:
                 profiles.append(prof)
                 write_profiles(profile_out, {**head, "profiles": profiles}, args.append)
         trainer.close()
+        if rank == 0:
+            print(f"[{time.perf_counter() - t_start:.0f} s] done", flush=True)
     if rank == 0:
         print_table(json.loads(out.read_text())["runs"])  # with the runs --append kept
         print(f"wrote {out}" + (f" and {profile_out}" if profiles else ""))

@@ -248,6 +248,8 @@ def profile_step(
         "dispatcher": trainer.cfg.moe.dispatcher,
         "gpus": trainer.pstate.world,
         "layers": trainer.cfg.model.layers,
+        "micro_batch": trainer.cfg.train.micro_batch,
+        "capacity_factor": trainer.cfg.moe.capacity_factor,
         "time": "device kernel time" if on_device else "CPU operator time",
         "micro_batches": f"{n} of {accum}",
         "window_s": round(window.wall, 4),
@@ -266,8 +268,9 @@ def profile_step(
 
 
 def write_profiles(path: Path, doc: dict[str, Any], append: bool) -> None:
-    """The profile JSON; with `append`, profiles of another (dispatcher, gpus, layers) stay."""
-    key = lambda p: (p["dispatcher"], p["gpus"], p["layers"])  # noqa: E731
+    """The profile JSON; with `append`, profiles of other runs (`e2e.run_key`) stay."""
+    from benchmarks.e2e import run_key as key
+
     if append and path.is_file():
         mine = {key(p) for p in doc["profiles"]}
         old = json.loads(path.read_text()).get("profiles", [])
@@ -277,7 +280,8 @@ def write_profiles(path: Path, doc: dict[str, Any], append: bool) -> None:
 
 
 def print_profile(p: dict[str, Any]) -> None:
-    print(f"\nprofile: {p['dispatcher']} on {p['gpus']} ranks, rank 0's {p['time']}; "
+    print(f"\nprofile: {p['dispatcher']} on {p['gpus']} ranks, micro-batch {p.get('micro_batch')}, "
+          f"capacity factor {p.get('capacity_factor')}, rank 0's {p['time']}; "
           f"window of {p['micro_batches']} micro-batches + update: {p['window_s']:.3f} s wall, "
           f"{p['window_ms']:.1f} ms busy; whole step estimated {p['step_ms']:.1f} ms")  # fmt: skip
     print(f"  {'category':<16} {'window ms':>10} {'step ms':>10} {'% step':>7}")

@@ -138,7 +138,8 @@ def measure(args: argparse.Namespace, lay: Layout, work: Path) -> dict:
         "--overrides", json.dumps(config_for(args, lay)), "--result", str(result),
         "--run-dir", str(work / f"run-{lay.label().replace(' ', '_')}"),
     ]  # fmt: skip
-    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    path = [str(ROOT), *filter(None, os.environ.get("PYTHONPATH", "").split(os.pathsep))]
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(path)}
     env.setdefault("TRITON_CACHE_DIR", str(work / "triton-cache"))
     if args.cpu:
         env["CUDA_VISIBLE_DEVICES"] = ""
@@ -146,9 +147,11 @@ def measure(args: argparse.Namespace, lay: Layout, work: Path) -> dict:
     t0 = time.time()
     proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=args.timeout)
     if proc.returncode or not result.is_file():
-        text = proc.stdout[-4000:] + proc.stderr[-4000:]
+        text = proc.stdout[-4000:] + proc.stderr
         oom = "out of memory" in text.lower()
-        return {"error": "OOM" if oom else f"exit {proc.returncode}", "tail": text[-1500:]}
+        first = text.find("Traceback (most recent call last)")  # the worker's, not torchrun's
+        tail = text[first : first + 1500] if first >= 0 else text[-1500:]
+        return {"error": "OOM" if oom else f"exit {proc.returncode}", "tail": tail}
     data = json.loads(result.read_text())
     data["wall_s"] = round(time.time() - t0, 1)
     return data
@@ -223,6 +226,29 @@ def main() -> int:
     lays = layouts_for(args.gpus)
     if args.only:
         lays = [lays[i] for i in args.only]
+
+    def write(cases: list[dict]) -> None:  # after every layout: a timeout keeps the earlier ones
+        key = f"{args.gpus}gpu{'-cpu-smoke' if args.cpu else ''}"
+        cases = merged_cases(Path(args.out), key, cases)
+        write_section(
+            Path(args.out),
+            "h200_validation",
+            {
+                key: {
+                    "date": date.today().isoformat(),
+                    "command": " ".join(sys.argv),
+                    "site": site.name,
+                    "hardware": asdict(hw),
+                    "measured_file": found[1] if found else "",
+                    "shape": shape_overrides(args) + ["(preset small)"],
+                    "global_batch": args.gpus * 8,
+                    "cases": cases,
+                    "ranking": ranking(cases),
+                    "memory_goal": "predicted peak within 15% of the measured peak",
+                }
+            },
+        )
+
     cases = []
     with tempfile.TemporaryDirectory(prefix="planner-validate-") as tmp:
         for lay in lays:
@@ -247,27 +273,8 @@ def main() -> int:
                 flush=True,
             )
             cases.append(case)
+            write(cases)
 
-    key = f"{args.gpus}gpu{'-cpu-smoke' if args.cpu else ''}"
-    cases = merged_cases(Path(args.out), key, cases)
-    write_section(
-        Path(args.out),
-        "h200_validation",
-        {
-            key: {
-                "date": date.today().isoformat(),
-                "command": " ".join(sys.argv),
-                "site": site.name,
-                "hardware": asdict(hw),
-                "measured_file": found[1] if found else "",
-                "shape": shape_overrides(args) + ["(preset small)"],
-                "global_batch": args.gpus * 8,
-                "cases": cases,
-                "ranking": ranking(cases),
-                "memory_goal": "predicted peak within 15% of the measured peak",
-            }
-        },
-    )
     print(f"wrote {args.out}")
     return 0
 

@@ -10,6 +10,8 @@
 #   gemm_sweep               Triton grouped GEMM tile configs ($GEMM_CONFIGS) vs _grouped_mm
 #   moe_profile              one pft layer (fwd+bwd) by kernel under torch.profiler, 1 GPU
 #   e2e_pft, e2e_deepspeed   benchmarks/e2e.py on 4 GPUs, small preset, one profiled step each
+#   e2e_compare              pft and deepspeed at $E2E_LAYERS layers, cf 1.25 and dropless
+#   e2e_full                 pft, as many layers as fit (the whole preset on 2+ H200s)
 #   moe_1gpu, moe_2gpu, moe_4gpu   benchmarks/moe_layer.py on 1 GPU and under torchrun 2 and 4
 #   ssmb                     benchmarks/ssmb.py under torchrun 4
 #   rbd                      benchmarks/rbd.py (spawns its 4 ranks itself)
@@ -119,8 +121,23 @@ step_e2e_deepspeed() {
         --dispatchers deepspeed --warmup 1 --steps 3 --profile --append \
         --out "$RES/e2e.json" -- "${E2E_SMOKE[@]}"
 }
+# e2e_compare: pft and deepspeed side by side at one layer count that fits both, as the
+# preset (capacity factor 1.25) and dropless; e2e_full: pft with the whole preset
+E2E_COMPARE=(--layers "${E2E_LAYERS:-16}" --micro-batch "${E2E_MB:-4}" --global-batch "${E2E_GB:-64}")
+step_e2e_compare() {
+    run_step e2e_compare 240 $TORCHRUN --nproc_per_node $NP4 benchmarks/e2e.py \
+        --dispatchers pft,deepspeed "${E2E_COMPARE[@]}" --variant "" \
+        --variant moe.capacity_factor=null --warmup 1 --steps 2 --profile --append \
+        --out "$RES/e2e.json" -- "${E2E_SMOKE[@]}"
+}
+step_e2e_full() {
+    run_step e2e_full 120 $TORCHRUN --nproc_per_node $NP4 benchmarks/e2e.py --dispatchers pft \
+        --micro-batch 2 --global-batch "${E2E_GB:-64}" --warmup 1 --steps 2 --append \
+        --out "$RES/e2e.json" -- "${E2E_SMOKE[@]}"
+}
 step_moe_1gpu() {
-    run_step moe_1gpu 100 "$PY" benchmarks/moe_layer.py --quick --out "$RES/moe_layer.json" \
+    run_step moe_1gpu 100 "$PY" benchmarks/moe_layer.py --quick ${MOE_IMPLS:+--impls "$MOE_IMPLS" --append} \
+        --out "$RES/moe_layer.json" \
         -- --device cpu --tiny
 }
 step_moe_2gpu() {
@@ -145,7 +162,7 @@ step_rbd() {
         --experts 8 --top-k 2 --expert-hidden 64 --iters 2 --sim-tokens 2048
 }
 step_planner() {
-    run_step planner 150 "$PY" benchmarks/planner_validate.py --gpus $NP4 --only ${PLANNER_ONLY:-0 1} --timeout 70 \
+    run_step planner "${PLANNER_LIMIT:-150}" "$PY" benchmarks/planner_validate.py --gpus $NP4 --only ${PLANNER_ONLY:-0 1} --timeout 70 \
         --out "$RES/planner.json" -- --cpu --gpus 2 --tiny
 }
 

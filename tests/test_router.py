@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from xmoe.config import MoEConfig, capacity
-from xmoe.moe.router import Router, capacity_keep_mask
+from xmoe.moe.router import Router, capacity_keep_mask, router_logits
 
 
 def _brute_keep(ids, probs, E, cap):
@@ -137,3 +137,25 @@ def test_reduce_load_hook_makes_slice_losses_add_up_to_the_batch():
         grads.append(r.weight_ED.grad)
     torch.testing.assert_close(parts[0] + parts[1], torch.stack([full.aux_loss, full.z_loss]))
     torch.testing.assert_close(grads[0] + grads[1], whole.weight_ED.grad)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16])
+def test_router_logits_match_fp32_linear_and_keep_no_fp32_copy(dtype):
+    g = torch.Generator().manual_seed(3)
+    x = torch.randn(37, 16, generator=g).to(dtype).requires_grad_()
+    w = torch.randn(8, 16, generator=g).to(dtype).requires_grad_()
+    saved = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
+        y = router_logits(x, w)
+    assert y.dtype == torch.float32
+    # only the operands themselves are kept for backward, never an fp32 copy of x
+    assert sum(t.numel() * t.element_size() for t in saved) == (37 + 8) * 16 * x.element_size()
+    gy = torch.randn(y.shape, generator=g)
+    y.backward(gy)
+    x2, w2 = x.detach().clone().requires_grad_(), w.detach().clone().requires_grad_()
+    y2 = torch.nn.functional.linear(x2.float(), w2.float())
+    y2.backward(gy)
+    torch.testing.assert_close(y, y2, rtol=0, atol=0)
+    assert x.grad.dtype == dtype and w.grad.dtype == dtype
+    torch.testing.assert_close(x.grad, x2.grad, rtol=0, atol=0)
+    torch.testing.assert_close(w.grad, w2.grad, rtol=0, atol=0)

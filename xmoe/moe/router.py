@@ -10,7 +10,6 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from xmoe.config import MoEConfig, capacity
@@ -29,6 +28,55 @@ class RouterOutput:
     # share of (token, k) assignments removed by capacity: a 0-dim fp64 tensor on the
     # router's device, read on the host only when logged (no host sync in the step)
     dropped_fraction: torch.Tensor
+
+
+class _Fp32Logits(torch.autograd.Function):
+    """logits_TE = x_TD @ w_ED.T computed in fp32, saving x and w as they are (no fp32 copy
+    of the activations kept for backward).
+
+    For bf16/fp16 operands on a GPU the matmuls run in TF32: a bf16 or fp16 value is exact
+    in TF32, so every product is exact and only the fp32 accumulation order differs from
+    an IEEE fp32 GEMM, at a fraction of its cost (fp32 GEMMs are not tensor-core work).
+    In backward the fp32 gradient is rounded to TF32 (10 mantissa bits) before the
+    matmuls. fp32/fp64 operands (the CPU tests) take the plain fp32 path.
+    """
+
+    @staticmethod
+    def _tf32(x: torch.Tensor) -> bool:
+        return x.is_cuda and x.dtype in (torch.bfloat16, torch.float16)
+
+    @staticmethod
+    def _matmul(a: torch.Tensor, b: torch.Tensor, tf32: bool) -> torch.Tensor:
+        if not tf32:
+            return a @ b
+        flag = torch.backends.cuda.matmul.allow_tf32
+        torch.backends.cuda.matmul.allow_tf32 = True
+        try:
+            return a @ b
+        finally:
+            torch.backends.cuda.matmul.allow_tf32 = flag
+
+    @staticmethod
+    def forward(ctx, x_TD: torch.Tensor, w_ED: torch.Tensor) -> torch.Tensor:
+        ctx.save_for_backward(x_TD, w_ED)
+        return _Fp32Logits._matmul(x_TD.float(), w_ED.float().t(), _Fp32Logits._tf32(x_TD))
+
+    @staticmethod
+    def backward(ctx, g_TE: torch.Tensor):
+        x_TD, w_ED = ctx.saved_tensors
+        tf32 = _Fp32Logits._tf32(x_TD)
+        g_TE = g_TE.float()
+        gx = gw = None
+        if ctx.needs_input_grad[0]:
+            gx = _Fp32Logits._matmul(g_TE, w_ED.float(), tf32).to(x_TD.dtype)
+        if ctx.needs_input_grad[1]:
+            gw = _Fp32Logits._matmul(g_TE.t(), x_TD.float(), tf32).to(w_ED.dtype)
+        return gx, gw
+
+
+def router_logits(x_TD: torch.Tensor, w_ED: torch.Tensor) -> torch.Tensor:
+    """The router's fp32 logits (see `_Fp32Logits`)."""
+    return _Fp32Logits.apply(x_TD, w_ED)
 
 
 def capacity_keep_mask(
@@ -86,7 +134,7 @@ class Router(nn.Module):
     def forward(self, x_TD: torch.Tensor) -> RouterOutput:
         cfg = self.cfg
         T = x_TD.shape[0]
-        logits_TE = F.linear(x_TD.float(), self.weight_ED.float())
+        logits_TE = router_logits(x_TD, self.weight_ED)
         probs_TE = torch.softmax(logits_TE, dim=-1)
         if cfg.max_nodes_per_token and self.experts_per_node:
             select_TE = probs_TE.detach()
