@@ -45,6 +45,8 @@ if HAVE_TRITON:
         BN: tl.constexpr,
         BK: tl.constexpr,
         ACC_FP64: tl.constexpr,
+        EVEN_K: tl.constexpr,
+        EVEN_N: tl.constexpr,
     ):
         # One program per (row tile of one expert, column tile); tiles never straddle experts.
         # Column tiles vary fastest: the programs running together share one row tile of x
@@ -67,9 +69,18 @@ if HAVE_TRITON:
         # half of every element as whatever the empty buffer held.
         acc = tl.zeros((BM, BN), dtype=tl.float64 if ACC_FP64 else tl.float32)
         for k0 in range(0, K, BK):
-            mk = (k0 + rk) < K
-            a = tl.load(x_ptrs, mask=mm[:, None] & mk[None, :], other=0.0)
-            b = tl.load(w_ptrs, mask=mk[:, None] & mn[None, :], other=0.0)
+            # EVEN_K / EVEN_N (K % BK == 0, N % BN == 0): no mask on those dimensions, so
+            # the loads stay plain vector loads the pipeliner can overlap with the MMAs
+            if EVEN_K:
+                a = tl.load(x_ptrs, mask=mm[:, None], other=0.0)
+                if EVEN_N:
+                    b = tl.load(w_ptrs)
+                else:
+                    b = tl.load(w_ptrs, mask=mn[None, :], other=0.0)
+            else:
+                mk = (k0 + rk) < K
+                a = tl.load(x_ptrs, mask=mm[:, None] & mk[None, :], other=0.0)
+                b = tl.load(w_ptrs, mask=mk[:, None] & mn[None, :], other=0.0)
             acc = tl.dot(a, b, acc)
             x_ptrs += BK * s_xk
             w_ptrs += BK * s_wk
@@ -247,6 +258,8 @@ def _gmm_forward(x_RK, w_EKN, tiles, N: int) -> torch.Tensor:
         BN=bn,
         BK=bk,
         ACC_FP64=x_RK.dtype == torch.float64,
+        EVEN_K=K % bk == 0,
+        EVEN_N=N % bn == 0,
         num_warps=warps,
         num_stages=stages,
     )
