@@ -49,7 +49,8 @@ def train_step(engine: Any, data: Any, model: Any, accum: int, guard: Any = None
     With a `StepGuard`, all ranks agree before the update whether to apply it.
     """
     device = engine.device
-    sums = torch.zeros(4, dtype=torch.float64)
+    # loss parts summed on the device: no host sync between micro-batches, one read per step
+    sums = torch.zeros(4, dtype=torch.float64, device=device)
     moe = model.moe_layers()
     # the layers leave their statistics on the device: summed there, read once per step
     load_LE: Any = 0
@@ -64,10 +65,7 @@ def train_step(engine: Any, data: Any, model: Any, accum: int, guard: Any = None
         if guard is not None:
             loss = guard.poison(loss)
         engine.backward(loss)
-        sums += torch.tensor(
-            [loss.item(), parts.lm_loss.item(), parts.aux_loss.item(), parts.z_loss.item()],
-            dtype=torch.float64,
-        )
+        sums += torch.stack([loss.detach(), parts.lm_loss, parts.aux_loss, parts.z_loss]).double()
         if guard is not None and i == accum - 1:
             guard.before_update(bool(torch.isfinite(sums).all()))
         engine.step()  # DeepSpeed applies the update only at the accumulation boundary
