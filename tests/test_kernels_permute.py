@@ -5,8 +5,10 @@ import torch
 import triton_interp
 from kernel_cases import CASES, make_routing
 
+from xmoe.kernels.backend import use_triton
 from xmoe.kernels.combine import combine, row_dot, row_dot_torch
 from xmoe.kernels.permute import (
+    attach_gathered,
     gather_rows,
     gather_rows_torch,
     permute,
@@ -48,6 +50,35 @@ def test_kernels_match_references(interpreter, name, T, K, E, drop):
     torch.testing.assert_close(
         row_dot(x_TD, rows_RD, meta.dest_row_TK), row_dot_torch(x_TD, rows_RD, meta.dest_row_TK)
     )
+
+
+@pytest.mark.parametrize("drop", [False, True])
+@pytest.mark.parametrize("name,T,K,E", CASES)
+def test_gather_with_device_row_count(interpreter, name, T, K, E, drop):
+    """Gathering all T*K slots with the kept count on the device writes exactly the first
+    n rows (the rest keep their NaN poison), and `attach_gathered` has permute's grads."""
+    meta, R, slot_R, x_TD, _ = _setup(T, K, E, drop, seed=5)
+    torch.manual_seed(0)
+    empty = torch.empty
+
+    def poisoned(*a, **k):
+        return empty(*a, **k).fill_(float("nan"))
+
+    torch.empty = poisoned
+    try:
+        rows_ND = gather_rows(x_TD, meta.src_slot_N, K, n_rows=meta.counts_E.sum())
+    finally:
+        torch.empty = empty
+    assert rows_ND.shape == (T * K, D)
+    torch.testing.assert_close(rows_ND[:R], gather_rows_torch(x_TD, slot_R, K))
+    if use_triton(x_TD):  # the torch reference gathers every slot
+        assert rows_ND[R:].isnan().all()
+    x1 = x_TD.clone().requires_grad_()
+    x2 = x_TD.clone().requires_grad_()
+    gy = torch.randn(R, D)
+    attach_gathered(x1, rows_ND[:R], meta.dest_row_TK).backward(gy)
+    permute(x2, slot_R, meta.dest_row_TK).backward(gy)
+    torch.testing.assert_close(x1.grad, x2.grad)
 
 
 def _naive(x_TD, w_TK, ids_TK, keep_TK, expert_fn):

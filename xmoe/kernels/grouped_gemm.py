@@ -147,6 +147,16 @@ if HAVE_TRITON:
         )
 
 
+class CountsWithOffsets(list):
+    """Host counts per expert that also carry `offsets`, their int32 cumulative sum already
+    on the device (computed there from device counts before the host had them), so
+    `_grouped_mm` needs no host-to-device copy after the dispatcher's host sync."""
+
+    def __init__(self, counts: list[int], offsets: torch.Tensor) -> None:
+        super().__init__(counts)
+        self.offsets = offsets
+
+
 def _counts_list(counts_E) -> list[int]:
     return [int(c) for c in (counts_E.tolist() if torch.is_tensor(counts_E) else counts_E)]
 
@@ -166,7 +176,10 @@ def grouped_mm_loop(x_RK: torch.Tensor, w_EKN: torch.Tensor, counts_E) -> torch.
 
 def grouped_mm_torch(x_RK: torch.Tensor, w_EKN: torch.Tensor, counts_E) -> torch.Tensor:
     """torch._grouped_mm, which carries its own autograd."""
-    if torch.is_tensor(counts_E):
+    offsets = getattr(counts_E, "offsets", None)
+    if offsets is not None and offsets.device == x_RK.device:
+        offs = offsets
+    elif torch.is_tensor(counts_E):
         offs = torch.cumsum(counts_E.to(device=x_RK.device), 0).to(torch.int32)
     else:
         ends, total = [], 0

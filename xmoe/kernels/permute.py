@@ -26,18 +26,22 @@ if HAVE_TRITON:
         out_ptr,
         slot_ptr,
         w_ptr,
+        n_ptr,
         R,
         D,
         K,
         s_src,
         s_out,
         HAS_W: tl.constexpr,
+        HAS_N: tl.constexpr,
         ACC_FP64: tl.constexpr,
         BLOCK_R: tl.constexpr,
         BLOCK_D: tl.constexpr,
     ):
         r = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
         d = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)
+        if HAS_N:  # the row count lives on the device (launched before the host knows it)
+            R = tl.minimum(R, tl.load(n_ptr))
         mr = r < R
         m = mr[:, None] & (d < D)[None, :]
         slot = tl.load(slot_ptr + r, mask=mr, other=0)
@@ -103,8 +107,14 @@ def _tiles(D: int) -> tuple[int, int]:
 
 
 def gather_rows_torch(
-    x_TD: torch.Tensor, src_slot_R: torch.Tensor, top_k: int, w_N: torch.Tensor | None = None
+    x_TD: torch.Tensor,
+    src_slot_R: torch.Tensor,
+    top_k: int,
+    w_N: torch.Tensor | None = None,
+    n_rows: torch.Tensor | None = None,
 ) -> torch.Tensor:
+    # rows past n_rows are left as any values: every row is gathered (the slots there are
+    # valid indices), which on the CPU costs no host sync
     out_RD = x_TD.index_select(0, src_slot_R // top_k)
     if w_N is not None:
         acc = acc_dtype(x_TD.dtype)
@@ -113,11 +123,19 @@ def gather_rows_torch(
 
 
 def gather_rows(
-    x_TD: torch.Tensor, src_slot_R: torch.Tensor, top_k: int, w_N: torch.Tensor | None = None
+    x_TD: torch.Tensor,
+    src_slot_R: torch.Tensor,
+    top_k: int,
+    w_N: torch.Tensor | None = None,
+    n_rows: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """Row r of the result is token src_slot_R[r] // top_k of x_TD, scaled by w_N[slot]."""
+    """Row r of the result is token src_slot_R[r] // top_k of x_TD, scaled by w_N[slot].
+
+    `n_rows` (a 0-dim device tensor): only the first n_rows rows are written, the rest of
+    the [len(src_slot_R), D] result is left uninitialised; the count never reaches the host.
+    """
     if not use_triton(x_TD):
-        return gather_rows_torch(x_TD, src_slot_R, top_k, w_N)
+        return gather_rows_torch(x_TD, src_slot_R, top_k, w_N, n_rows)
     x_TD = x_TD.contiguous()
     R, D = src_slot_R.numel(), x_TD.shape[1]
     out_RD = torch.empty(R, D, dtype=x_TD.dtype, device=x_TD.device)
@@ -131,12 +149,14 @@ def gather_rows(
         out_RD,
         src_slot_R.contiguous(),
         w,
+        n_rows if n_rows is not None else src_slot_R,
         R,
         D,
         top_k,
         x_TD.stride(0),
         out_RD.stride(0),
         HAS_W=w_N is not None,
+        HAS_N=n_rows is not None,
         ACC_FP64=acc_dtype(x_TD.dtype) == torch.float64,
         BLOCK_R=br,
         BLOCK_D=bd,
@@ -211,6 +231,29 @@ class _Permute(torch.autograd.Function):
     def backward(ctx, grad_RD):
         (dest_row_TK,) = ctx.saved_tensors
         return unpermute(grad_RD.contiguous(), dest_row_TK), None, None
+
+
+class _Gathered(torch.autograd.Function):
+    """Rows gathered from x_TD earlier, outside autograd (`gather_rows` into `rows[0]`),
+    joined to the graph now: backward sums each token's row gradients."""
+
+    @staticmethod
+    def forward(ctx, x_TD, dest_row_TK, rows):
+        ctx.save_for_backward(dest_row_TK)
+        return rows[0]
+
+    @staticmethod
+    def backward(ctx, grad_RD):
+        (dest_row_TK,) = ctx.saved_tensors
+        return unpermute(grad_RD.contiguous(), dest_row_TK), None, None
+
+
+def attach_gathered(
+    x_TD: torch.Tensor, rows_RD: torch.Tensor, dest_row_TK: torch.Tensor
+) -> torch.Tensor:
+    """`rows_RD` (gathered from x_TD.detach() by `gather_rows` with `routing_metadata`'s
+    slots) as if `permute` had made it: gradients flow back to x_TD."""
+    return _Gathered.apply(x_TD, dest_row_TK, [rows_RD])
 
 
 def permute(

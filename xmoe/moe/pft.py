@@ -16,6 +16,7 @@ outputs (needed for the combine-weight gradient) and split lists are kept.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -24,7 +25,8 @@ import torch
 from xmoe.config import Config
 from xmoe.kernels.backend import host_to_device
 from xmoe.kernels.combine import combine
-from xmoe.kernels.permute import gather_rows, permute
+from xmoe.kernels.grouped_gemm import CountsWithOffsets
+from xmoe.kernels.permute import attach_gathered, gather_rows
 from xmoe.kernels.routing import routing_metadata
 from xmoe.moe.dispatch import Dispatched, Dispatcher, Routing
 from xmoe.parallel.collectives import all_to_all_uneven, exchange_counts, group_size
@@ -78,6 +80,23 @@ def _chunk_permutation(counts_WEl: list[list[int]], device) -> tuple[torch.Tenso
     return build(shift, sizes), build(inv_shift, inv_sizes)
 
 
+def _to_host_async(counts: torch.Tensor) -> Callable[[], list[int]]:
+    """Start copying small device counts to the host; the returned function waits for that
+    copy alone (not for work queued after it) and gives the list."""
+    if counts.device.type != "cuda":
+        return counts.tolist
+    host = torch.empty(counts.shape, dtype=counts.dtype, pin_memory=True)
+    host.copy_(counts, non_blocking=True)
+    done = torch.cuda.Event()
+    done.record()
+
+    def wait() -> list[int]:
+        done.synchronize()
+        return host.tolist()
+
+    return wait
+
+
 @dataclass
 class PFTState:
     """What combine needs to send the expert outputs home and sum them per token."""
@@ -109,19 +128,34 @@ class PFTDispatcher(Dispatcher):
         El = E // W
         meta = routing_metadata(routing.topk_ids_TK, routing.keep_TK, E)
         if W == 1:
-            counts_El = meta.counts_E.tolist()  # the one host sync
+            counts_dev = meta.counts_E
+            local_E = meta.counts_E
+        else:
+            recv_WEl = exchange_counts(meta.counts_E, self.group)
+            counts_dev = torch.cat([meta.counts_E, recv_WEl.reshape(-1)])
+            local_E = recv_WEl.sum(0)  # rows each local expert receives, over source ranks
+        # the grouped GEMM's offsets, made on the device before the host knows the counts
+        offsets_El = torch.cumsum(local_E, 0).to(torch.int32)
+        counts_to_host = _to_host_async(counts_dev)
+        # Gather the kept rows now, into a buffer of the most rows that can be kept (T*K),
+        # so the GPU copies them while the host waits for the counts; rows past the kept
+        # count are never written nor read.
+        rows_ND = gather_rows(
+            x_TD.detach(), meta.src_slot_N, meta.top_k, n_rows=meta.counts_E.sum()
+        )
+        host = counts_to_host()  # the one host sync
+        if W == 1:
+            counts_El = host
             send = recv = [sum(counts_El)]
             counts_WEl = [counts_El]
         else:
-            recv_WEl = exchange_counts(meta.counts_E, self.group)
-            host = torch.cat([meta.counts_E, recv_WEl.reshape(-1)]).tolist()  # the one host sync
             send = [sum(host[w * El : (w + 1) * El]) for w in range(W)]
             counts_WEl = [host[E + w * El : E + (w + 1) * El] for w in range(W)]
             recv = [sum(c) for c in counts_WEl]
             counts_El = [sum(counts_WEl[w][e] for w in range(W)) for e in range(El)]
 
         slot_S = meta.src_slot_N[: sum(send)]
-        x_SD = permute(x_TD, slot_S, meta.dest_row_TK)
+        x_SD = attach_gathered(x_TD, rows_ND[: sum(send)], meta.dest_row_TK)
         x_RD = all_to_all_uneven(x_SD, send, recv, self.group)
         regroup = None
         if W > 1 and El > 1:
@@ -134,7 +168,7 @@ class PFTDispatcher(Dispatcher):
             "sent_rows": float(sum(send)),
             "a2a_bytes": float(row_bytes * (sum(send) - send[self._rank()])) if W > 1 else 0.0,
         }
-        return Dispatched(x_RD, counts_El, state, stats)
+        return Dispatched(x_RD, CountsWithOffsets(counts_El, offsets_El), state, stats)
 
     def combine(self, y_RD: torch.Tensor, dispatched: Dispatched) -> torch.Tensor:
         st: PFTState = dispatched.state
