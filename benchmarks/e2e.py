@@ -269,6 +269,13 @@ class BenchTrainer:
         import torch
         import torch.distributed as dist
 
+        self.guard.close()
+        if hasattr(self.engine, "destroy"):  # DeepSpeed's: removes its hooks
+            self.engine.destroy()
+        for param in self.model.parameters():  # DeepSpeed binds methods of each param to it
+            param.grad = None
+            param.__dict__.clear()
+        del param  # no local may keep any of it alive through the collection below
         del self.engine, self.model, self.data, self.guard
         gc.collect()
         if self.device.type == "cuda":

@@ -8,6 +8,7 @@ import json
 import os
 import subprocess
 import sys
+import weakref
 from pathlib import Path
 
 import pytest
@@ -85,7 +86,12 @@ def _bench_and_loop(rank: int, world: int, tmp: str) -> None:
     trainer = e2e.BenchTrainer(cfg)
     e2e.measure(trainer, args)
     losses = torch.tensor(trainer.losses, dtype=torch.float64)
+    alive = [weakref.ref(o) for o in (trainer.model, trainer.engine, trainer.engine.optimizer)]
+    alive.append(weakref.ref(next(trainer.model.parameters())))
     trainer.close()
+    # the next run starts from an empty device: nothing of this one is left (DeepSpeed's
+    # hooks and the methods it binds to each parameter kept all of it alive before)
+    assert [r() is None for r in alive] == [True] * 4, [type(r()).__name__ for r in alive]
     dist.all_reduce(losses)
     cfg.train.log_interval = 1
     records = train(cfg, Path(tmp) / "loop")

@@ -211,7 +211,11 @@ class StepGuard:
         self.skipped_total = 0
         self._drop_grads = False
         self._ds_skipped = getattr(engine, "skipped_steps", 0)
-        _torch_optimizer(engine).register_step_pre_hook(self._pre_step)
+        self._hook = _torch_optimizer(engine).register_step_pre_hook(self._pre_step)
+
+    def close(self) -> None:
+        """Unhook from the optimizer (which otherwise keeps this guard and its engine)."""
+        self._hook.remove()
 
     def _pre_step(self, optimizer: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
         # an optimizer without gradients changes nothing: no weight, moment or step count moves
