@@ -133,17 +133,25 @@ def forward_categories(events: list[Any]) -> dict[int, str]:
 
 
 def categorise(events: list[Any], on_device: bool) -> tuple[dict[str, float], list[tuple]]:
-    """Self time per category (microseconds), and the ten operators with most self time."""
+    """Self time per category (microseconds), and the operators with most self time: the
+    ten overall and the five of each category, as (name, us, category, calls)."""
     forward_of = forward_categories(events)
     totals: dict[str, float] = defaultdict(float)
-    per_op: dict[str, float] = defaultdict(float)
+    per_op: dict[tuple[str, str], list[float]] = defaultdict(lambda: [0.0, 0])
     for evt in _cpu_events(events):
         us = _self_time_us(evt, on_device)
         if us <= 0:
             continue
-        totals[_category(evt, forward_of)] += us
-        per_op[evt.name] += us
-    top = sorted(per_op.items(), key=lambda kv: -kv[1])[:10]
+        cat = _category(evt, forward_of)
+        totals[cat] += us
+        acc = per_op[evt.name, cat]
+        acc[0] += us
+        acc[1] += 1
+    ranked = sorted(per_op.items(), key=lambda kv: -kv[1][0])
+    top = [(name, v[0], cat, v[1]) for (name, cat), v in ranked[:10]]
+    for c in CATEGORIES:
+        mine = [(name, v[0], cat, v[1]) for (name, cat), v in ranked if cat == c][:5]
+        top += [t for t in mine if t not in top]
     return dict(totals), top
 
 
@@ -263,7 +271,9 @@ def profile_step(
             }
             for c in CATEGORIES
         },
-        "top_ops": [{"name": n, "ms": round(us / 1e3, 3)} for n, us in top],
+        "top_ops": [
+            {"name": n, "ms": round(us / 1e3, 3), "category": c, "calls": k} for n, us, c, k in top
+        ],
     }
 
 
@@ -287,6 +297,9 @@ def print_profile(p: dict[str, Any]) -> None:
     print(f"  {'category':<16} {'window ms':>10} {'step ms':>10} {'% step':>7}")
     for cat, v in sorted(p["categories"].items(), key=lambda kv: -kv[1]["step_ms"]):
         print(f"  {cat:<16} {v['ms']:>10.2f} {v['step_ms']:>10.2f} {v['percent']:>6.1f}%")
-    print(
-        "  top operators: " + ", ".join(f"{o['name']} {o['ms']:.1f} ms" for o in p["top_ops"][:5])
-    )
+    print("  top operators (window ms, calls) by category:")
+    for cat in CATEGORIES:
+        ops = [o for o in p["top_ops"] if o.get("category") == cat][:5]
+        if ops:
+            print(f"    {cat:<16} " + ", ".join(
+                f"{o['name'][:48]} {o['ms']:.1f} ({o['calls']})" for o in ops))  # fmt: skip

@@ -9,8 +9,8 @@
 # Steps (default order: the end-to-end runs first, as they matter most when time runs out):
 #   gemm_sweep               Triton grouped GEMM tile configs ($GEMM_CONFIGS) vs _grouped_mm
 #   moe_profile              one pft layer (fwd+bwd) by kernel under torch.profiler, 1 GPU
-#   e2e_pft, e2e_deepspeed   benchmarks/e2e.py on 4 GPUs, small preset, one profiled step each
-#   e2e_compare              pft and deepspeed at $E2E_LAYERS layers, cf 1.25 and dropless
+#   e2e_pft, e2e_deepspeed   benchmarks/e2e.py on 4 GPUs, small preset at $E2E_LAYERS layers,
+#                            micro-batch $E2E_MB, global batch $E2E_GB; one profiled step each
 #   e2e_full                 pft, as many layers as fit (the whole preset on 2+ H200s)
 #   moe_1gpu, moe_2gpu, moe_4gpu   benchmarks/moe_layer.py on 1 GPU and under torchrun 2 and 4
 #   ssmb                     benchmarks/ssmb.py under torchrun 4
@@ -18,7 +18,7 @@
 #   planner                  benchmarks/planner_validate.py, the first two layouts on 4 GPUs
 # The 4-GPU steps use every GPU when the machine has fewer (moe_4gpu is then skipped).
 # Result files are written to benchmarks/results/ (relative paths, so the commands they
-# record carry no machine paths) and copied to $OUT/results after every step; each step's
+# record carry no machine paths) and archived into $OUT/results.tar after every step; each step's
 # output goes to $OUT/logs/<step>.log and one line per step to $OUT/summary.txt.
 # TRACE=1 also keeps the Chrome trace of the profiled pft window ($OUT/logs, large).
 # BUDGET_S (default 520) bounds the whole suite: a step gets what is left of it, at most
@@ -32,7 +32,7 @@ OUT=${OUT:?set OUT to the directory for logs and results}
 BUDGET_S=${BUDGET_S:-520}
 SMOKE=${SMOKE:-0}
 PY=${PY:-python3}
-mkdir -p "$OUT/logs" "$OUT/results"
+mkdir -p "$OUT/logs"
 export NCCL_NVLS_ENABLE=0
 export TRITON_CACHE_DIR=${TRITON_CACHE_DIR:-/tmp/xmoe-triton-cache}
 export XDG_CACHE_HOME=${XDG_CACHE_HOME:-/tmp/xmoe-cache}  # the sample corpus's token cache
@@ -98,13 +98,20 @@ run_step() {
     grep -qi "out of memory" "$OUT/logs/$name.log" && what="$what (OOM in log)"
     echo "$name: rc=$rc $what ${took}s" | tee -a "$OUT/summary.txt"
     grep -v -e "^\[W" -e "^W1" -e "Warning" -e "warn(" "$OUT/logs/$name.log" | tail -n 24
-    cp -f "$RES"/*.json "$OUT/results/" 2>/dev/null
+    # one archive, not a file each: what comes back from the machine is limited in count
+    tar -C "$RES" -cf "$OUT/results.tar" . 2>/dev/null
 }
 
 step_moe_profile() {
     run_step moe_profile 60 "$PY" benchmarks/moe_layer.py --quick --profile pft \
         --out "$RES/moe_layer.json" -- --device cpu --tiny
 }
+GEMM_CONFIGS=${GEMM_CONFIGS:-"128,256,64,8,3;128,256,64,8,4;128,128,64,4,4;128,128,64,8,4;256,128,64,8,3;64,256,64,4,4"}
+step_gemm_sweep() {
+    run_step gemm_sweep 90 "$PY" benchmarks/moe_layer.py --sweep-gemm "$GEMM_CONFIGS" \
+        --out "$RES/moe_layer.json" -- --device cpu --tiny
+}
+E2E_SMOKE=(--device cpu --tiny --warmup 1 --steps 2 --profile-micro-batches 1)
 GEMM_CONFIGS=${GEMM_CONFIGS:-"128,256,64,8,3;128,256,64,8,4;128,128,64,4,4;128,128,64,8,4;256,128,64,8,3;64,256,64,4,4"}
 step_gemm_sweep() {
     run_step gemm_sweep 90 "$PY" benchmarks/moe_layer.py --sweep-gemm "$GEMM_CONFIGS" \
@@ -121,14 +128,18 @@ step_e2e_deepspeed() {
         --dispatchers deepspeed --warmup 1 --steps 3 --profile --append \
         --out "$RES/e2e.json" -- "${E2E_SMOKE[@]}"
 }
-# e2e_compare: pft and deepspeed side by side at one layer count that fits both, as the
-# preset (capacity factor 1.25) and dropless; e2e_full: pft with the whole preset
-E2E_COMPARE=(--layers "${E2E_LAYERS:-16}" --micro-batch "${E2E_MB:-4}" --global-batch "${E2E_GB:-64}")
-step_e2e_compare() {
-    run_step e2e_compare 240 $TORCHRUN --nproc_per_node $NP4 benchmarks/e2e.py \
-        --dispatchers pft,deepspeed "${E2E_COMPARE[@]}" --variant "" \
-        --variant moe.capacity_factor=null --warmup 1 --steps 2 --profile --append \
-        --out "$RES/e2e.json" -- "${E2E_SMOKE[@]}"
+# e2e_pft / e2e_deepspeed: the two dispatchers side by side at one layer count that fits
+# both (pft also dropless); e2e_full: pft with as many of the preset's layers as fit
+E2E_COMPARE=(--layers "${E2E_LAYERS:-16}" --micro-batch "${E2E_MB:-4}" --global-batch "${E2E_GB:-128}"
+    --warmup 1 --steps 2 --profile --append --out "$RES/e2e.json")
+step_e2e_pft() {
+    run_step e2e_pft 200 $TORCHRUN --nproc_per_node $NP4 benchmarks/e2e.py --dispatchers pft \
+        "${E2E_COMPARE[@]}" --variant "" --variant moe.capacity_factor=null \
+        ${TRACE:+--trace "$OUT/logs/e2e_pft_trace.json"} -- "${E2E_SMOKE[@]}"
+}
+step_e2e_deepspeed() {
+    run_step e2e_deepspeed 190 $TORCHRUN --nproc_per_node $NP4 benchmarks/e2e.py \
+        --dispatchers deepspeed "${E2E_COMPARE[@]}" -- "${E2E_SMOKE[@]}"
 }
 step_e2e_full() {
     run_step e2e_full 120 $TORCHRUN --nproc_per_node $NP4 benchmarks/e2e.py --dispatchers pft \
