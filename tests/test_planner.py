@@ -64,16 +64,17 @@ def test_memory_of_a_small_shape_by_hand():
     assert dense == 49984 and expert == 16384
     dp, edp = 4 // 1, 4 // 2  # DP over TP1, expert-DP over EP2
     weights = 2 * (dense + expert)
-    grads = 2 * (dense + expert) + 4 * (dense / 4 + expert / 2)  # bf16 grads + fp32 shard
+    grads = 2 * (dense + expert)  # bf16, accumulated over the micro-batches
+    update_grads = 4 * (dense / 4 + expert / 2)  # the fp32 shard of the update
     optimizer = 12 * (dense / 4 + expert / 2)
     buckets = 2 * (dense + expert)
     T = 2 * 16  # micro-batch x sequence
     # per token: attention 22 D (norm fp32 4D + bf16 2D, QKV input 2D and output 6D,
     # roped q/k 4D, kernel output 2D, projection input 2D)
     attention = 22 * D
-    # MoE: norm 6D, router 4D + 8E, routed rows k r (2D + 2 x 2F) received, k 2D returned,
+    # MoE: norm 6D, router 2D (its bf16 input) + 8E, routed rows k r (2D + 2 x 2F) received, k 2D returned,
     # 3 int64 indices per routed row; r = 1.5 (dropless, busiest GPU)
-    moe = 6 * D + (4 * D + 8 * E) + k * 1.5 * (2 * D + 4 * F) + k * 2 * D + 24 * k
+    moe = 6 * D + (2 * D + 8 * E) + k * 1.5 * (2 * D + 4 * F) + k * 2 * D + 24 * k
     layer = attention + moe
     head = 6 * D + 2 * D + 4 * V  # final norm, head input, fp32 log-probabilities
     transient = layer * T + 2 * k * 1.5 * 2 * D * T  # one layer's gradients + a2a buffers
@@ -89,7 +90,12 @@ def test_memory_of_a_small_shape_by_hand():
     assert dp == 4 and edp == 2
     for key, value in expect.items():
         assert mem[key] * GIB == pytest.approx(value, rel=1e-9), key
-    assert mem["peak_allocated"] * GIB == pytest.approx(sum(expect.values()), rel=1e-9)
+    backward = sum(expect.values())
+    update = weights + optimizer + buckets + update_grads
+    assert mem["update_fp32_gradients"] * GIB == pytest.approx(update_grads, rel=1e-9)
+    assert mem["backward_peak"] * GIB == pytest.approx(backward, rel=1e-9)
+    assert mem["update_peak"] * GIB == pytest.approx(update, rel=1e-9)
+    assert mem["peak_allocated"] * GIB == pytest.approx(max(backward, update), rel=1e-9)
 
 
 def test_memory_levers_move_the_right_way():

@@ -200,8 +200,8 @@ def activation_bytes_per_token(cfg: Any, layout: Layout, imbalance: float) -> di
     with saved-tensor hooks, tests/test_planner_activations.py): RMSNorm saves its fp32
     input and bf16 normalised output; attention the QKV projection's input and output, the
     roped q and k, the fused kernel's output and the output projection's input; a SwiGLU
-    MLP four tensors of its hidden width (GELU two); a MoE block its router's fp32 input,
-    probabilities and logits, the received rows, the expert intermediates, the returned rows
+    MLP four tensors of its hidden width (GELU two); a MoE block its router's bf16 input
+    (shared with the shared experts'), fp32 probabilities and logits, the received rows, the expert intermediates, the returned rows
     for the weighted combine and int64 row indices. The LM head keeps the fp32
     log-probabilities. With TP (sequence parallelism, `xmoe.parallel.tensor_parallel`)
     every rank holds 1/t of the tokens outside attention and the dense MLPs, which keep
@@ -221,7 +221,9 @@ def activation_bytes_per_token(cfg: Any, layout: Layout, imbalance: float) -> di
     shared = 0.0
     if e.num_shared_experts:
         shared = b * D + saved_inter * b * e.num_shared_experts * F
-    router = F32 * D + 2 * F32 * E
+    # the router keeps its bf16 input (the same tensor the shared experts keep) and fp32
+    # probabilities and logits
+    router = (0.0 if e.num_shared_experts else b * D) + 2 * F32 * E
     padded = 0.0
     if layout.dispatcher in ("padded", "deepspeed"):
         # GShard-style dense dispatch mask and combine weights: T x E x C, C = T k cf / E
@@ -254,11 +256,16 @@ def memory_estimate(
     dense_part = dense / (shard or dp)
     expert_part = expert / (shard or edp)
     weights = pbytes * (dense + expert)
+    # DeepSpeed accumulates the micro-batches' gradients in the model's dtype (its default
+    # grad_accum_dtype for bf16): every gradient under ZeRO-1, this rank's reduce-scattered
+    # shard under ZeRO-2. The fp32 copy of the shard the optimizer reads exists only in the
+    # update, after the activations are gone and as the bf16 gradients are released, so it
+    # is a second peak, not part of the backward one (measured on H200: docs/PLANNER.md).
     if layout.zero_stage >= 2:
-        # reduce-scattered into this rank's shard (kept in bf16, cast to fp32 for the step)
-        grads = (pbytes + F32) * (dense_part + expert_part)
+        grads = pbytes * (dense_part + expert_part)
     else:
-        grads = pbytes * (dense + expert) + F32 * (dense_part + expert_part)
+        grads = pbytes * (dense + expert)
+    step_grads = F32 * (dense_part + expert_part)
     optimizer = 3 * F32 * (dense_part + expert_part)  # fp32 master, Adam m and v
     buckets = pbytes * min(ZERO_BUCKET_ELEMS, dense + expert)
 
@@ -297,7 +304,11 @@ def memory_estimate(
         "transient": transient,
     }
     out = {k: v / GIB for k, v in parts.items()}
-    out["peak_allocated"] = sum(out.values())
+    out["update_fp32_gradients"] = step_grads / GIB
+    static = out["weights"] + out["optimizer"] + out["zero_buckets"]
+    out["backward_peak"] = sum(out[k] for k in parts)
+    out["update_peak"] = static + out["update_fp32_gradients"]
+    out["peak_allocated"] = max(out["backward_peak"], out["update_peak"])
     out["needed"] = out["peak_allocated"] * a.fragmentation + a.context_gib
     return out
 
