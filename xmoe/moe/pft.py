@@ -26,7 +26,7 @@ from xmoe.config import Config
 from xmoe.kernels.backend import host_to_device
 from xmoe.kernels.combine import combine
 from xmoe.kernels.grouped_gemm import CountsWithOffsets
-from xmoe.kernels.permute import attach_gathered, gather_rows
+from xmoe.kernels.permute import attach_gathered, gather_rows, permute
 from xmoe.kernels.routing import routing_metadata
 from xmoe.moe.dispatch import Dispatched, Dispatcher, Routing
 from xmoe.parallel.collectives import all_to_all_uneven, exchange_counts, group_size
@@ -139,10 +139,16 @@ class PFTDispatcher(Dispatcher):
         counts_to_host = _to_host_async(counts_dev)
         # Gather the kept rows now, into a buffer of the most rows that can be kept (T*K),
         # so the GPU copies them while the host waits for the counts; rows past the kept
-        # count are never written nor read.
-        rows_ND = gather_rows(
-            x_TD.detach(), meta.src_slot_N, meta.top_k, n_rows=meta.counts_E.sum()
-        )
+        # count are never written nor read. Dropping on one rank would keep that whole
+        # buffer alive until backward (the experts save their input), so it gathers after
+        # the sync, into a buffer of the exact size; with EP the buffer only feeds the
+        # all-to-all, whose output is exact.
+        early = W > 1 or routing.keep_TK is None
+        rows_ND = None
+        if early:
+            rows_ND = gather_rows(
+                x_TD.detach(), meta.src_slot_N, meta.top_k, n_rows=meta.counts_E.sum()
+            )
         host = counts_to_host()  # the one host sync
         if W == 1:
             counts_El = host
@@ -155,7 +161,10 @@ class PFTDispatcher(Dispatcher):
             counts_El = [sum(counts_WEl[w][e] for w in range(W)) for e in range(El)]
 
         slot_S = meta.src_slot_N[: sum(send)]
-        x_SD = attach_gathered(x_TD, rows_ND[: sum(send)], meta.dest_row_TK)
+        if rows_ND is not None:
+            x_SD = attach_gathered(x_TD, rows_ND[: sum(send)], meta.dest_row_TK)
+        else:
+            x_SD = permute(x_TD, slot_S, meta.dest_row_TK)
         x_RD = all_to_all_uneven(x_SD, send, recv, self.group)
         regroup = None
         if W > 1 and El > 1:
