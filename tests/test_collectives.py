@@ -4,7 +4,8 @@ import pytest
 import torch
 from ep_spawn import run_ranks
 
-from xmoe.parallel.collectives import all_to_all_uneven, exchange_counts
+from xmoe.parallel import collectives
+from xmoe.parallel.collectives import all_reduce_host, all_to_all_uneven, exchange_counts
 
 D = 3
 
@@ -60,3 +61,24 @@ def test_single_rank_is_identity():
     x = torch.randn(5, D)
     assert all_to_all_uneven(x, [5], [5]) is x
     assert exchange_counts(torch.tensor([1, 2])).tolist() == [[1, 2]]
+
+
+def _check_host_reduce(rank: int, world: int) -> None:
+    t = torch.tensor([float(rank), 1.0], dtype=torch.float64)
+    out = all_reduce_host(t)
+    assert out.device.type == "cpu"
+    assert out.tolist() == [sum(range(world)), float(world)]
+
+
+def test_all_reduce_of_host_metrics():
+    run_ranks(2, _check_host_reduce)
+
+
+def test_host_tensors_go_through_the_gpu_under_nccl(monkeypatch):
+    """NCCL refuses host tensors: the training loop's metrics are moved to the GPU for it."""
+    monkeypatch.setattr(collectives.dist, "get_backend", lambda group=None: "nccl")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 3)
+    assert collectives.collective_device() == torch.device("cuda", 3)
+    monkeypatch.setattr(collectives.dist, "get_backend", lambda group=None: "gloo")
+    assert collectives.collective_device() == torch.device("cpu")

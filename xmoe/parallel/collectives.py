@@ -32,6 +32,25 @@ def group_rank(group: Any) -> int:
     return dist.get_rank(group) if dist.is_initialized() else 0
 
 
+def collective_device(group: Any = None) -> torch.device:
+    """Where a tensor must live for a collective over `group`: NCCL (and RCCL) take only
+    device tensors, gloo host ones."""
+    if "nccl" in str(dist.get_backend(group)).lower() and torch.cuda.is_available():
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
+
+
+def all_reduce_host(t: torch.Tensor, group: Any = None, op: Any = None) -> torch.Tensor:
+    """All-reduce a small host tensor (metrics, counters) over `group`, through the device
+    the backend needs; the result is a host tensor. No-op without distributed ranks."""
+    if not (dist.is_initialized() and dist.get_world_size() > 1):
+        return t
+    dev = collective_device(group)
+    moved = t.to(dev)
+    dist.all_reduce(moved, op=op or dist.ReduceOp.SUM, group=group)
+    return moved.to(t.device)
+
+
 def _exchange(x_ND: torch.Tensor, send: list[int], recv: list[int], group: Any) -> torch.Tensor:
     me = group_rank(group)
     pad = sum(send) == 0 or sum(recv) == 0

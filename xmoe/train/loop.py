@@ -19,10 +19,10 @@ from typing import Any
 
 import numpy as np
 import torch
-import torch.distributed as dist
 
 from xmoe.config import Config
 from xmoe.flops import flops_per_token
+from xmoe.parallel.collectives import all_reduce_host
 from xmoe.train.metrics import add_dispatch_stats, merge_dispatch_sums
 
 
@@ -114,9 +114,8 @@ class Window:
 
 
 def _all_reduce_sum(t: torch.Tensor, group: Any = None) -> torch.Tensor:
-    if dist.is_initialized() and dist.get_world_size() > 1:
-        dist.all_reduce(t, group=group)
-    return t
+    """Sum a host tensor over `group` (through the GPU under NCCL)."""
+    return all_reduce_host(t, group)
 
 
 def _window_record(

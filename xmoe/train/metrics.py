@@ -57,9 +57,9 @@ def dispatch_record(
     out: dict[str, Any] = {"name": name}
     if not keys:
         return out
-    t = torch.tensor([sums[k] for k in keys], dtype=torch.float64)
-    if torch.distributed.is_initialized() and torch.distributed.get_world_size() > 1:
-        torch.distributed.all_reduce(t, group=group)
+    from xmoe.parallel.collectives import all_reduce_host
+
+    t = all_reduce_host(torch.tensor([sums[k] for k in keys], dtype=torch.float64), group)
     total = dict(zip(keys, t.tolist()))
     forwards = max(1.0, total.pop(_FORWARDS, 1.0))
     for key, value in total.items():
