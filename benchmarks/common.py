@@ -9,6 +9,7 @@ import time
 from collections.abc import Callable
 from datetime import date
 from pathlib import Path
+from typing import Any
 
 import torch
 import torch.distributed as dist
@@ -111,3 +112,57 @@ def write_results(path: str, machine: str, command: str, cases: list[dict], appe
         "cases": old + [{**c, "date": c.get("date", date.today().isoformat())} for c in cases],
     }
     out.write_text(json.dumps(doc, indent=1) + "\n")
+
+
+def gap_report(trace: Path, steps: int, min_us: float = 4.0, unit: str = "step") -> str:
+    """Where the GPU waits: idle time between kernels, charged to the host operation that
+    launched the kernel ending each gap (the host was late to launch it). `steps` is how
+    many `unit`s the trace covers; figures are per unit."""
+    ev = [e for e in json.loads(trace.read_text())["traceEvents"] if e.get("ph") == "X"]
+    gpu = sorted(
+        (e for e in ev if e.get("cat") in ("kernel", "gpu_memcpy", "gpu_memset")),
+        key=lambda e: e["ts"],
+    )
+    launch = {
+        e["args"].get("correlation"): e
+        for e in ev
+        if e.get("cat") == "cuda_runtime" and "correlation" in e.get("args", {})
+    }
+    busy = sum(e["dur"] for e in gpu)
+    # the gaps, each with the launch (time, host thread) of the kernel that ended it
+    found: list[tuple[float, float, Any, str]] = []
+    end = gpu[0]["ts"] + gpu[0]["dur"] if gpu else 0.0
+    for k in gpu[1:]:
+        idle = k["ts"] - end
+        if idle >= min_us:
+            lt = launch.get(k.get("args", {}).get("correlation"), {})
+            found.append((lt.get("ts", k["ts"]), idle, lt.get("tid"), k["name"][:40]))
+        end = max(end, k["ts"] + k["dur"])
+    # one sweep in time order with a stack of open host ops per thread (they nest)
+    ops = [e for e in ev if e.get("cat") in ("cpu_op", "user_annotation")]
+    items = [(o["ts"], 0, i) for i, o in enumerate(ops)] + [
+        (g[0], 1, i) for i, g in enumerate(found)
+    ]
+    stacks: dict[Any, list[dict]] = {}
+    gaps: dict[str, list[float]] = {}
+    for ts, kind, i in sorted(items, key=lambda t: (t[0], t[1])):
+        tid = ops[i].get("tid") if kind == 0 else found[i][2]
+        stack = stacks.setdefault(tid, [])
+        while stack and stack[-1]["ts"] + stack[-1]["dur"] < ts:
+            stack.pop()
+        if kind == 0:
+            stack.append(ops[i])
+            continue
+        named = [o for o in stack if not o["name"].startswith("aten::")]
+        pick = (named or stack or [{"name": "(no host op)"}])[-1]["name"][:60]
+        gaps.setdefault(f"{pick} -> {found[i][3]}", []).append(found[i][1])
+    total = sum(sum(v) for v in gaps.values())
+    span = (end - gpu[0]["ts"]) if gpu else 0.0
+    lines = [
+        f"== GPU timeline over {steps} {unit}(s): span {span / steps / 1e3:.3f} ms/{unit}, "
+        f"kernels {busy / steps / 1e3:.3f} ms/{unit}, idle gaps >= {min_us:g} us "
+        f"{total / steps / 1e3:.3f} ms/{unit}; largest, by the host op that launched next:"
+    ]
+    for key, v in sorted(gaps.items(), key=lambda kv: -sum(kv[1]))[:20]:
+        lines.append(f"  {sum(v) / steps:9.1f} us/{unit}  x{len(v) / steps:5.1f}  {key}")
+    return "\n".join(lines)

@@ -248,6 +248,17 @@ def profile_step(
             h.remove()
     if trace:
         prof.export_chrome_trace(trace)
+    gaps = ""
+    if on_device:  # where the GPU waits (for the host, a sync, a collective)
+        import tempfile
+
+        from benchmarks.common import gap_report
+
+        with tempfile.TemporaryDirectory() as tmp:
+            path = Path(trace) if trace else Path(tmp) / "trace.json"
+            if not trace:
+                prof.export_chrome_trace(str(path))
+            gaps = gap_report(path, n, unit="micro-batch")
     totals, top = categorise(list(prof.events()), on_device)
     scale = {c: 1.0 if c in ONCE_PER_STEP else accum / n for c in CATEGORIES}
     step_us = {c: totals.get(c, 0.0) * scale[c] for c in CATEGORIES}
@@ -271,6 +282,7 @@ def profile_step(
             }
             for c in CATEGORIES
         },
+        "gaps_per_micro_batch": gaps,
         "top_ops": [
             {"name": n, "ms": round(us / 1e3, 3), "category": c, "calls": k} for n, us, c, k in top
         ],
@@ -297,6 +309,8 @@ def print_profile(p: dict[str, Any]) -> None:
     print(f"  {'category':<16} {'window ms':>10} {'step ms':>10} {'% step':>7}")
     for cat, v in sorted(p["categories"].items(), key=lambda kv: -kv[1]["step_ms"]):
         print(f"  {cat:<16} {v['ms']:>10.2f} {v['step_ms']:>10.2f} {v['percent']:>6.1f}%")
+    if p.get("gaps_per_micro_batch"):
+        print("  " + p["gaps_per_micro_batch"].replace("\n", "\n  "))
     print("  top operators (window ms, calls) by category:")
     for cat in CATEGORIES:
         ops = [o for o in p["top_ops"] if o.get("category") == cat][:5]

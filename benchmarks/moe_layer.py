@@ -43,6 +43,7 @@ import torch.nn.functional as F
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from benchmarks.common import (  # noqa: E402
+    gap_report,
     init_distributed,
     machine_name,
     max_over_ranks,
@@ -361,52 +362,6 @@ def profile_impl(impl: str, s: dict, ps, dev, dtype, args) -> None:
                 path = Path(tmp) / "trace.json"
                 prof.export_chrome_trace(str(path))
                 print(gap_report(path, n))
-
-
-def gap_report(trace: Path, steps: int, min_us: float = 4.0) -> str:
-    """Where the GPU waits: idle time between kernels, charged to the host operation that
-    launched the kernel ending each gap (the host was late to launch it)."""
-    import json
-
-    ev = [e for e in json.loads(trace.read_text())["traceEvents"] if e.get("ph") == "X"]
-    gpu = sorted(
-        (e for e in ev if e.get("cat") in ("kernel", "gpu_memcpy", "gpu_memset")),
-        key=lambda e: e["ts"],
-    )
-    launch = {
-        e["args"].get("correlation"): e
-        for e in ev
-        if e.get("cat") == "cuda_runtime" and "correlation" in e.get("args", {})
-    }
-    ops = sorted((e for e in ev if e.get("cat") == "cpu_op"), key=lambda e: e["ts"])
-    busy = sum(e["dur"] for e in gpu)
-
-    def owner(ts: float) -> str:
-        """The innermost non-aten host op around ts (else the innermost aten op)."""
-        around = [o for o in ops if o["ts"] <= ts <= o["ts"] + o["dur"]]
-        named = [o for o in around if not o["name"].startswith("aten::")]
-        pick = (named or around or [{"name": "(no host op)"}])[-1]
-        return pick["name"][:60]
-
-    gaps: dict[str, list[float]] = {}
-    end = gpu[0]["ts"] + gpu[0]["dur"] if gpu else 0.0
-    for k in gpu[1:]:
-        idle = k["ts"] - end
-        if idle >= min_us:
-            lt = launch.get(k.get("args", {}).get("correlation"), {}).get("ts", k["ts"])
-            key = f"{owner(lt)} -> {k['name'][:40]}"
-            gaps.setdefault(key, []).append(idle)
-        end = max(end, k["ts"] + k["dur"])
-    total = sum(sum(v) for v in gaps.values())
-    span = (end - gpu[0]["ts"]) if gpu else 0.0
-    lines = [
-        f"== GPU timeline over {steps} steps: span {span / steps / 1e3:.3f} ms/step, "
-        f"kernels {busy / steps / 1e3:.3f} ms/step, idle gaps >= {min_us:g} us "
-        f"{total / steps / 1e3:.3f} ms/step; largest, by the host op that launched next:"
-    ]
-    for key, v in sorted(gaps.items(), key=lambda kv: -sum(kv[1]))[:20]:
-        lines.append(f"  {sum(v) / steps:8.1f} us/step  x{len(v) / steps:4.1f}  {key}")
-    return "\n".join(lines)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -153,7 +153,7 @@ step_moe_1gpu() {
 }
 step_moe_2gpu() {
     run_step moe_2gpu 70 $TORCHRUN --nproc_per_node 2 benchmarks/moe_layer.py --quick \
-        --out "$RES/moe_layer.json" --append -- --device cpu --tiny
+        ${MOE_IMPLS:+--impls "$MOE_IMPLS"} --out "$RES/moe_layer.json" --append -- --device cpu --tiny
 }
 step_moe_4gpu() {
     if [ "$SMOKE" != 1 ] && [ "$NP4" -lt 4 ]; then

@@ -164,3 +164,26 @@ def test_profile_attributes_backward_to_the_forward_module():
     totals, _ = e2e_profile.categorise(list(prof.events()), on_device=False)
     for cat in ("attention", "expert_gemm", "router", "permute_combine", "other"):
         assert totals.get(cat, 0) > 0, (cat, totals)
+
+
+def test_gap_report_charges_idle_time_to_the_late_launch(tmp_path):
+    from benchmarks.common import gap_report
+
+    def x(cat, name, ts, dur, **kw):
+        return {"ph": "X", "cat": cat, "name": name, "ts": ts, "dur": dur, **kw}
+
+    events = [
+        x("kernel", "gemm", 0, 10, args={"correlation": 1}),
+        x("kernel", "gather", 30, 10, args={"correlation": 2}),  # 20 us idle before it
+        x("kernel", "scan", 42, 5, args={"correlation": 3}),  # 2 us: under the threshold
+        x("cuda_runtime", "cudaLaunchKernel", 25, 2, tid=1, args={"correlation": 2}),
+        x("cpu_op", "xmoe::router", 0, 50, tid=1),
+        x("cpu_op", "_Permute", 20, 10, tid=1),
+        x("cpu_op", "aten::empty", 24, 4, tid=1),
+        x("cpu_op", "elsewhere", 21, 10, tid=2),  # another thread: not the launcher
+    ]
+    trace = tmp_path / "t.json"
+    trace.write_text(json.dumps({"traceEvents": events}))
+    report = gap_report(trace, 2, unit="micro-batch").splitlines()
+    assert "kernels 0.013 ms/micro-batch, idle gaps >= 4 us 0.010 ms/micro-batch" in report[0]
+    assert report[1:] == ["       10.0 us/micro-batch  x  0.5  _Permute -> gather"]
