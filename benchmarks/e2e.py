@@ -342,7 +342,7 @@ def run_key(r: dict) -> tuple:
 
 
 def write_results(path: Path, doc: dict, append: bool) -> None:
-    """Write the e2e JSON; with `append`, runs of another (dispatcher, gpus, layers) stay."""
+    """Write the e2e JSON; with `append`, runs of another `run_key` stay."""
     if append and path.is_file():
         old = json.loads(path.read_text())
         keys = {run_key(r) for r in doc["runs"]}
