@@ -52,15 +52,22 @@ class RMSNorm(nn.Module):
         return xf.to(x.dtype) * self.weight
 
 
+_ROPE_TABLES: dict[tuple, tuple[torch.Tensor, torch.Tensor]] = {}
+
+
 def rope_tables(
     seq_len: int, head_dim: int, theta: float, device: torch.device
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """cos/sin tables [S, Dh/2] in fp32 (built on the fly: engines cast float buffers to bf16)."""
-    inv_freq = 1.0 / theta ** (
-        torch.arange(0, head_dim, 2, device=device, dtype=torch.float32) / head_dim
-    )
-    angles_SF = torch.outer(torch.arange(seq_len, device=device, dtype=torch.float32), inv_freq)
-    return angles_SF.cos(), angles_SF.sin()
+    """cos/sin tables [S, Dh/2] in fp32, built once per shape and device (kept here, not
+    as module buffers: engines cast float buffers to bf16)."""
+    key = (seq_len, head_dim, float(theta), torch.device(device))
+    if key not in _ROPE_TABLES:
+        inv_freq = 1.0 / theta ** (
+            torch.arange(0, head_dim, 2, device=device, dtype=torch.float32) / head_dim
+        )
+        angles_SF = torch.outer(torch.arange(seq_len, device=device, dtype=torch.float32), inv_freq)
+        _ROPE_TABLES[key] = (angles_SF.cos(), angles_SF.sin())
+    return _ROPE_TABLES[key]
 
 
 def apply_rope(x_BHSE: torch.Tensor, cos_SF: torch.Tensor, sin_SF: torch.Tensor) -> torch.Tensor:
@@ -91,9 +98,10 @@ class Attention(nn.Module):
     def forward(self, x_BSD: torch.Tensor) -> torch.Tensor:
         B, S, _ = x_BSD.shape
         qkv = self.wqkv(x_BSD).view(B, S, 3, self.heads, self.head_dim)
-        q, k, v = qkv.permute(2, 0, 3, 1, 4)  # each [B, H, S, Dh]
+        qkv_3BHSE = qkv.permute(2, 0, 3, 1, 4)  # q, k, v each [B, H, S, Dh]
         cos, sin = rope_tables(S, self.head_dim, self.theta, x_BSD.device)
-        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        q, k = apply_rope(qkv_3BHSE[:2], cos, sin)  # q and k in one pass
+        v = qkv_3BHSE[2]
         o = F.scaled_dot_product_attention(q, k, v, is_causal=True)
         return self.wo(o.transpose(1, 2).reshape(B, S, self.heads * self.head_dim))
 
