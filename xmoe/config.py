@@ -28,6 +28,7 @@ DISPATCHERS = ("reference", "padded", "deepspeed", "pft", "rbd")
 ACTIVATIONS = ("swiglu", "gelu")
 GROUPED_GEMM = ("auto", "torch", "triton", "loop")
 DTYPES = ("auto", "bf16", "fp16", "fp32")
+GRAD_ACCUM_DTYPES = ("model", "fp32")
 DATA_SOURCES = ("synthetic", "indexed", "sample")
 
 
@@ -99,6 +100,10 @@ class TrainConfig:
     grad_clip: float = 1.0
     seed: int = 1234
     dtype: str = "auto"
+    # where the micro-batches' gradients add up: "model" = in the training dtype (DeepSpeed's
+    # default; bf16 rounds every addition), "fp32" = in fp32 buffers (DeepSpeed's bf16
+    # optimizer; 4 more bytes per parameter and an add per parameter and micro-batch)
+    grad_accum_dtype: str = "model"
     activation_checkpointing: bool = False
     log_interval: int = 5
     save_interval: int = 0
@@ -381,6 +386,11 @@ def validate(cfg: Config, world_size: int | None = None) -> None:
             "train.warmup_steps and train.save_interval must be >= 0, train.keep_last >= 1"
         )
     _choice(t.dtype, DTYPES, "train.dtype")
+    _choice(t.grad_accum_dtype, GRAD_ACCUM_DTYPES, "train.grad_accum_dtype")
+    if t.grad_accum_dtype == "fp32" and t.dtype == "fp16":
+        raise ConfigError(
+            "train.grad_accum_dtype=fp32 works with train.dtype bf16 (or auto/fp32), not fp16"
+        )
     if t.hang_timeout_s < 0:
         raise ConfigError(f"train.hang_timeout_s={t.hang_timeout_s} must be >= 0 (0 = off)")
     _positive(t.max_bad_steps, "train.max_bad_steps")

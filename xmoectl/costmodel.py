@@ -261,11 +261,18 @@ def memory_estimate(
     # shard under ZeRO-2. The fp32 copy of the shard the optimizer reads exists only in the
     # update, after the activations are gone and as the bf16 gradients are released, so it
     # is a second peak, not part of the backward one (measured on H200: docs/PLANNER.md).
-    if layout.zero_stage >= 2:
+    if cfg.train.grad_accum_dtype == "fp32" and pbytes == 2:
+        # ZeRO-1: DeepSpeed's bf16 optimizer accumulates every gradient in an fp32 buffer
+        # (a parameter's bf16 gradient is released once added); ZeRO-2: the reduce-scattered
+        # shard accumulates in fp32. The update reads those buffers directly.
+        grads = F32 * ((dense_part + expert_part) if layout.zero_stage >= 2 else (dense + expert))
+        step_grads = 0.0
+    elif layout.zero_stage >= 2:
         grads = pbytes * (dense_part + expert_part)
+        step_grads = F32 * (dense_part + expert_part)
     else:
         grads = pbytes * (dense + expert)
-    step_grads = F32 * (dense_part + expert_part)
+        step_grads = F32 * (dense_part + expert_part)
     optimizer = 3 * F32 * (dense_part + expert_part)  # fp32 master, Adam m and v
     buckets = pbytes * min(ZERO_BUCKET_ELEMS, dense + expert)
 

@@ -45,6 +45,11 @@ def deepspeed_config(cfg: Config, world: int, device: torch.device) -> dict[str,
         "bf16": {"enabled": dtype == "bf16"},
         "fp16": {"enabled": dtype == "fp16", "initial_scale_power": 16},
         "zero_allow_untested_optimizer": True,
+        **(
+            {"data_types": {"grad_accum_dtype": "fp32"}}
+            if t.grad_accum_dtype == "fp32" and dtype == "bf16"
+            else {}
+        ),
         "steps_per_print": 10**9,
         "wall_clock_breakdown": False,
     }
