@@ -324,6 +324,7 @@ def measure(trainer: BenchTrainer, args: argparse.Namespace) -> dict[str, Any]:
         "global_batch": cfg.train.global_batch,
         "seq_len": cfg.model.seq_len,
         "capacity_factor": cfg.moe.capacity_factor,
+        "grad_accum_dtype": cfg.train.grad_accum_dtype,
         "dropped_fraction": round(dropped, 4),
         "load_max_mean": round(max(balance), 3) if balance else None,
         "data": cfg.data.source,
@@ -337,7 +338,8 @@ def measure(trainer: BenchTrainer, args: argparse.Namespace) -> dict[str, Any]:
 def run_key(r: dict) -> tuple:
     """What makes two runs the same measurement (a later one replaces an earlier one)."""
     return (
-        r["dispatcher"], r["gpus"], r["layers"], r.get("micro_batch"), r.get("capacity_factor")
+        r["dispatcher"], r["gpus"], r["layers"], r.get("micro_batch"), r.get("capacity_factor"),
+        r.get("grad_accum_dtype", "model"),
     )  # fmt: skip
 
 
@@ -373,17 +375,17 @@ def machine_name(device: Any, world: int) -> str:
 def print_table(runs: list[dict]) -> None:
     print(f"{'dispatcher':<10} {'gpus':>4} {'layers':>6} {'mb':>3} {'cf':>5} {'tok/s':>10} "
           f"{'TF/s/GPU':>9} {'MFU':>6} {'MFU780':>7} {'peak GiB':>9} {'step s':>7} "
-          f"{'dropped':>7} {'load':>5}")  # fmt: skip
+          f"{'dropped':>7} {'load':>5} {'grad acc':>8}")  # fmt: skip
     for r in runs:
         cf = r.get("capacity_factor") or "-"
         print(f"{r['dispatcher']:<10} {r['gpus']:>4} {r['layers']:>6} {r.get('micro_batch', 0):>3} "
               f"{cf:>5} {r['tokens_per_s']:>10.0f} {r['tflops_per_gpu']:>9.1f} "
               f"{100 * r['mfu']:>5.1f}% {100 * r['mfu_gemm']:>6.1f}% {r['peak_gib']:>9.2f} "
               f"{r['step_s']:>7.3f} {100 * r['dropped_fraction']:>6.1f}% "
-              f"{r.get('load_max_mean') or 0:>5.1f}")  # fmt: skip
+              f"{r.get('load_max_mean') or 0:>5.1f} {r.get('grad_accum_dtype', 'model'):>8}")  # fmt: skip
     by = {run_key(r): r["tokens_per_s"] for r in runs}
-    for (d, gpus, layers, mb, cf), tps in by.items():
-        base = by.get(("deepspeed", gpus, layers, mb, cf))
+    for (d, gpus, layers, mb, cf, acc), tps in by.items():
+        base = by.get(("deepspeed", gpus, layers, mb, cf, acc))
         if d != "deepspeed" and base:
             print(
                 f"{d} / deepspeed throughput on {gpus} ranks, {layers} layers, micro-batch {mb}, "

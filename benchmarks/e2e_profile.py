@@ -269,6 +269,7 @@ def profile_step(
         "layers": trainer.cfg.model.layers,
         "micro_batch": trainer.cfg.train.micro_batch,
         "capacity_factor": trainer.cfg.moe.capacity_factor,
+        "grad_accum_dtype": trainer.cfg.train.grad_accum_dtype,
         "time": "device kernel time" if on_device else "CPU operator time",
         "micro_batches": f"{n} of {accum}",
         "window_s": round(window.wall, 4),

@@ -228,7 +228,8 @@ def main() -> int:
         lays = [lays[i] for i in args.only]
 
     def write(cases: list[dict]) -> None:  # after every layout: a timeout keeps the earlier ones
-        key = f"{args.gpus}gpu{'-cpu-smoke' if args.cpu else ''}"
+        key = f"{args.gpus}gpu{f'-{args.layers}layers' if args.layers != 8 else ''}"
+        key += "-cpu-smoke" if args.cpu else ""
         cases = merged_cases(Path(args.out), key, cases)
         write_section(
             Path(args.out),

@@ -134,7 +134,7 @@ E2E_COMPARE=(--layers "${E2E_LAYERS:-16}" --micro-batch "${E2E_MB:-4}" --global-
     --warmup 1 --steps 2 --profile --append --out "$RES/e2e.json")
 step_e2e_pft() {
     run_step e2e_pft 200 $TORCHRUN --nproc_per_node $NP4 benchmarks/e2e.py --dispatchers pft \
-        "${E2E_COMPARE[@]}" --variant "" --variant moe.capacity_factor=null \
+        "${E2E_COMPARE[@]}" --variant "" --variant "${E2E_VARIANT2:-moe.capacity_factor=null}" \
         ${TRACE:+--trace "$OUT/logs/e2e_pft_trace.json"} -- "${E2E_SMOKE[@]}"
 }
 step_e2e_deepspeed() {
@@ -174,6 +174,7 @@ step_rbd() {
 }
 step_planner() {
     run_step planner "${PLANNER_LIMIT:-150}" "$PY" benchmarks/planner_validate.py --gpus $NP4 --only ${PLANNER_ONLY:-0 1} --timeout 70 \
+        --layers "${PLANNER_LAYERS:-8}" \
         --out "$RES/planner.json" -- --cpu --gpus 2 --tiny
 }
 
