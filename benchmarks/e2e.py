@@ -438,7 +438,7 @@ def main(argv: list[str] | None = None) -> int:
             print(f"[{time.perf_counter() - t_start:.0f} s] built {cfg.moe.dispatcher}, "
                   f"micro-batch {cfg.train.micro_batch}, capacity factor "
                   f"{cfg.moe.capacity_factor}", flush=True)  # fmt: skip
-        runs.append(measure(trainer, args))
+        runs.append({**measure(trainer, args), "machine": head["machine"], "date": head["date"]})
         if rank == 0:  # written after every run: a later failure keeps the earlier ones
             print(json.dumps(runs[-1]), flush=True)
             doc = {**head, "peak_tflops": args.peak_tflops, "gemm_tflops": args.gemm_tflops}

@@ -99,11 +99,11 @@ def test_memory_of_a_small_shape_by_hand():
 
 
 def test_fp32_gradient_accumulation_memory():
-    """train.grad_accum_dtype=fp32: every gradient in fp32 through backward (ZeRO-1), the
-    shard (ZeRO-2); no separate fp32 copy for the update."""
+    """train.grad_accum_dtype=fp32: every gradient in fp32 beside its bf16 one through
+    backward (ZeRO-1), the shard (ZeRO-2); no separate fp32 copy for the update."""
     a = Assumptions(imbalance=1.5, fragmentation=1.0, context_gib=0.0)
     dense, expert = 49984, 16384  # as in test_memory_of_a_small_shape_by_hand
-    for zero, grads in ((1, 4 * (dense + expert)), (2, 4 * (dense / 4 + expert / 2))):
+    for zero, grads in ((1, 6 * (dense + expert)), (2, 6 * (dense / 4 + expert / 2))):
         lay = Layout(tp=1, ep=2, dispatcher="pft", micro_batch=2, zero_stage=zero)
         cfg = load_config("tiny", SMALL_SHAPE + ["train.grad_accum_dtype=fp32"])
         mem = memory_estimate(cfg, lay, HW, 4, a)
