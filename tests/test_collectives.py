@@ -68,6 +68,7 @@ def _check_host_reduce(rank: int, world: int) -> None:
     out = all_reduce_host(t)
     assert out.device.type == "cpu"
     assert out.tolist() == [sum(range(world)), float(world)]
+    assert t.tolist() == [float(rank), 1.0]  # the input stays as it was
 
 
 def test_all_reduce_of_host_metrics():

@@ -201,8 +201,9 @@ def activation_bytes_per_token(cfg: Any, layout: Layout, imbalance: float) -> di
     input and bf16 normalised output; attention the QKV projection's input and output, the
     roped q and k, the fused kernel's output and the output projection's input; a SwiGLU
     MLP four tensors of its hidden width (GELU two); a MoE block its router's bf16 input
-    (shared with the shared experts'), fp32 probabilities and logits, the received rows, the expert intermediates, the returned rows
-    for the weighted combine and int64 row indices. The LM head keeps the fp32
+    (shared with the shared experts'), fp32 probabilities and logits, the received rows,
+    the expert intermediates, the returned rows for the weighted combine and int64 row
+    indices. The LM head keeps the fp32
     log-probabilities. With TP (sequence parallelism, `xmoe.parallel.tensor_parallel`)
     every rank holds 1/t of the tokens outside attention and the dense MLPs, which keep
     their gathered full-sequence input and 1/t of the heads or hidden units; SSMB runs the
@@ -261,19 +262,16 @@ def memory_estimate(
     # shard under ZeRO-2. The fp32 copy of the shard the optimizer reads exists only in the
     # update, after the activations are gone and as the bf16 gradients are released, so it
     # is a second peak, not part of the backward one (measured on H200: docs/PLANNER.md).
+    held = (dense_part + expert_part) if layout.zero_stage >= 2 else (dense + expert)
     if cfg.train.grad_accum_dtype == "fp32" and pbytes == 2:
-        # ZeRO-1: DeepSpeed's bf16 optimizer accumulates every gradient in an fp32 buffer
+        # DeepSpeed's bf16 optimizer (ZeRO-1) accumulates every gradient in an fp32 buffer
         # beside the bf16 ones (measured on one H200: +14.2 GiB for 4.06B parameters, about
         # 4 more bytes each); ZeRO-2 (not measured): the reduce-scattered shard in fp32 beside
         # its bf16 one. The update reads those buffers directly.
-        held = (dense_part + expert_part) if layout.zero_stage >= 2 else (dense + expert)
         grads = (F32 + pbytes) * held
         step_grads = 0.0
-    elif layout.zero_stage >= 2:
-        grads = pbytes * (dense_part + expert_part)
-        step_grads = F32 * (dense_part + expert_part)
     else:
-        grads = pbytes * (dense + expert)
+        grads = pbytes * held
         step_grads = F32 * (dense_part + expert_part)
     optimizer = 3 * F32 * (dense_part + expert_part)  # fp32 master, Adam m and v
     buckets = pbytes * min(ZERO_BUCKET_ELEMS, dense + expert)

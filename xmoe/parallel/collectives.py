@@ -42,11 +42,11 @@ def collective_device(group: Any = None) -> torch.device:
 
 def all_reduce_host(t: torch.Tensor, group: Any = None, op: Any = None) -> torch.Tensor:
     """All-reduce a small host tensor (metrics, counters) over `group`, through the device
-    the backend needs; the result is a host tensor. No-op without distributed ranks."""
+    the backend needs; the result is a new host tensor (`t` itself is left as it is).
+    Returns `t` without distributed ranks."""
     if not (dist.is_initialized() and dist.get_world_size() > 1):
         return t
-    dev = collective_device(group)
-    moved = t.to(dev)
+    moved = t.to(collective_device(group), copy=True)
     dist.all_reduce(moved, op=op or dist.ReduceOp.SUM, group=group)
     return moved.to(t.device)
 

@@ -113,20 +113,15 @@ class Window:
         self.dispatch = merge_dispatch_sums(self.dispatch, r.dispatch)
 
 
-def _all_reduce_sum(t: torch.Tensor, group: Any = None) -> torch.Tensor:
-    """Sum a host tensor over `group` (through the GPU under NCCL)."""
-    return all_reduce_host(t, group)
-
-
 def _window_record(
     w: Window, step: int, last: StepResult, cfg: Config, pstate: Any, peak: float | None, device
 ) -> dict[str, Any]:
     elapsed = time.perf_counter() - w.t0
     steps = max(1, w.steps + w.skipped)
     # loss means over DP ranks; tokens and expert loads summed over all ranks
-    losses = _all_reduce_sum(w.losses.clone(), pstate.dp_group) / (w.steps * pstate.dp)
-    tokens = _all_reduce_sum(torch.tensor([float(w.tokens)], dtype=torch.float64))[0].item()
-    load_LE = _all_reduce_sum(w.load_LE.double().clone()) if w.load_LE is not None else None
+    losses = all_reduce_host(w.losses, pstate.dp_group) / (w.steps * pstate.dp)
+    tokens = all_reduce_host(torch.tensor([float(w.tokens)], dtype=torch.float64))[0].item()
+    load_LE = all_reduce_host(w.load_LE.double()) if w.load_LE is not None else None
     loss, lm, aux, z, dropped = losses.tolist()
     if pstate.tp > 1:
         tokens /= pstate.tp  # TP ranks of one group see the same tokens
@@ -254,7 +249,7 @@ def train(
             else:
                 last_good = result
                 if cfg.moe.expert_bias:
-                    update_expert_bias(model, _all_reduce_sum(result.load_LE.clone()))
+                    update_expert_bias(model, all_reduce_host(result.load_LE))
                 window.add(result)
             if step % t.log_interval == 0 or step == last_step:
                 shown = last_good or result

@@ -23,6 +23,7 @@ from typing import Any
 import torch
 
 from xmoe.flops import datasheet_peak_tflops
+from xmoe.parallel.collectives import all_reduce_host
 
 # counters that are not additive: a ratio from two summed counters; a per-layer size
 DISPATCH_RATIOS = {"dedup_ratio": ("routed_rows", "pilot_rows")}
@@ -57,8 +58,6 @@ def dispatch_record(
     out: dict[str, Any] = {"name": name}
     if not keys:
         return out
-    from xmoe.parallel.collectives import all_reduce_host
-
     t = all_reduce_host(torch.tensor([sums[k] for k in keys], dtype=torch.float64), group)
     total = dict(zip(keys, t.tolist()))
     forwards = max(1.0, total.pop(_FORWARDS, 1.0))
