@@ -196,22 +196,15 @@ def _sync(device: Any) -> None:
         torch.cuda.synchronize(device)
 
 
-def _max_over_ranks(values: list[float], device: Any) -> list[float]:
+def _over_ranks(values: list[float], op: str = "SUM") -> list[float]:
+    """`values` reduced over all ranks (`all_reduce_host`: through the GPU under NCCL)."""
     import torch
     import torch.distributed as dist
 
-    t = torch.tensor(values, dtype=torch.float64, device=device)
-    dist.all_reduce(t, op=dist.ReduceOp.MAX)
-    return t.tolist()
+    from xmoe.parallel.collectives import all_reduce_host
 
-
-def _sum_over_ranks(values: list[float], device: Any) -> list[float]:
-    import torch
-    import torch.distributed as dist
-
-    t = torch.tensor(values, dtype=torch.float64, device=device)
-    dist.all_reduce(t)
-    return t.tolist()
+    t = torch.tensor(values, dtype=torch.float64)
+    return all_reduce_host(t, op=getattr(dist.ReduceOp, op)).tolist()
 
 
 class BenchTrainer:
@@ -250,8 +243,7 @@ class BenchTrainer:
         self.losses: list[float] = []
 
     def step(self) -> Any:
-        import torch
-
+        from xmoe.parallel.collectives import all_reduce_host
         from xmoe.train.loop import train_step, update_expert_bias
 
         self.guard.before_step(self.steps_done + 1)
@@ -259,8 +251,7 @@ class BenchTrainer:
         self.steps_done += 1
         self.guard.after_update()
         if self.cfg.moe.expert_bias and not self.guard.skipped:
-            total = _sum_over_ranks(r.load_LE.flatten().tolist(), self.device)
-            update_expert_bias(self.model, torch.tensor(total).view_as(r.load_LE))
+            update_expert_bias(self.model, all_reduce_host(r.load_LE))
         self.losses.append(r.loss)
         return r
 
@@ -298,16 +289,16 @@ def measure(trainer: BenchTrainer, args: argparse.Namespace) -> dict[str, Any]:
     t0 = time.perf_counter()
     timed = [trainer.step() for _ in range(args.steps)]
     _sync(device)
-    elapsed = _max_over_ranks([time.perf_counter() - t0], device)[0]
+    elapsed = _over_ranks([time.perf_counter() - t0], "MAX")[0]
 
-    tokens, dropped = _sum_over_ranks(
-        [float(sum(r.tokens for r in timed)), sum(r.dropped_fraction for r in timed)], device
+    tokens, dropped = _over_ranks(
+        [float(sum(r.tokens for r in timed)), sum(r.dropped_fraction for r in timed)]
     )
     dropped /= world * args.steps
     load_LE = torch.stack([r.load_LE for r in timed]).sum(0).double()
-    load_LE = torch.tensor(_sum_over_ranks(load_LE.flatten().tolist(), device)).view_as(load_LE)
+    load_LE = torch.tensor(_over_ranks(load_LE.tolist()), dtype=torch.float64)
     balance = (load_LE.max(1).values / load_LE.mean(1).clamp_min(1e-9)).tolist()
-    peak = _max_over_ranks([peak_memory_gib(device)], device)[0]
+    peak = _over_ranks([peak_memory_gib(device)], "MAX")[0]
     tokens_per_s = tokens / elapsed
     tflops = flops_per_token(cfg, dropped) * tokens_per_s / world / 1e12
     return {
