@@ -4,7 +4,12 @@ import pytest
 import torch
 import triton_interp
 
-from xmoe.kernels.grouped_gemm import grouped_mm, resolve_impl, torch_grouped_mm_supported
+from xmoe.kernels.grouped_gemm import (
+    DeviceCounts,
+    grouped_mm,
+    resolve_impl,
+    torch_grouped_mm_supported,
+)
 
 test_in_interpreter_process = triton_interp.child_process_test(__file__)
 
@@ -73,3 +78,25 @@ def test_resolution_degrades_to_what_runs_here(monkeypatch):
     assert resolve_impl("auto", x.double(), w.double()) == "triton"
     with pytest.raises(ValueError, match="grouped GEMM"):
         resolve_impl("cutlass", x, w)
+
+
+def test_device_counts_are_read_only_by_host_planned_impls():
+    """`DeviceCounts`: `_grouped_mm` runs on the device offsets without reading the
+    counts; the loop reads them once (one fetch, however often it iterates)."""
+    counts = [3, 0, 9, 4]
+    x, w, gy = torch.randn(16, 32), torch.randn(4, 32, 16), torch.randn(16, 16)
+    fetched = []
+
+    def make():
+        offsets = torch.cumsum(torch.tensor(counts), 0).to(torch.int32)
+        return DeviceCounts(offsets, lambda: fetched.append(1) or list(counts))
+
+    want = _run("loop", x, w, counts, gy, False)
+    dc = make()
+    for got, ref in zip(_run("torch", x, w, dc, gy, False), want):
+        torch.testing.assert_close(got, ref)
+    assert fetched == [] and len(dc) == 4
+    dc = make()
+    for got, ref in zip(_run("loop", x, w, dc, gy, False), want):
+        torch.testing.assert_close(got, ref)
+    assert fetched == [1] and dc == counts and dc[2] == 9

@@ -7,12 +7,13 @@ Three interchangeable implementations, all differentiable in x and w:
   "loop"    one matmul per expert: the reference the other two are tested against.
 `w_EKN` may be any strided view (e.g. `w1_EFD.transpose(1, 2)`), so stacked parameters
 stored [E, out, in] feed in without a copy. `counts_E` is a host list (the dispatcher
-already synced it) or a tensor.
+already synced it), a tensor, or a `DeviceCounts` (read by the loop and Triton only).
 """
 
 from __future__ import annotations
 
 import os
+from collections.abc import Callable, Sequence
 
 import torch
 
@@ -157,7 +158,38 @@ class CountsWithOffsets(list):
         self.offsets = offsets
 
 
+class DeviceCounts(Sequence):
+    """Counts per expert that live on the device: `offsets` (their int32 cumulative sum)
+    is all `_grouped_mm` needs, so a dispatcher whose buffer sizes are known without the
+    counts (dropless on one rank) makes no host sync. Reading the values (the loop and
+    Triton kernels do, to plan their tiles) waits for `fetch` once and keeps the list."""
+
+    def __init__(self, offsets: torch.Tensor, fetch: Callable[[], list[int]]) -> None:
+        self.offsets = offsets
+        self._fetch: Callable[[], list[int]] | None = fetch
+        self._host: list[int] = []
+
+    def host(self) -> list[int]:
+        if self._fetch is not None:
+            self._host, self._fetch = [int(c) for c in self._fetch()], None
+        return self._host
+
+    def __len__(self) -> int:
+        return self.offsets.numel()
+
+    def __getitem__(self, i):
+        return self.host()[i]
+
+    def __eq__(self, other) -> bool:
+        return list(self.host()) == list(other)
+
+    def __repr__(self) -> str:
+        return f"DeviceCounts({self.host() if self._fetch is None else 'not fetched'})"
+
+
 def _counts_list(counts_E) -> list[int]:
+    if isinstance(counts_E, DeviceCounts):
+        return counts_E.host()
     return [int(c) for c in (counts_E.tolist() if torch.is_tensor(counts_E) else counts_E)]
 
 

@@ -2,6 +2,7 @@
 
   router ids/weights -> routing metadata (counts, rows; no sort needed on GPU)
   -> counts exchange (one small all-to-all) -> ONE host sync for every split size
+     (none at all dropless on one rank, where every size is T*K)
   -> permute: one copy of each kept (token, k) row, grouped by global expert
   -> uneven all-to-all (rows for rank j are contiguous: experts are split evenly)
   -> regroup the received rows by local expert (they arrive by source rank)
@@ -25,7 +26,7 @@ import torch
 from xmoe.config import Config
 from xmoe.kernels.backend import host_to_device
 from xmoe.kernels.combine import combine
-from xmoe.kernels.grouped_gemm import CountsWithOffsets
+from xmoe.kernels.grouped_gemm import CountsWithOffsets, DeviceCounts
 from xmoe.kernels.permute import attach_gathered, gather_rows, permute
 from xmoe.kernels.routing import routing_metadata
 from xmoe.moe.dispatch import Dispatched, Dispatcher, Routing
@@ -127,6 +128,8 @@ class PFTDispatcher(Dispatcher):
         E, W = self.num_experts, self.ep
         El = E // W
         meta = routing_metadata(routing.topk_ids_TK, routing.keep_TK, E)
+        if W == 1 and routing.keep_TK is None:
+            return self._dispatch_static(x_TD, routing, meta)
         if W == 1:
             counts_dev = meta.counts_E
             local_E = meta.counts_E
@@ -178,6 +181,20 @@ class PFTDispatcher(Dispatcher):
             "a2a_bytes": float(row_bytes * (sum(send) - send[self._rank()])) if W > 1 else 0.0,
         }
         return Dispatched(x_RD, CountsWithOffsets(counts_El, offsets_El), state, stats)
+
+    def _dispatch_static(self, x_TD: torch.Tensor, routing: Routing, meta) -> Dispatched:
+        """Dropless on one rank: every (token, k) row is kept, so every buffer size is
+        known without the counts and nothing waits for them. The host can queue the
+        rest of the step while the GPU works (the counts copy still starts, for a
+        grouped GEMM that plans its tiles on the host: the loop and Triton)."""
+        n = routing.topk_ids_TK.numel()
+        x_SD = permute(x_TD, meta.src_slot_N, meta.dest_row_TK)
+        counts = DeviceCounts(
+            torch.cumsum(meta.counts_E, 0).to(torch.int32), _to_host_async(meta.counts_E)
+        )
+        state = PFTState(meta.dest_row_TK, meta.src_slot_N, routing.topk_weights_TK, [n], [n], None)
+        stats = {"rows": float(n), "sent_rows": float(n), "a2a_bytes": 0.0}
+        return Dispatched(x_SD, counts, state, stats)
 
     def combine(self, y_RD: torch.Tensor, dispatched: Dispatched) -> torch.Tensor:
         st: PFTState = dispatched.state
