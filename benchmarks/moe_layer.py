@@ -6,6 +6,8 @@ popularity: the same logit bias for every implementation, through the inputs and
 gate weights, so DeepSpeed's own gate skews alike). Implementations (`impl` in the JSON):
 
   pft                  our MoELayer with the PFT dispatcher (dropless)
+  pft_weighted_combine the same with moe.fold_combine_weights=false: the combine applies
+                       the weights (and keeps the expert outputs), not the activation
   padded               our GShard/DeepSpeed-style padded dispatcher, capacity factor 1.25
   deepspeed            deepspeed.moe.layer.MoE, capacity factor 1.25
   deepspeed_dropless   deepspeed.moe.layer.MoE, drop_tokens=False
@@ -62,6 +64,7 @@ from xmoe.parallel.groups import create_parallel_state  # noqa: E402
 
 SINGLE = [
     "pft",
+    "pft_weighted_combine",
     "padded",
     "deepspeed",
     "deepspeed_dropless",
@@ -70,7 +73,7 @@ SINGLE = [
     "torch_grouped_mm",
     "triton_grouped_gemm",
 ]
-EP_IMPLS = ["pft", "padded", "deepspeed", "deepspeed_dropless"]
+EP_IMPLS = ["pft", "pft_weighted_combine", "padded", "deepspeed", "deepspeed_dropless"]
 SKEW_SCALE = 4.0  # size of the shared input component that carries the per-expert logit bias
 
 
@@ -80,7 +83,9 @@ def shape(args) -> dict:
     return dict(hidden=2048, experts=64, ffn=1408, top_k=6, tokens=args.tokens)
 
 
-def layer_config(s: dict, dispatcher: str, cf: float | None, ep: int, gemm: str):
+def layer_config(
+    s: dict, dispatcher: str, cf: float | None, ep: int, gemm: str, extra: tuple[str, ...] = ()
+):
     return load_config(
         "small",
         [
@@ -94,6 +99,7 @@ def layer_config(s: dict, dispatcher: str, cf: float | None, ep: int, gemm: str)
             f"moe.capacity_factor={'null' if cf is None else cf}",
             f"parallel.ep={ep}",
             f"moe.grouped_gemm={gemm}",
+            *extra,
         ],
     )
 
@@ -124,12 +130,15 @@ def inputs(s: dict, u: torch.Tensor, routing: str, rank: int, dev, dtype):
 def build_layer(impl: str, s: dict, ps, dev, dtype, w_gate) -> MoELayer:
     dispatcher, cf = {
         "pft": ("pft", None),
+        "pft_weighted_combine": ("pft", None),
         "padded": ("padded", 1.25),
         "deepspeed": ("deepspeed", 1.25),
         "deepspeed_dropless": ("deepspeed", None),
         "torch_native": ("pft", None),
     }[impl]
-    layer = MoELayer(layer_config(s, dispatcher, cf, ps.ep, "auto"), ps).to(dev, dtype)
+    extra = ("moe.fold_combine_weights=false",) if impl == "pft_weighted_combine" else ()
+    cfg = layer_config(s, dispatcher, cf, ps.ep, "auto", extra)
+    layer = MoELayer(cfg, ps).to(dev, dtype)
     with torch.no_grad():
         if dispatcher == "deepspeed":
             layer.dispatcher.moe.deepspeed_moe.gate.wg.weight.copy_(w_gate)
@@ -246,7 +255,7 @@ def run_impl(impl: str, routing: str, s: dict, ps, dev, dtype, args) -> dict:
     }
     if flops:
         case["tflops"] = round(flops / ms / 1e9, 1)
-    if layer is not None and impl in ("pft", "padded"):
+    if layer is not None and impl in ("pft", "pft_weighted_combine", "padded"):
         case["rows"] = int(max_over_ranks(layer.last_stats["dispatcher"].get("rows", 0.0), dev))
     if layer is not None and impl == "pft" and ps.world > 1:
         case.update({k: round(v, 3) for k, v in a2a_bandwidth(s, ps, x, layer, dev, args).items()})
@@ -255,7 +264,7 @@ def run_impl(impl: str, routing: str, s: dict, ps, dev, dtype, args) -> dict:
 
 def check_kernels(dev) -> None:
     """On the GPU: every Triton kernel and the PFT layer against their torch references."""
-    from xmoe.kernels import combine, permute, routing
+    from xmoe.kernels import activation, combine, permute, routing
     from xmoe.kernels.grouped_gemm import grouped_mm_loop
 
     g = torch.Generator(device="cpu").manual_seed(0)
@@ -285,6 +294,20 @@ def check_kernels(dev) -> None:
     ]
     for got, want in pairs:
         torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    # the activation with the combine weights folded in, bf16 as the experts run it
+    h = (2 * torch.randn(R, 1408, generator=g)).to(dev, torch.bfloat16)
+    h3 = torch.randn(R, 1408, generator=g).to(dev, torch.bfloat16)
+    wr = torch.rand(R, generator=g).to(dev, torch.bfloat16)
+    gh = torch.randn(R, 1408, generator=g).to(dev, torch.bfloat16)
+    for h3_ in (None, h3):
+        got = [activation.scaled_act_fwd(h, h3_, wr), *activation.scaled_act_bwd(h, h3_, wr, gh)]
+        want = [
+            activation.scaled_act_fwd_torch(h, h3_, wr),
+            *activation.scaled_act_bwd_torch(h, h3_, wr, gh),
+        ]
+        for u, v in zip(got, want):
+            if v is not None:
+                torch.testing.assert_close(u.float(), v.float(), rtol=2e-2, atol=2e-2)
     counts = b.counts_E.tolist()
     for dtype, tol in ((torch.float32, 3e-2), (torch.bfloat16, 5e-2)):
         xr = torch.randn(R, D, generator=g).to(dev, dtype).requires_grad_()

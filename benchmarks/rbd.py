@@ -104,7 +104,7 @@ def _diff_vs_pft(cfg, state, experts, x_TD, ids_TK, w_TK, keep_TK, g_TD) -> floa
         w = w_TK.detach().clone().requires_grad_()
         disp = cls(cfg, state)
         d = disp.dispatch(x, Routing(ids_TK, w, keep_TK, cfg.moe.num_experts))
-        out = disp.combine(experts(d.x_RD, d.counts_El), d)
+        out = disp.combine(experts(d.x_RD, d.counts_El, d.weights_R), d)
         out.backward(g_TD)
         got.append((out.detach(), x.grad, w.grad))
     worst = 0.0
@@ -152,7 +152,10 @@ def _worker(rank: int, world: int, init_file: str, args: argparse.Namespace, out
 
                 def step(with_experts: bool, disp=disp, r=r, x_TD=x_TD, g_TD=g_TD) -> None:
                     d = disp.dispatch(x_TD, r)
-                    y_RD = experts(d.x_RD, d.counts_El) if with_experts else d.x_RD * 2.0
+                    if with_experts:
+                        y_RD = experts(d.x_RD, d.counts_El, d.weights_R)
+                    else:  # rows straight back (scaled by their weights where PFT folds them)
+                        y_RD = d.x_RD * (2.0 if d.weights_R is None else d.weights_R[:, None])
                     disp.combine(y_RD, d).backward(g_TD)
 
                 layer_ms = _time(lambda s=step: s(True), args.iters, device)

@@ -112,22 +112,6 @@ step_gemm_sweep() {
         --out "$RES/moe_layer.json" -- --device cpu --tiny
 }
 E2E_SMOKE=(--device cpu --tiny --warmup 1 --steps 2 --profile-micro-batches 1)
-GEMM_CONFIGS=${GEMM_CONFIGS:-"128,256,64,8,3;128,256,64,8,4;128,128,64,4,4;128,128,64,8,4;256,128,64,8,3;64,256,64,4,4"}
-step_gemm_sweep() {
-    run_step gemm_sweep 90 "$PY" benchmarks/moe_layer.py --sweep-gemm "$GEMM_CONFIGS" \
-        --out "$RES/moe_layer.json" -- --device cpu --tiny
-}
-E2E_SMOKE=(--device cpu --tiny --warmup 1 --steps 2 --profile-micro-batches 1)
-step_e2e_pft() {
-    run_step e2e_pft 170 $TORCHRUN --nproc_per_node $NP4 benchmarks/e2e.py --dispatchers pft \
-        --warmup 1 --steps 3 --profile ${TRACE:+--trace "$OUT/logs/e2e_pft_trace.json"} \
-        --out "$RES/e2e.json" -- "${E2E_SMOKE[@]}"
-}
-step_e2e_deepspeed() {
-    run_step e2e_deepspeed 190 $TORCHRUN --nproc_per_node $NP4 benchmarks/e2e.py \
-        --dispatchers deepspeed --warmup 1 --steps 3 --profile --append \
-        --out "$RES/e2e.json" -- "${E2E_SMOKE[@]}"
-}
 # e2e_pft / e2e_deepspeed: the two dispatchers side by side at one layer count that fits
 # both (pft also dropless); e2e_full: pft with as many of the preset's layers as fit
 E2E_COMPARE=(--layers "${E2E_LAYERS:-16}" --micro-batch "${E2E_MB:-4}" --global-batch "${E2E_GB:-128}"
@@ -147,7 +131,7 @@ step_e2e_full() {
         --out "$RES/e2e.json" -- "${E2E_SMOKE[@]}"
 }
 step_moe_1gpu() {
-    run_step moe_1gpu 100 "$PY" benchmarks/moe_layer.py --quick ${MOE_IMPLS:+--impls "$MOE_IMPLS" --append} \
+    run_step moe_1gpu 100 "$PY" benchmarks/moe_layer.py --quick --check ${MOE_IMPLS:+--impls "$MOE_IMPLS" --append} \
         --out "$RES/moe_layer.json" \
         -- --device cpu --tiny
 }

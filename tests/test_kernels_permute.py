@@ -92,11 +92,15 @@ def _naive(x_TD, w_TK, ids_TK, keep_TK, expert_fn):
     return y_TD
 
 
+@pytest.mark.parametrize("fold", [False, True], ids=["weighted_combine", "weights_in_rows"])
 @pytest.mark.parametrize("use_kernels", [True, False])
 @pytest.mark.parametrize("drop", [False, True])
 @pytest.mark.parametrize("name,T,K,E", CASES)
-def test_permute_combine_autograd(interpreter, monkeypatch, use_kernels, name, T, K, E, drop):
-    """permute -> per-row expert scale -> combine equals the dense formula, values and grads."""
+def test_permute_combine_autograd(
+    interpreter, monkeypatch, use_kernels, name, T, K, E, drop, fold
+):
+    """permute -> per-row expert scale -> combine equals the dense formula, values and grads
+    (`fold`: the rows carry their weights and the combine sums them unweighted)."""
     if not use_kernels:
         monkeypatch.setenv("TRITON_INTERPRET", "0")
     ids_TK, keep_TK = make_routing(T, K, E, seed=7, drop=drop)
@@ -111,7 +115,11 @@ def test_permute_combine_autograd(interpreter, monkeypatch, use_kernels, name, T
     rows_RD = permute(x_TD, slot_R, meta.dest_row_TK)
     expert_R = torch.repeat_interleave(torch.arange(E), meta.counts_E, output_size=R)
     out_RD = torch.tanh(rows_RD * scale_ED[expert_R])
-    y_TD = combine(out_RD, w_TK, slot_R, meta.dest_row_TK)
+    if fold:
+        out_RD = out_RD * w_TK.reshape(-1)[slot_R][:, None]
+        y_TD = combine(out_RD, None, slot_R, meta.dest_row_TK)
+    else:
+        y_TD = combine(out_RD, w_TK, slot_R, meta.dest_row_TK)
 
     x2 = x_TD.detach().clone().requires_grad_()
     w2 = w_TK.detach().clone().requires_grad_()
@@ -139,3 +147,19 @@ def test_combine_keeps_no_input_copy(interpreter):
         permute(x_TD.requires_grad_(), slot_R, meta.dest_row_TK)
     big = [s for s in saved if s.numel() >= R * D]
     assert big == [torch.Size([R, D])]  # the expert outputs, needed for the weight gradient
+
+
+def test_unweighted_combine_keeps_only_the_slots(interpreter):
+    """With the weights already in the rows, the combine keeps no [R, D] tensor."""
+    meta, R, slot_R, x_TD, w_TK = _setup(16, 2, 4, drop=False)
+    out_RD = torch.randn(R, D, requires_grad=True)
+    saved = []
+    with torch.autograd.graph.saved_tensors_hooks(
+        lambda t: saved.append(t.shape) or t, lambda t: t
+    ):
+        y_TD = combine(out_RD, None, slot_R, meta.dest_row_TK)
+    assert saved == [slot_R.shape]
+    gy = torch.randn_like(y_TD)
+    (y_TD * gy).sum().backward()
+    # each row's gradient is its token's
+    torch.testing.assert_close(out_RD.grad, gy[slot_R // 2])

@@ -13,6 +13,10 @@ CASES = {
     "dropping": ["moe.capacity_factor=0.6", "moe.num_shared_experts=2"],
     "gelu_topk_equals_experts": ["moe.activation=gelu", "moe.num_experts=4", "moe.top_k=4"],
     "single_token": ["moe.top_k=3"],
+    # the combine weights applied by the combine (kept expert outputs) instead of folded
+    # into the experts' activation (the default)
+    "dropless_unfolded": ["moe.fold_combine_weights=false"],
+    "dropping_unfolded": ["moe.capacity_factor=0.6", "moe.fold_combine_weights=false"],
 }
 
 
@@ -60,8 +64,16 @@ def test_pft_matches_reference(case):
 test_in_interpreter_process = triton_interp.child_process_test(__file__)
 
 
+TRITON_CASES = {
+    "dropping": ["moe.capacity_factor=0.8"],
+    "dropless_gelu": ["moe.activation=gelu"],  # one rank, dropless: the sync-free path
+    "dropping_unfolded": ["moe.capacity_factor=0.8", "moe.fold_combine_weights=false"],
+}
+
+
+@pytest.mark.parametrize("case", list(TRITON_CASES))
 @pytest.mark.parametrize("grouped_gemm", ["triton", "torch"])
-def test_pft_with_triton_kernels(monkeypatch, grouped_gemm):
+def test_pft_with_triton_kernels(monkeypatch, grouped_gemm, case):
     """The same comparison with every PFT kernel running in Triton (interpreter, fp32)."""
     if not triton_interp.READY:
         pytest.skip(
@@ -69,7 +81,7 @@ def test_pft_with_triton_kernels(monkeypatch, grouped_gemm):
         )
     monkeypatch.setenv("TRITON_INTERPRET", "1")
     _compare(
-        ["moe.capacity_factor=0.8", f"moe.grouped_gemm={grouped_gemm}"],
+        [*TRITON_CASES[case], f"moe.grouped_gemm={grouped_gemm}"],
         24,
         torch.float32,
         rtol=1e-4,

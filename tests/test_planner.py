@@ -72,9 +72,10 @@ def test_memory_of_a_small_shape_by_hand():
     # per token: attention 22 D (norm fp32 4D + bf16 2D, QKV input 2D and output 6D,
     # roped q/k 4D, kernel output 2D, projection input 2D)
     attention = 22 * D
-    # MoE: norm 6D, router 2D (its bf16 input) + 8E, routed rows k r (2D + 2 x 2F) received, k 2D returned,
-    # 3 int64 indices per routed row; r = 1.5 (dropless, busiest GPU)
-    moe = 6 * D + (2 * D + 8 * E) + k * 1.5 * (2 * D + 4 * F) + k * 2 * D + 24 * k
+    # MoE: norm 6D, router 2D (its bf16 input) + 8E, routed rows k r (2D + 2 x 2F) received
+    # (PFT's experts apply the combine weights, so no returned rows are kept), 3 int64
+    # indices per routed row; r = 1.5 (dropless, busiest GPU)
+    moe = 6 * D + (2 * D + 8 * E) + k * 1.5 * (2 * D + 4 * F) + 24 * k
     layer = attention + moe
     head = 6 * D + 2 * D + 4 * V  # final norm, head input, fp32 log-probabilities
     transient = layer * T + 2 * k * 1.5 * 2 * D * T  # one layer's gradients + a2a buffers

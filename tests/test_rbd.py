@@ -86,6 +86,8 @@ def _run_case(case_id: int, case, states: dict) -> None:
             if d.x_RD.shape[0]
             else d.x_RD @ w_local[0]
         )
+        if d.weights_R is not None:  # PFT folds the combine weights into the experts
+            y = y * d.weights_R[:, None]
         out = disp.combine(y, d)
         (out * gouts[rank]).sum().backward()
         return d, out, x.grad, w.grad, w_local.grad

@@ -202,8 +202,8 @@ def activation_bytes_per_token(cfg: Any, layout: Layout, imbalance: float) -> di
     roped q and k, the fused kernel's output and the output projection's input; a SwiGLU
     MLP four tensors of its hidden width (GELU two); a MoE block its router's bf16 input
     (shared with the shared experts'), fp32 probabilities and logits, the received rows,
-    the expert intermediates, the returned rows for the weighted combine and int64 row
-    indices. The LM head keeps the fp32
+    the expert intermediates, the returned rows for the weighted combine (not with PFT,
+    whose experts apply the weights) and int64 row indices. The LM head keeps the fp32
     log-probabilities. With TP (sequence parallelism, `xmoe.parallel.tensor_parallel`)
     every rank holds 1/t of the tokens outside attention and the dense MLPs, which keep
     their gathered full-sequence input and 1/t of the heads or hidden units; SSMB runs the
@@ -217,8 +217,12 @@ def activation_bytes_per_token(cfg: Any, layout: Layout, imbalance: float) -> di
     norm = (F32 + b) * D / t
     attention = norm + b * D + (3 * b + 2 * b + b + b) * D / t
     dense_mlp = norm + b * D + 4 * b * m.ffn_hidden / t
-    saved_inter = 4 if e.activation == "swiglu" else 2
-    routed = k * r * (b * D + saved_inter * b * F) + k * b * D + 3 * 8 * k
+    # PFT folds the combine weights into the activation (moe.fold_combine_weights): the
+    # combine keeps no returned rows and SwiGLU keeps h1, h3 and the scaled product only
+    fold = getattr(e, "fold_combine_weights", True) and layout.dispatcher == "pft"
+    saved_inter = (3 if fold else 4) if e.activation == "swiglu" else 2
+    returned = 0.0 if fold else k * b * D
+    routed = k * r * (b * D + saved_inter * b * F) + returned + 3 * 8 * k
     shared = 0.0
     if e.num_shared_experts:
         shared = b * D + saved_inter * b * e.num_shared_experts * F

@@ -119,10 +119,29 @@ class _Combine(torch.autograd.Function):
         return grad_out, grad_w, None, None
 
 
+class _Sum(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, out_RD, src_slot_R, dest_row_TK):
+        ctx.save_for_backward(src_slot_R)
+        ctx.top_k = dest_row_TK.shape[1]
+        return unpermute(out_RD, dest_row_TK)
+
+    @staticmethod
+    def backward(ctx, grad_TD):
+        (src_slot_R,) = ctx.saved_tensors
+        return gather_rows(grad_TD.contiguous(), src_slot_R, ctx.top_k), None, None
+
+
 def combine(
-    out_RD: torch.Tensor, w_TK: torch.Tensor, src_slot_R: torch.Tensor, dest_row_TK: torch.Tensor
+    out_RD: torch.Tensor,
+    w_TK: torch.Tensor | None,
+    src_slot_R: torch.Tensor,
+    dest_row_TK: torch.Tensor,
 ) -> torch.Tensor:
     """Sum each token's k expert outputs weighted by its combine weights (differentiable
     in both `out_RD` and `w_TK`). Keeps the expert outputs and weights for backward, never
-    a [T, K, D] buffer."""
+    a [T, K, D] buffer. `w_TK=None`: the rows already carry their weights (the experts
+    applied them), so the plain sum keeps only the slots for backward."""
+    if w_TK is None:
+        return _Sum.apply(out_RD, src_slot_R, dest_row_TK)
     return _Combine.apply(out_RD, w_TK, src_slot_R, dest_row_TK)

@@ -41,6 +41,8 @@ class Dispatched:
     counts_El: list[int]  # rows per local expert (host ints: one sync per layer at most)
     state: Any = None  # whatever combine needs to route the outputs back
     stats: dict[str, float] = field(default_factory=dict)  # counters for metrics (rows, bytes, ...)
+    # combine weight of each row when the experts apply it (combine then sums unweighted)
+    weights_R: torch.Tensor | None = None
 
 
 class Dispatcher(nn.Module):

@@ -16,6 +16,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from xmoe.kernels.activation import scaled_activation
+
 # y_RY = grouped_mm(x_RX, w_EYX, counts_E): rows of group e (consecutive, counts_E[e] of
 # them) are multiplied by w_EYX[e].T. Must be differentiable in x and w.
 GroupedMM = Callable[[torch.Tensor, torch.Tensor, list[int]], torch.Tensor]
@@ -138,12 +140,22 @@ class GroupedExperts(nn.Module):
         """The seam: override or re-select to change how the grouped matmul runs."""
         return self._grouped_mm(x_RX, w_EYX, counts_El)
 
-    def forward(self, x_RD: torch.Tensor, counts_El: list[int]) -> torch.Tensor:
+    def forward(
+        self, x_RD: torch.Tensor, counts_El: list[int], weights_R: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """Expert outputs of each row; with `weights_R`, each row's output is scaled by
+        its combine weight (folded into the activation: `xmoe.kernels.activation`)."""
         if len(counts_El) != self.num_local_experts:
             raise ValueError(
                 f"got counts for {len(counts_El)} experts, hold {self.num_local_experts}"
             )
         h_RF = self.grouped_mm(x_RD, self.w1_EFD, counts_El)
+        if weights_R is not None:
+            h3_RF = None
+            if self.w3_EFD is not None:
+                h3_RF = self.grouped_mm(x_RD, self.w3_EFD, counts_El)
+            a_RF = scaled_activation(h_RF, h3_RF, weights_R)
+            return self.grouped_mm(a_RF, self.w2_EDF, counts_El)
         if self.w3_EFD is not None:
             h_RF = F.silu(h_RF) * self.grouped_mm(x_RD, self.w3_EFD, counts_El)
         else:

@@ -11,8 +11,10 @@
 
 No buffer anywhere is padded to a capacity; dropped assignments (Routing.keep_TK) are
 never copied nor sent. Rows reach the experts ordered by local expert, then source rank,
-then (token, k): the order RBD reproduces. For backward only index tensors, the expert
-outputs (needed for the combine-weight gradient) and split lists are kept.
+then (token, k): the order RBD reproduces. For backward only index tensors and split
+lists are kept: the experts scale each row by its combine weight inside their activation
+(`moe.fold_combine_weights`, on by default), so the combine is a plain sum that does
+not need the expert outputs; with it off, the combine keeps them for the weights' gradient.
 """
 
 from __future__ import annotations
@@ -104,7 +106,7 @@ class PFTState:
 
     dest_row_TK: torch.Tensor
     src_slot_S: torch.Tensor  # kept assignment (t*K+k) of each sent row
-    weights_TK: torch.Tensor
+    weights_TK: torch.Tensor | None  # None: the experts applied the weights
     send_splits: list[int]
     recv_splits: list[int]
     regroup: tuple[torch.Tensor, torch.Tensor] | None
@@ -116,6 +118,7 @@ class PFTDispatcher(Dispatcher):
     def __init__(self, cfg: Config, parallel_state: Any = None) -> None:
         super().__init__()
         self.num_experts = cfg.moe.num_experts
+        self.fold_weights = cfg.moe.fold_combine_weights
         self.group = None if parallel_state is None else parallel_state.ep_group
         self.ep = 1 if parallel_state is None else parallel_state.ep
         if self.ep > 1 and group_size(self.group) != self.ep:
@@ -169,18 +172,25 @@ class PFTDispatcher(Dispatcher):
         else:
             x_SD = permute(x_TD, slot_S, meta.dest_row_TK)
         x_RD = all_to_all_uneven(x_SD, send, recv, self.group)
+        w_R = self._row_weights(routing, slot_S)
+        if w_R is not None:
+            w_R = all_to_all_uneven(w_R, send, recv, self.group)
         regroup = None
         if W > 1 and El > 1:
             regroup = _chunk_permutation(counts_WEl, x_TD.device)
             x_RD = _RowPermutation.apply(x_RD, *regroup)
-        state = PFTState(meta.dest_row_TK, slot_S, routing.topk_weights_TK, send, recv, regroup)
+            if w_R is not None:
+                w_R = w_R.index_select(0, regroup[0])
+        weights_TK = None if w_R is not None else routing.topk_weights_TK
+        state = PFTState(meta.dest_row_TK, slot_S, weights_TK, send, recv, regroup)
         row_bytes = x_TD.shape[1] * x_TD.element_size()
         stats = {
             "rows": float(sum(counts_El)),
             "sent_rows": float(sum(send)),
             "a2a_bytes": float(row_bytes * (sum(send) - send[self._rank()])) if W > 1 else 0.0,
         }
-        return Dispatched(x_RD, CountsWithOffsets(counts_El, offsets_El), state, stats)
+        counts = CountsWithOffsets(counts_El, offsets_El)
+        return Dispatched(x_RD, counts, state, stats, w_R)
 
     def _dispatch_static(self, x_TD: torch.Tensor, routing: Routing, meta) -> Dispatched:
         """Dropless on one rank: every (token, k) row is kept, so every buffer size is
@@ -192,9 +202,17 @@ class PFTDispatcher(Dispatcher):
         counts = DeviceCounts(
             torch.cumsum(meta.counts_E, 0).to(torch.int32), _to_host_async(meta.counts_E)
         )
-        state = PFTState(meta.dest_row_TK, meta.src_slot_N, routing.topk_weights_TK, [n], [n], None)
+        w_R = self._row_weights(routing, meta.src_slot_N)
+        weights_TK = None if w_R is not None else routing.topk_weights_TK
+        state = PFTState(meta.dest_row_TK, meta.src_slot_N, weights_TK, [n], [n], None)
         stats = {"rows": float(n), "sent_rows": float(n), "a2a_bytes": 0.0}
-        return Dispatched(x_SD, counts, state, stats)
+        return Dispatched(x_SD, counts, state, stats, w_R)
+
+    def _row_weights(self, routing: Routing, slot_S: torch.Tensor) -> torch.Tensor | None:
+        """Each sent row's combine weight, when the experts apply it (`fold_weights`)."""
+        if not self.fold_weights:
+            return None
+        return routing.topk_weights_TK.reshape(-1).index_select(0, slot_S)
 
     def combine(self, y_RD: torch.Tensor, dispatched: Dispatched) -> torch.Tensor:
         st: PFTState = dispatched.state

@@ -1,0 +1,221 @@
+"""Expert activation with the combine weight folded in: a_RF = w_R * act(h_RF).
+
+The combine sums w_tk * y_tk over a token's k expert outputs, and y = a @ W2 is linear
+in a, so the weight can scale the activation instead: y' = (w * a) @ W2 and the combine
+becomes a plain sum. What that saves:
+  - memory: the combine no longer keeps the expert outputs [R, D] for the weight
+    gradient (w's gradient is <grad_y, y> = <grad_a', act(h)>, computed here from h);
+  - time: the weight gradient comes out of the activation's backward pass, which reads
+    h and grad_a' anyway, so the combine's row-dot kernel goes.
+One kernel each way, saving only the pre-activation h (and h3 for SwiGLU) and w:
+  gelu:    a' = w * gelu(h)                      (exact erf GELU, as `F.gelu`)
+  swiglu:  a' = w * silu(h) * h3
+  backward: grad_w[r] = sum_f grad_a'[r, f] * act(h)[r, f]   (fp32)
+            grad_h = grad_a' * w * act'(h), grad_h3 = grad_a' * w * silu(h)
+Computed in fp32 (fp64 for fp64 inputs), stored in h's dtype. The torch reference below
+runs where Triton does not (`backend.use_triton`).
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from xmoe.kernels.backend import HAVE_TRITON, acc_dtype, kernel, next_pow2, use_triton
+
+if HAVE_TRITON:
+    import triton
+    import triton.language as tl
+
+    @kernel
+    def _scaled_act_fwd_kernel(
+        h_ptr,
+        h3_ptr,
+        w_ptr,
+        out_ptr,
+        R,
+        F,
+        SWIGLU: tl.constexpr,
+        ACC_FP64: tl.constexpr,
+        BLOCK_R: tl.constexpr,
+        BLOCK_F: tl.constexpr,
+    ):
+        r = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
+        f = tl.program_id(1) * BLOCK_F + tl.arange(0, BLOCK_F)
+        mr = r < R
+        m = mr[:, None] & (f < F)[None, :]
+        acc_ty = tl.float64 if ACC_FP64 else tl.float32
+        off = r.to(tl.int64)[:, None] * F + f[None, :]
+        h = tl.load(h_ptr + off, mask=m, other=0.0).to(acc_ty)
+        h3 = h
+        if SWIGLU:
+            h3 = tl.load(h3_ptr + off, mask=m, other=0.0).to(acc_ty)
+        w = tl.load(w_ptr + r, mask=mr, other=0.0).to(acc_ty)
+        # (the activation is written out in both kernels: a helper @triton.jit function
+        # would not follow `kernel`'s launch-time choice of the interpreter)
+        if SWIGLU:
+            a = h * h3 / (1.0 + tl.exp(-h))
+        else:
+            a = 0.5 * h * (1.0 + tl.math.erf(h * 0.7071067811865476))
+        tl.store(out_ptr + off, (a * w[:, None]).to(out_ptr.dtype.element_ty), mask=m)
+
+    @kernel
+    def _scaled_act_bwd_kernel(
+        h_ptr,
+        h3_ptr,
+        w_ptr,
+        g_ptr,
+        dh_ptr,
+        dh3_ptr,
+        dw_ptr,
+        R,
+        F,
+        SWIGLU: tl.constexpr,
+        ACC_FP64: tl.constexpr,
+        BLOCK_R: tl.constexpr,
+        BLOCK_F: tl.constexpr,
+    ):
+        r = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
+        mr = r < R
+        acc_ty = tl.float64 if ACC_FP64 else tl.float32
+        w = tl.load(w_ptr + r, mask=mr, other=0.0).to(acc_ty)
+        dw = tl.zeros((BLOCK_R,), dtype=acc_ty)
+        for f0 in range(0, F, BLOCK_F):
+            f = f0 + tl.arange(0, BLOCK_F)
+            m = mr[:, None] & (f < F)[None, :]
+            off = r.to(tl.int64)[:, None] * F + f[None, :]
+            h = tl.load(h_ptr + off, mask=m, other=0.0).to(acc_ty)
+            h3 = h
+            if SWIGLU:
+                h3 = tl.load(h3_ptr + off, mask=m, other=0.0).to(acc_ty)
+            g = tl.load(g_ptr + off, mask=m, other=0.0).to(acc_ty)
+            gw = g * w[:, None]
+            if SWIGLU:
+                sig = 1.0 / (1.0 + tl.exp(-h))
+                silu = h * sig
+                dw += tl.sum(g * silu * h3, axis=1)
+                da_dh = h3 * sig * (1.0 + h * (1.0 - sig))
+                tl.store(dh3_ptr + off, (gw * silu).to(dh3_ptr.dtype.element_ty), mask=m)
+            else:
+                cdf = 0.5 * (1.0 + tl.math.erf(h * 0.7071067811865476))
+                dw += tl.sum(g * h * cdf, axis=1)
+                da_dh = cdf + h * tl.exp(-0.5 * h * h) * 0.3989422804014327
+            tl.store(dh_ptr + off, (gw * da_dh).to(dh_ptr.dtype.element_ty), mask=m)
+        tl.store(dw_ptr + r, dw.to(dw_ptr.dtype.element_ty), mask=mr)
+
+
+# --------------------------------------------------------------------------- torch reference
+
+
+def _act_torch(h: torch.Tensor, h3: torch.Tensor | None):
+    """act(h), d act/d h, d act/d h3 (None for GELU), in h's (accumulation) dtype."""
+    if h3 is None:
+        cdf = 0.5 * (1.0 + torch.erf(h * (1.0 / math.sqrt(2.0))))
+        pdf = torch.exp(-0.5 * h * h) / math.sqrt(2.0 * math.pi)
+        return h * cdf, cdf + h * pdf, None
+    sig = torch.sigmoid(h)
+    silu = h * sig
+    return silu * h3, h3 * sig * (1.0 + h * (1.0 - sig)), silu
+
+
+def scaled_act_fwd_torch(h_RF, h3_RF, w_R) -> torch.Tensor:
+    acc = acc_dtype(h_RF.dtype)
+    a, _, _ = _act_torch(h_RF.to(acc), None if h3_RF is None else h3_RF.to(acc))
+    return (a * w_R.to(acc)[:, None]).to(h_RF.dtype)
+
+
+def scaled_act_bwd_torch(h_RF, h3_RF, w_R, g_RF):
+    acc = acc_dtype(h_RF.dtype)
+    a, da_dh, da_dh3 = _act_torch(h_RF.to(acc), None if h3_RF is None else h3_RF.to(acc))
+    g = g_RF.to(acc)
+    gw = g * w_R.to(acc)[:, None]
+    dh3 = None if h3_RF is None else (gw * da_dh3).to(h3_RF.dtype)
+    return (gw * da_dh).to(h_RF.dtype), dh3, (g * a).sum(1).to(w_R.dtype)
+
+
+# --------------------------------------------------------------------------- launchers
+
+
+def _blocks(F: int) -> tuple[int, int]:
+    block_f = min(128, max(16, next_pow2(F)))
+    return max(1, 2048 // block_f), block_f
+
+
+def scaled_act_fwd(h_RF, h3_RF, w_R) -> torch.Tensor:
+    if not use_triton(h_RF):
+        return scaled_act_fwd_torch(h_RF, h3_RF, w_R)
+    h_RF = h_RF.contiguous()
+    h3_RF = h3_RF.contiguous() if h3_RF is not None else None
+    R, F = h_RF.shape
+    out = torch.empty_like(h_RF)
+    if R * F == 0:
+        return out
+    br, bf = _blocks(F)
+    _scaled_act_fwd_kernel[(triton.cdiv(R, br), triton.cdiv(F, bf))](
+        h_RF,
+        h3_RF if h3_RF is not None else h_RF,
+        w_R.contiguous(),
+        out,
+        R,
+        F,
+        SWIGLU=h3_RF is not None,
+        ACC_FP64=acc_dtype(h_RF.dtype) == torch.float64,
+        BLOCK_R=br,
+        BLOCK_F=bf,
+    )
+    return out
+
+
+def scaled_act_bwd(h_RF, h3_RF, w_R, g_RF):
+    if not use_triton(h_RF):
+        return scaled_act_bwd_torch(h_RF, h3_RF, w_R, g_RF)
+    R, F = h_RF.shape
+    dh = torch.empty_like(h_RF)
+    dh3 = torch.empty_like(h3_RF) if h3_RF is not None else None
+    dw = torch.empty_like(w_R)
+    if R == 0:
+        return dh, dh3, dw
+    if F == 0:
+        return dh, dh3, dw.zero_()
+    br = max(1, 4096 // 128)
+    _scaled_act_bwd_kernel[(triton.cdiv(R, br),)](
+        h_RF,
+        h3_RF if h3_RF is not None else h_RF,
+        w_R.contiguous(),
+        g_RF.contiguous(),
+        dh,
+        dh3 if dh3 is not None else dh,
+        dw,
+        R,
+        F,
+        SWIGLU=h3_RF is not None,
+        ACC_FP64=acc_dtype(h_RF.dtype) == torch.float64,
+        BLOCK_R=br,
+        BLOCK_F=min(128, max(16, next_pow2(F))),
+    )
+    return dh, dh3, dw
+
+
+class _ScaledAct(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, h_RF, h3_RF, w_R):
+        h_RF = h_RF.contiguous()
+        h3_RF = h3_RF.contiguous() if h3_RF is not None else None
+        ctx.save_for_backward(h_RF, h3_RF, w_R)
+        return scaled_act_fwd(h_RF, h3_RF, w_R)
+
+    @staticmethod
+    def backward(ctx, g_RF):
+        h_RF, h3_RF, w_R = ctx.saved_tensors
+        return scaled_act_bwd(h_RF, h3_RF, w_R, g_RF)
+
+
+def scaled_activation(
+    h_RF: torch.Tensor, h3_RF: torch.Tensor | None, w_R: torch.Tensor
+) -> torch.Tensor:
+    """w_R[:, None] * gelu(h_RF) (h3_RF None) or * silu(h_RF) * h3_RF (SwiGLU),
+    differentiable in all three; keeps only its inputs for backward."""
+    if h3_RF is not None and h3_RF.shape != h_RF.shape:
+        raise ValueError(f"scaled_activation: h3 {tuple(h3_RF.shape)} != h {tuple(h_RF.shape)}")
+    return _ScaledAct.apply(h_RF, h3_RF, w_R)
