@@ -61,8 +61,6 @@ def test_keeps_only_its_inputs(interpreter):
     h3 = torch.randn(20, 48, requires_grad=True)
     w = torch.rand(20, requires_grad=True)
     saved = []
-    with torch.autograd.graph.saved_tensors_hooks(
-        lambda t: saved.append(t) or t, lambda t: t
-    ):
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
         scaled_activation(h, h3, w)
     assert [s.data_ptr() for s in saved] == [h.data_ptr(), h3.data_ptr(), w.data_ptr()]

@@ -96,9 +96,7 @@ def _naive(x_TD, w_TK, ids_TK, keep_TK, expert_fn):
 @pytest.mark.parametrize("use_kernels", [True, False])
 @pytest.mark.parametrize("drop", [False, True])
 @pytest.mark.parametrize("name,T,K,E", CASES)
-def test_permute_combine_autograd(
-    interpreter, monkeypatch, use_kernels, name, T, K, E, drop, fold
-):
+def test_permute_combine_autograd(interpreter, monkeypatch, use_kernels, name, T, K, E, drop, fold):
     """permute -> per-row expert scale -> combine equals the dense formula, values and grads
     (`fold`: the rows carry their weights and the combine sums them unweighted)."""
     if not use_kernels:

@@ -194,14 +194,12 @@ class PFTDispatcher(Dispatcher):
 
     def _dispatch_static(self, x_TD: torch.Tensor, routing: Routing, meta) -> Dispatched:
         """Dropless on one rank: every (token, k) row is kept, so every buffer size is
-        known without the counts and nothing waits for them. The host can queue the
-        rest of the step while the GPU works (the counts copy still starts, for a
-        grouped GEMM that plans its tiles on the host: the loop and Triton)."""
+        known without the counts and nothing waits for them: the host can queue the
+        rest of the step while the GPU works. Only a grouped GEMM that plans its tiles
+        on the host (the loop, Triton) reads the counts, and waits for them then."""
         n = routing.topk_ids_TK.numel()
         x_SD = permute(x_TD, meta.src_slot_N, meta.dest_row_TK)
-        counts = DeviceCounts(
-            torch.cumsum(meta.counts_E, 0).to(torch.int32), _to_host_async(meta.counts_E)
-        )
+        counts = DeviceCounts(torch.cumsum(meta.counts_E, 0).to(torch.int32), meta.counts_E.tolist)
         w_R = self._row_weights(routing, meta.src_slot_N)
         weights_TK = None if w_R is not None else routing.topk_weights_TK
         state = PFTState(meta.dest_row_TK, meta.src_slot_N, weights_TK, [n], [n], None)

@@ -147,6 +147,14 @@ def global_grad_norm(module: nn.Module, state: Any) -> float:
     return float(sq.sum().sqrt())
 
 
+def adamw_kernel(device: torch.device) -> dict[str, bool]:
+    """How AdamW runs its update. On a GPU, fused: one kernel reads and writes each
+    parameter, gradient and moment once (the for-loop version launches about ten
+    elementwise kernels per flat ZeRO partition: 0.14 s of GPU time per step at 10 layers
+    of the small preset on one H200). Elsewhere the plain per-tensor loop."""
+    return {"fused": True} if device.type == "cuda" else {"foreach": False}
+
+
 def build_engine(cfg: Config, model: nn.Module, state: Any) -> Any:
     """DeepSpeed engine with a torch AdamW and the warmup+cosine schedule.
 
@@ -169,7 +177,7 @@ def build_engine(cfg: Config, model: nn.Module, state: Any) -> Any:
         betas=(t.adam_beta1, t.adam_beta2),
         eps=1e-8,
         weight_decay=t.weight_decay,
-        foreach=False,
+        **adamw_kernel(device),
     )
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: lr_at(cfg, s) / t.lr)
     ds_cfg = deepspeed_config(cfg, state.world, device)
