@@ -308,6 +308,29 @@ def check_kernels(dev) -> None:
         for u, v in zip(got, want):
             if v is not None:
                 torch.testing.assert_close(u.float(), v.float(), rtol=2e-2, atol=2e-2)
+    # the model's RMSNorm and RoPE kernels, bf16 at the small preset's widths
+    from xmoe.kernels import rmsnorm, rope
+    from xmoe.model.transformer import rope_tables
+
+    xn = (3 * torch.randn(4099, 2048, generator=g)).to(dev, torch.bfloat16)
+    wn = (1 + torch.randn(2048, generator=g)).to(dev, torch.bfloat16)
+    gn = torch.randn(4099, 2048, generator=g).to(dev, torch.bfloat16)
+    y, rstd = rmsnorm.rmsnorm_fwd(xn, wn, 1e-6)
+    y_ref, rstd_ref = rmsnorm.rmsnorm_fwd_torch(xn, wn, 1e-6)
+    got = [y, rstd, *rmsnorm.rmsnorm_bwd(gn, xn, wn, rstd_ref)]
+    want = [y_ref, rstd_ref, *rmsnorm.rmsnorm_bwd_torch(gn, xn, wn, rstd_ref)]
+    for u, v in zip(got, want):
+        torch.testing.assert_close(u.float(), v.float(), rtol=2e-2, atol=2e-2)
+    qkv = torch.randn(2, 512, 3, 16, 128, generator=g).to(dev, torch.bfloat16)
+    cos, sin = rope_tables(512, 128, 10000.0, dev)
+    gq = [torch.randn(2, 16, 512, 128, generator=g).to(dev, torch.bfloat16) for _ in range(3)]
+    res = []
+    for fn in (rope.rope_qkv, rope.rope_qkv_torch):
+        x = qkv.clone().requires_grad_()
+        outs = [t.transpose(1, 2) for t in fn(x, cos, sin)]  # as attention reads them
+        res.append([*outs, torch.autograd.grad(outs, [x], gq)[0]])
+    for u, v in zip(*res):
+        torch.testing.assert_close(u.float(), v.float(), rtol=1e-2, atol=1e-2)
     counts = b.counts_E.tolist()
     for dtype, tol in ((torch.float32, 3e-2), (torch.bfloat16, 5e-2)):
         xr = torch.randn(R, D, generator=g).to(dev, dtype).requires_grad_()

@@ -69,15 +69,15 @@ def test_memory_of_a_small_shape_by_hand():
     optimizer = 12 * (dense / 4 + expert / 2)
     buckets = 2 * (dense + expert)
     T = 2 * 16  # micro-batch x sequence
-    # per token: attention 22 D (norm fp32 4D + bf16 2D, QKV input 2D and output 6D,
-    # roped q/k 4D, kernel output 2D, projection input 2D)
-    attention = 22 * D
-    # MoE: norm 6D, router 2D (its bf16 input) + 8E, routed rows k r (2D + 2 x 2F) received
+    # per token: attention 12 D + 4 (norm: bf16 input 2D and fp32 1/rms 4, QKV input 2D,
+    # roped q/k and copied v 6D, kernel output 2D, also the output projection's input)
+    attention = 12 * D + 4
+    # MoE: norm 2D + 4, router 2D (its bf16 input) + 8E, routed rows k r (2D + 2 x 2F) received
     # (PFT's experts apply the combine weights, so no returned rows are kept), 3 int64
     # indices per routed row; r = 1.5 (dropless, busiest GPU)
-    moe = 6 * D + (2 * D + 8 * E) + k * 1.5 * (2 * D + 4 * F) + 24 * k
+    moe = 2 * D + 4 + (2 * D + 8 * E) + k * 1.5 * (2 * D + 4 * F) + 24 * k
     layer = attention + moe
-    head = 6 * D + 2 * D + 4 * V  # final norm, head input, fp32 log-probabilities
+    head = 2 * D + 4 + 2 * D + 4 * V  # final norm, head input, fp32 log-probabilities
     transient = layer * T + 2 * k * 1.5 * 2 * D * T  # one layer's gradients + a2a buffers
     expect = {
         "weights": weights,
@@ -322,11 +322,12 @@ def test_tensor_parallel_shards_as_the_trainer_does():
     one = activation_bytes_per_token(cfg, Layout(tp=1, ep=2), 1.5)
     two = activation_bytes_per_token(cfg, Layout(tp=2, ep=2), 1.5)
     # sequence-parallel norms, the gathered QKV input in full, 1/t of the heads
-    assert two["attention"] == 6 * D / 2 + 2 * D + 14 * D / 2
+    norm = 2 * D + 4  # bf16 input and fp32 1/rms per token
+    assert two["attention"] == norm / 2 + 2 * D + 8 * D / 2
     assert two["moe"] == pytest.approx(one["moe"] / 2)  # SSMB: the whole block on the slice
     assert two["head"] == pytest.approx(one["head"] / 2)
     plain = activation_bytes_per_token(cfg, Layout(tp=2, ep=2, ssmb=False), 1.5)
-    assert plain["moe"] == pytest.approx(6 * D / 2 + (one["moe"] - 6 * D) + 2 * D)
+    assert plain["moe"] == pytest.approx(norm / 2 + (one["moe"] - norm) + 2 * D)
     # attention shards; embedding and LM head stay whole on every TP rank
     d1, _ = local_params(cfg, Layout(tp=1))
     d2, _ = local_params(cfg, Layout(tp=2))

@@ -197,9 +197,10 @@ def activation_bytes_per_token(cfg: Any, layout: Layout, imbalance: float) -> di
     """Bytes saved for backward per token of this GPU's micro-batch, one layer of each kind.
 
     Counted from what autograd keeps in `xmoe.model.transformer` (checked tensor by tensor
-    with saved-tensor hooks, tests/test_planner_activations.py): RMSNorm saves its fp32
-    input and bf16 normalised output; attention the QKV projection's input and output, the
-    roped q and k, the fused kernel's output and the output projection's input; a SwiGLU
+    with saved-tensor hooks, tests/test_planner_activations.py): RMSNorm saves its bf16
+    input and an fp32 1/rms per token; attention the QKV projection's input, the roped q
+    and k and the copied v (`xmoe.kernels.rope`) and the fused kernel's output (which the
+    output projection reads as its input, without a copy); a SwiGLU
     MLP four tensors of its hidden width (GELU two); a MoE block its router's bf16 input
     (shared with the shared experts'), fp32 probabilities and logits, the received rows,
     the expert intermediates, the returned rows for the weighted combine (not with PFT,
@@ -214,8 +215,8 @@ def activation_bytes_per_token(cfg: Any, layout: Layout, imbalance: float) -> di
     b, t = ACT_BYTES, layout.tp
     moe_share = 1.0 / t if layout.ssmb else 1.0
     r = rows_factor(cfg, layout, imbalance)
-    norm = (F32 + b) * D / t
-    attention = norm + b * D + (3 * b + 2 * b + b + b) * D / t
+    norm = (b * D + F32) / t  # its input and 1/rms per row (xmoe.kernels.rmsnorm)
+    attention = norm + b * D + (3 * b + b) * D / t
     dense_mlp = norm + b * D + 4 * b * m.ffn_hidden / t
     # PFT folds the combine weights into the activation (moe.fold_combine_weights): the
     # combine keeps no returned rows and SwiGLU keeps h1, h3 and the scaled product only

@@ -23,6 +23,8 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from xmoe.config import Config
+from xmoe.kernels.rmsnorm import rms_norm
+from xmoe.kernels.rope import rope_qkv
 from xmoe.moe.experts import DenseMLP
 from xmoe.moe.layer import MoELayer
 from xmoe.parallel.tensor_parallel import (
@@ -39,7 +41,8 @@ from xmoe.parallel.tensor_parallel import (
 
 
 class RMSNorm(nn.Module):
-    """Root-mean-square norm, computed in fp32 for stability under bf16."""
+    """Root-mean-square norm, computed in fp32 for stability under bf16: one kernel each
+    way, keeping the input and 1/rms per row for backward (`xmoe.kernels.rmsnorm`)."""
 
     def __init__(self, dim: int, eps: float = 1e-6) -> None:
         super().__init__()
@@ -47,9 +50,7 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(dim))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        xf = x.float()
-        xf = xf * torch.rsqrt(xf.square().mean(-1, keepdim=True) + self.eps)
-        return xf.to(x.dtype) * self.weight
+        return rms_norm(x, self.weight, self.eps)
 
 
 _ROPE_TABLES: dict[tuple, tuple[torch.Tensor, torch.Tensor]] = {}
@@ -68,13 +69,6 @@ def rope_tables(
         angles_SF = torch.outer(torch.arange(seq_len, device=device, dtype=torch.float32), inv_freq)
         _ROPE_TABLES[key] = (angles_SF.cos(), angles_SF.sin())
     return _ROPE_TABLES[key]
-
-
-def apply_rope(x_BHSE: torch.Tensor, cos_SF: torch.Tensor, sin_SF: torch.Tensor) -> torch.Tensor:
-    """Rotate pairs (first half, second half) of each head's channels by position angles."""
-    x1, x2 = x_BHSE.float().chunk(2, dim=-1)
-    out = torch.cat((x1 * cos_SF - x2 * sin_SF, x2 * cos_SF + x1 * sin_SF), dim=-1)
-    return out.to(x_BHSE.dtype)
 
 
 class Attention(nn.Module):
@@ -98,10 +92,9 @@ class Attention(nn.Module):
     def forward(self, x_BSD: torch.Tensor) -> torch.Tensor:
         B, S, _ = x_BSD.shape
         qkv = self.wqkv(x_BSD).view(B, S, 3, self.heads, self.head_dim)
-        qkv_3BHSE = qkv.permute(2, 0, 3, 1, 4)  # q, k, v each [B, H, S, Dh]
         cos, sin = rope_tables(S, self.head_dim, self.theta, x_BSD.device)
-        q, k = apply_rope(qkv_3BHSE[:2], cos, sin)  # q and k in one pass
-        v = qkv_3BHSE[2]
+        # q and k rotated, v beside them, in one pass: each [B, S, H, Dh]
+        q, k, v = (t.transpose(1, 2) for t in rope_qkv(qkv, cos, sin))  # [B, H, S, Dh]
         o = F.scaled_dot_product_attention(q, k, v, is_causal=True)
         return self.wo(o.transpose(1, 2).reshape(B, S, self.heads * self.head_dim))
 
