@@ -59,6 +59,28 @@ def time_step(step: Callable[[], None], dev: torch.device, warmup: int, iters: i
     return times
 
 
+def time_back_to_back(
+    step: Callable[[], None], dev: torch.device, iters: int, repeats: int = 3
+) -> float:
+    """Milliseconds per call of `step` when `iters` calls are queued back to back with one
+    wait at the end (the median of `repeats` such runs): the steady state of a training
+    step, where the host runs ahead of the GPU unless the work itself waits for it.
+    `time_step` waits after every call, so each call also pays for the host's head start."""
+    if dev.type != "cuda":
+        return median(time_step(step, dev, 0, iters))
+    runs = []
+    for _ in range(repeats):
+        sync(dev)
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        for _ in range(iters):
+            step()
+        end.record()
+        end.synchronize()
+        runs.append(start.elapsed_time(end) / iters)
+    return median(runs)
+
+
 def reset_memory(dev: torch.device) -> None:
     if dev.type == "cuda":
         torch.cuda.synchronize(dev)

@@ -13,6 +13,7 @@ import torch
 from torch import nn
 
 from xmoe.config import MoEConfig, capacity
+from xmoe.kernels.router_topk import softmax_topk
 from xmoe.moe.dispatch import Routing, count_ids
 from xmoe.moe.rbd_plan import node_limited_topk
 
@@ -135,27 +136,32 @@ class Router(nn.Module):
         cfg = self.cfg
         T = x_TD.shape[0]
         logits_TE = router_logits(x_TD, self.weight_ED)
-        probs_TE = torch.softmax(logits_TE, dim=-1)
-        if cfg.max_nodes_per_token and self.experts_per_node:
+        node_limited = bool(cfg.max_nodes_per_token and self.experts_per_node)
+        if not (node_limited or cfg.expert_bias):
+            # plain top-k: softmax, selection, renormalisation and the balance losses' sums
+            # in one kernel each way on a GPU (`xmoe.kernels.router_topk`)
+            fused = softmax_topk(logits_TE, self.top_k, cfg.renormalize)
+            topk_ids_TK, topk_probs_TK, weights_TK = fused[:3]
+            probs_sum_E, lse_sq_sum, tokens_per_expert_E = fused[3:]
+        else:
+            probs_TE = torch.softmax(logits_TE, dim=-1)
             select_TE = probs_TE.detach()
             if cfg.expert_bias:
                 select_TE = select_TE + self.expert_bias_E
-            topk_ids_TK = node_limited_topk(
-                select_TE, self.top_k, cfg.max_nodes_per_token, self.experts_per_node
-            )
+            if node_limited:
+                topk_ids_TK = node_limited_topk(
+                    select_TE, self.top_k, cfg.max_nodes_per_token, self.experts_per_node
+                )
+            else:
+                topk_ids_TK = torch.topk(select_TE, self.top_k, dim=-1).indices
             topk_probs_TK = probs_TE.gather(1, topk_ids_TK)
-        elif cfg.expert_bias:
-            select_TE = probs_TE.detach() + self.expert_bias_E
-            topk_ids_TK = torch.topk(select_TE, self.top_k, dim=-1).indices
-            topk_probs_TK = probs_TE.gather(1, topk_ids_TK)
-        else:
-            topk_probs_TK, topk_ids_TK = torch.topk(probs_TE, self.top_k, dim=-1)
-        if cfg.renormalize:
-            weights_TK = topk_probs_TK / topk_probs_TK.sum(-1, keepdim=True).clamp_min(1e-20)
-        else:
             weights_TK = topk_probs_TK
+            if cfg.renormalize:
+                weights_TK = topk_probs_TK / topk_probs_TK.sum(-1, keepdim=True).clamp_min(1e-20)
+            tokens_per_expert_E = count_ids(topk_ids_TK, self.num_experts)
+            probs_sum_E = probs_TE.sum(0)
+            lse_sq_sum = torch.logsumexp(logits_TE, dim=-1).square().sum()
 
-        tokens_per_expert_E = count_ids(topk_ids_TK, self.num_experts)
         keep_TK = None
         dropped = torch.zeros((), dtype=torch.float64, device=x_TD.device)
         if not cfg.dropless and T > 0:
@@ -164,7 +170,7 @@ class Router(nn.Module):
             )
             dropped = (~keep_TK).sum().double() / keep_TK.numel()
 
-        aux_loss, z_loss = self._losses(logits_TE, probs_TE, tokens_per_expert_E, T)
+        aux_loss, z_loss = self._losses(probs_sum_E, lse_sq_sum, tokens_per_expert_E, T)
         routing = Routing(
             topk_ids_TK=topk_ids_TK,
             topk_weights_TK=weights_TK.to(x_TD.dtype),
@@ -186,23 +192,24 @@ class Router(nn.Module):
 
     def _losses(
         self,
-        logits_TE: torch.Tensor,
-        probs_TE: torch.Tensor,
+        probs_sum_E: torch.Tensor,
+        lse_sq_sum: torch.Tensor,
         tokens_per_expert_E: torch.Tensor,
         T: int,
     ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Balance losses from this router's sums over its tokens: the router
+        probabilities per expert and the squared logsumexp of each token's logits."""
         load_E, total = self.reduce_load(tokens_per_expert_E, T)
         if total == 0:
-            zero = logits_TE.sum() * 0.0
+            zero = probs_sum_E.sum() * 0.0
             return zero, zero
         # Switch Transformer: E * sum_e f_e * P_e, f_e = share of assignments routed to e
         # (not differentiable), P_e = mean router probability of e; 1.0 when balanced.
         # Here P_e sums only this router's tokens: its share of the mean over `total`.
         f_E = load_E.float() / (total * self.top_k)
-        P_share_E = probs_TE.sum(0) / total
-        aux = self.num_experts * torch.sum(f_E * P_share_E)
+        aux = self.num_experts * torch.sum(f_E * (probs_sum_E / total))
         # ST-MoE router z-loss keeps logits small, which keeps the fp32 softmax well scaled.
-        z = torch.logsumexp(logits_TE, dim=-1).square().sum() / total
+        z = lse_sq_sum / total
         return aux, z
 
     @torch.no_grad()
