@@ -133,16 +133,26 @@ def test_permute_combine_autograd(interpreter, monkeypatch, use_kernels, name, T
     torch.testing.assert_close(scale_ED.grad, s2.grad)
 
 
-def test_combine_keeps_no_input_copy(interpreter):
-    """Only the expert outputs, weights and index tensors are saved for backward."""
-    meta, R, slot_R, x_TD, w_TK = _setup(16, 2, 4, drop=False)
-    out_RD = torch.randn(R, D, requires_grad=True)
+def _saved_shapes(fn):
+    """The shapes of the tensors autograd keeps for backward while `fn` runs, and its result."""
     saved = []
     with torch.autograd.graph.saved_tensors_hooks(
         lambda t: saved.append(t.shape) or t, lambda t: t
     ):
-        combine(out_RD, w_TK.requires_grad_(), slot_R, meta.dest_row_TK)
-        permute(x_TD.requires_grad_(), slot_R, meta.dest_row_TK)
+        out = fn()
+    return saved, out
+
+
+def test_combine_keeps_no_input_copy(interpreter):
+    """Only the expert outputs, weights and index tensors are saved for backward."""
+    meta, R, slot_R, x_TD, w_TK = _setup(16, 2, 4, drop=False)
+    out_RD = torch.randn(R, D, requires_grad=True)
+    saved, _ = _saved_shapes(
+        lambda: (
+            combine(out_RD, w_TK.requires_grad_(), slot_R, meta.dest_row_TK),
+            permute(x_TD.requires_grad_(), slot_R, meta.dest_row_TK),
+        )
+    )
     big = [s for s in saved if s.numel() >= R * D]
     assert big == [torch.Size([R, D])]  # the expert outputs, needed for the weight gradient
 
@@ -151,11 +161,7 @@ def test_unweighted_combine_keeps_only_the_slots(interpreter):
     """With the weights already in the rows, the combine keeps no [R, D] tensor."""
     meta, R, slot_R, x_TD, w_TK = _setup(16, 2, 4, drop=False)
     out_RD = torch.randn(R, D, requires_grad=True)
-    saved = []
-    with torch.autograd.graph.saved_tensors_hooks(
-        lambda t: saved.append(t.shape) or t, lambda t: t
-    ):
-        y_TD = combine(out_RD, None, slot_R, meta.dest_row_TK)
+    saved, y_TD = _saved_shapes(lambda: combine(out_RD, None, slot_R, meta.dest_row_TK))
     assert saved == [slot_R.shape]
     gy = torch.randn_like(y_TD)
     (y_TD * gy).sum().backward()
