@@ -1,0 +1,113 @@
+"""Every Triton kernel against its torch reference on the GPU, at the small preset's sizes.
+
+`python benchmarks/moe_layer.py --check ...` runs these first: the CPU tests check the
+kernels under Triton's interpreter in fp32, which computes bf16 wrongly, so this is where
+the bf16 GPU code paths meet their references. On a CPU the comparisons fall back to the
+references themselves (a smoke test of the script).
+"""
+
+from __future__ import annotations
+
+import torch
+
+from xmoe.kernels import activation, combine, permute, rmsnorm, rope, router_topk, routing
+from xmoe.kernels.grouped_gemm import grouped_mm, grouped_mm_loop
+from xmoe.model.transformer import rope_tables
+
+
+def check_kernels(dev) -> None:
+    """Every Triton kernel on `dev` against its torch reference; raises on a mismatch."""
+    g = torch.Generator(device="cpu").manual_seed(0)
+    T, K, E, D = 4099, 6, 64, 256
+    ids = torch.rand(T, E, generator=g).topk(K, 1).indices.to(dev)
+    keep = (torch.rand(T, K, generator=g) > 0.2).to(dev)
+    for kp in (None, keep):
+        a = routing.routing_metadata(ids, kp, E)
+        b = routing.routing_metadata_torch(ids, kp, E)
+        R = int(b.counts_E.sum())
+        assert torch.equal(a.counts_E, b.counts_E) and torch.equal(a.dest_row_TK, b.dest_row_TK)
+        assert torch.equal(a.src_slot_N[:R], b.src_slot_N[:R])
+    x = torch.randn(T, D, generator=g).to(dev)
+    w = torch.rand(T, K, generator=g).to(dev)
+    rows = torch.randn(R, D, generator=g).to(dev)
+    slot = b.src_slot_N[:R]
+    pairs = [
+        (
+            permute.gather_rows(x, slot, K, w.reshape(-1)),
+            permute.gather_rows_torch(x, slot, K, w.reshape(-1)),
+        ),
+        (
+            permute.unpermute(rows, b.dest_row_TK, w),
+            permute.unpermute_torch(rows, b.dest_row_TK, w),
+        ),
+        (combine.row_dot(x, rows, b.dest_row_TK), combine.row_dot_torch(x, rows, b.dest_row_TK)),
+    ]
+    for got, want in pairs:
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    # the activation with the combine weights folded in, bf16 as the experts run it
+    h = (2 * torch.randn(R, 1408, generator=g)).to(dev, torch.bfloat16)
+    h3 = torch.randn(R, 1408, generator=g).to(dev, torch.bfloat16)
+    wr = torch.rand(R, generator=g).to(dev, torch.bfloat16)
+    gh = torch.randn(R, 1408, generator=g).to(dev, torch.bfloat16)
+    for h3_ in (None, h3):
+        got = [activation.scaled_act_fwd(h, h3_, wr), *activation.scaled_act_bwd(h, h3_, wr, gh)]
+        want = [
+            activation.scaled_act_fwd_torch(h, h3_, wr),
+            *activation.scaled_act_bwd_torch(h, h3_, wr, gh),
+        ]
+        for u, v in zip(got, want):
+            if v is not None:
+                torch.testing.assert_close(u.float(), v.float(), rtol=2e-2, atol=2e-2)
+    # the fused router (softmax, top-k, loss sums) and its backward, fp32 logits
+    lg = (2 * torch.randn(16384, 64, generator=g)).to(dev)
+    gr = (torch.randn(16384, 6, generator=g).to(dev), torch.randn(64, generator=g).to(dev))
+    res = []
+    for fn in (router_topk.softmax_topk, router_topk.softmax_topk_torch):
+        x = lg.clone().requires_grad_()
+        ids, topp, wts, psum, zsq, cnt = fn(x, 6, True)
+        loss = (wts * gr[0]).sum() + (psum * gr[1]).sum() + zsq * 0.5
+        res.append([ids, cnt, topp, wts, psum, zsq, torch.autograd.grad(loss, [x])[0]])
+    # the GPU's exp may order a near-tie differently: compare rows that chose alike
+    same = (res[0][0] == res[1][0]).all(1)
+    assert same.float().mean() > 0.999, f"router: {int((~same).sum())} rows chose differently"
+    assert (res[0][1] - res[1][1]).abs().sum() <= 2 * int((~same).sum()) * 6
+    for i, (u, v) in enumerate(zip(res[0][2:], res[1][2:])):
+        if i in (0, 1, 4):  # per-row outputs: selected probs, weights, logits' gradient
+            u, v = u[same], v[same]
+        torch.testing.assert_close(u, v, rtol=1e-4, atol=1e-5)
+    # the model's RMSNorm and RoPE kernels, bf16 at the small preset's widths
+    xn = (3 * torch.randn(4099, 2048, generator=g)).to(dev, torch.bfloat16)
+    wn = (1 + torch.randn(2048, generator=g)).to(dev, torch.bfloat16)
+    gn = torch.randn(4099, 2048, generator=g).to(dev, torch.bfloat16)
+    y, rstd = rmsnorm.rmsnorm_fwd(xn, wn, 1e-6)
+    y_ref, rstd_ref = rmsnorm.rmsnorm_fwd_torch(xn, wn, 1e-6)
+    got = [y, rstd, *rmsnorm.rmsnorm_bwd(gn, xn, wn, rstd_ref)]
+    want = [y_ref, rstd_ref, *rmsnorm.rmsnorm_bwd_torch(gn, xn, wn, rstd_ref)]
+    for u, v in zip(got, want):
+        torch.testing.assert_close(u.float(), v.float(), rtol=2e-2, atol=2e-2)
+    qkv = torch.randn(2, 512, 3, 16, 128, generator=g).to(dev, torch.bfloat16)
+    cos, sin = rope_tables(512, 128, 10000.0, dev)
+    gq = [torch.randn(2, 16, 512, 128, generator=g).to(dev, torch.bfloat16) for _ in range(3)]
+    res = []
+    for fn in (rope.rope_qkv, rope.rope_qkv_torch):
+        x = qkv.clone().requires_grad_()
+        outs = [t.transpose(1, 2) for t in fn(x, cos, sin)]  # as attention reads them
+        res.append([*outs, torch.autograd.grad(outs, [x], gq)[0]])
+    for u, v in zip(*res):
+        torch.testing.assert_close(u.float(), v.float(), rtol=1e-2, atol=1e-2)
+    counts = b.counts_E.tolist()
+    for dtype, tol in ((torch.float32, 3e-2), (torch.bfloat16, 5e-2)):
+        xr = torch.randn(R, D, generator=g).to(dev, dtype).requires_grad_()
+        wt = (torch.randn(E, 192, D, generator=g) / 16).to(dev, dtype).requires_grad_()
+        gy = torch.randn(R, 192, generator=g).to(dev, dtype)
+        outs = []
+        for fn in (grouped_mm_loop, lambda a, b_, c: grouped_mm(a, b_, c, "triton")):
+            xr.grad = wt.grad = None
+            y = fn(xr, wt.transpose(1, 2), counts)
+            y.backward(gy)
+            outs.append((y.float(), xr.grad.float(), wt.grad.float()))
+        for name, u, v in zip(("y", "dx", "dw"), *outs):
+            err = ((u - v).norm() / v.norm()).item()
+            print(f"triton grouped GEMM {dtype} {name}: relative error {err:.2e}")
+            assert err < tol, (dtype, name, err)
+    print("kernel checks passed", flush=True)
