@@ -79,3 +79,22 @@ def acc_dtype(dtype: torch.dtype) -> torch.dtype:
 
 def next_pow2(n: int) -> int:
     return 1 << max(0, (int(n) - 1).bit_length())
+
+
+def split_rows(n: int, device: torch.device, granule: int = 1) -> tuple[int, int]:
+    """(programs, rows per program) spreading n >= 1 rows over about four programs per
+    multiprocessor, each program a multiple of `granule` rows: the layout of kernels
+    whose programs add their rows into per-program partial sums (summed afterwards in a
+    fixed order, so the result is deterministic). The interpreter counts 4
+    multiprocessors: a few programs, several rows each."""
+    sms = 4
+    if device.type == "cuda":
+        sms = torch.cuda.get_device_properties(device).multi_processor_count
+    programs = max(1, min(cdiv(n, granule), 4 * sms))
+    rows = cdiv(cdiv(n, programs), granule) * granule
+    return cdiv(n, rows), rows
+
+
+def cdiv(a: int, b: int) -> int:
+    """Integer ceil(a / b) on the host."""
+    return -(-a // b)

@@ -17,10 +17,16 @@ from __future__ import annotations
 
 import torch
 
-from xmoe.kernels.backend import HAVE_TRITON, acc_dtype, kernel, next_pow2, use_triton
+from xmoe.kernels.backend import (
+    HAVE_TRITON,
+    acc_dtype,
+    kernel,
+    next_pow2,
+    split_rows,
+    use_triton,
+)
 
 if HAVE_TRITON:
-    import triton
     import triton.language as tl
 
     @kernel
@@ -142,9 +148,7 @@ def rmsnorm_bwd(g_TD, x_TD, w_D, rstd_T):
     dx = torch.empty_like(x_TD)
     if T == 0:
         return dx, torch.zeros_like(w_D)
-    progs = min(T, 4 * _multiprocessors(x_TD.device))
-    rows = triton.cdiv(T, progs)
-    progs = triton.cdiv(T, rows)
+    progs, rows = split_rows(T, x_TD.device)
     part = torch.empty(progs, D, dtype=rstd_T.dtype, device=x_TD.device)
     block_d = next_pow2(D)
     _rmsnorm_bwd_kernel[(progs,)](
@@ -162,12 +166,6 @@ def rmsnorm_bwd(g_TD, x_TD, w_D, rstd_T):
         num_warps=_warps(block_d),
     )
     return dx, part.sum(0).to(w_D.dtype)
-
-
-def _multiprocessors(device: torch.device) -> int:
-    if device.type != "cuda":
-        return 4  # the interpreter: a few programs, several rows each
-    return torch.cuda.get_device_properties(device).multi_processor_count
 
 
 class _RMSNorm(torch.autograd.Function):

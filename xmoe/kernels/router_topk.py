@@ -22,7 +22,8 @@ from __future__ import annotations
 
 import torch
 
-from xmoe.kernels.backend import HAVE_TRITON, kernel, next_pow2, use_triton
+from xmoe.kernels.backend import HAVE_TRITON, kernel, next_pow2, split_rows, use_triton
+from xmoe.kernels.routing import count_ids
 
 if HAVE_TRITON:
     import triton
@@ -146,31 +147,29 @@ if HAVE_TRITON:
         tl.store(dlogits_ptr + t[:, None] * E + e[None, :], dl, mask=m2)
 
 
+def topk_outputs(
+    logits_TE: torch.Tensor, probs_TE: torch.Tensor, ids_TK: torch.Tensor, renormalize: bool
+):
+    """What the router returns for the experts `ids_TK` it chose from `probs_TE`, from
+    plain ops: (selected probs (no grad), weights, probs_sum_E, lse_sq_sum, counts_E),
+    differentiable in the logits through weights, probs_sum_E and lse_sq_sum. Also the
+    router's own path where selection is not plain top-k (expert bias, node limits), so
+    it runs on GPUs too (not a `*_torch` reference: the host-sync test counts it)."""
+    topk_probs_TK = probs_TE.gather(1, ids_TK)
+    weights_TK = topk_probs_TK
+    if renormalize:
+        weights_TK = topk_probs_TK / topk_probs_TK.sum(-1, keepdim=True).clamp_min(1e-20)
+    counts_E = count_ids(ids_TK, logits_TE.shape[1])
+    lse_sq = torch.logsumexp(logits_TE, dim=-1).square().sum()
+    return topk_probs_TK.detach(), weights_TK, probs_TE.sum(0), lse_sq, counts_E
+
+
 def softmax_topk_torch(logits_TE: torch.Tensor, k: int, renormalize: bool):
     """Reference: (ids, selected probs (no grad), weights, probs_sum_E, lse_sq_sum,
     counts_E), differentiable in the logits through weights, probs_sum_E and lse_sq_sum."""
     probs_TE = torch.softmax(logits_TE, dim=-1)
-    topk_probs_TK, ids_TK = torch.topk(probs_TE, k, dim=-1)
-    weights_TK = topk_probs_TK
-    if renormalize:
-        weights_TK = topk_probs_TK / topk_probs_TK.sum(-1, keepdim=True).clamp_min(1e-20)
-    counts_E = torch.zeros(logits_TE.shape[1], dtype=torch.int64, device=logits_TE.device)
-    counts_E.scatter_add_(0, ids_TK.reshape(-1), torch.ones_like(ids_TK.reshape(-1)))
-    lse_sq = torch.logsumexp(logits_TE, dim=-1).square().sum()
-    return ids_TK, topk_probs_TK.detach(), weights_TK, probs_TE.sum(0), lse_sq, counts_E
-
-
-def _rows(T: int, device: torch.device, block_t: int) -> tuple[int, int]:
-    """(programs, rows per program) for the forward: enough programs to fill the GPU,
-    each summing a multiple of BLOCK_T rows into its partials."""
-    sms = (
-        torch.cuda.get_device_properties(device).multi_processor_count
-        if device.type == "cuda"
-        else 2
-    )
-    progs = max(1, min(triton.cdiv(T, block_t), 4 * sms))
-    rows = triton.cdiv(triton.cdiv(T, progs), block_t) * block_t
-    return triton.cdiv(T, rows), rows
+    ids_TK = torch.topk(probs_TE, k, dim=-1).indices
+    return (ids_TK, *topk_outputs(logits_TE, probs_TE, ids_TK, renormalize))
 
 
 class _SoftmaxTopK(torch.autograd.Function):
@@ -180,7 +179,7 @@ class _SoftmaxTopK(torch.autograd.Function):
         dev = logits_TE.device
         e_pad = max(2, next_pow2(E))
         block_t = max(1, min(64, 4096 // e_pad))
-        progs, rows = _rows(T, dev, block_t)
+        progs, rows = split_rows(T, dev, block_t)
         lse = torch.empty(T, dtype=torch.float32, device=dev)
         ids = torch.empty(T, k, dtype=torch.int64, device=dev)
         topp = torch.empty(T, k, dtype=torch.float32, device=dev)

@@ -83,6 +83,18 @@ if HAVE_TRITON:
         tl.store(slot_ptr + pos, i.to(tl.int64), mask=valid)
 
 
+def count_ids(ids_N: torch.Tensor, size: int) -> torch.Tensor:
+    """int64 occurrences of each id in [0, size): `torch.bincount` without its host sync.
+
+    CUDA's bincount reads the largest id back to the host to size its output; the router
+    and the dispatchers run on the step's critical path, where the dispatcher's counts
+    copy is the one host sync a layer may make.
+    """
+    ids_N = ids_N.reshape(-1).long()
+    counts = torch.zeros(size, dtype=torch.int64, device=ids_N.device)
+    return counts.scatter_add_(0, ids_N, torch.ones_like(ids_N))
+
+
 @dataclass
 class RoutingMeta:
     counts_E: torch.Tensor  # int64, kept assignments per expert

@@ -59,15 +59,3 @@ class Dispatcher(nn.Module):
 
     def combine(self, y_RD: torch.Tensor, dispatched: Dispatched) -> torch.Tensor:
         raise NotImplementedError
-
-
-def count_ids(ids_N: torch.Tensor, size: int) -> torch.Tensor:
-    """int64 occurrences of each id in [0, size): `torch.bincount` without its host sync.
-
-    CUDA's bincount reads the largest id back to the host to size its output; the router
-    and the dispatchers run on the step's critical path, where the dispatcher's counts
-    copy is the one host sync a layer may make.
-    """
-    ids_N = ids_N.reshape(-1).long()
-    counts = torch.zeros(size, dtype=torch.int64, device=ids_N.device)
-    return counts.scatter_add_(0, ids_N, torch.ones_like(ids_N))

@@ -150,17 +150,16 @@ class GroupedExperts(nn.Module):
                 f"got counts for {len(counts_El)} experts, hold {self.num_local_experts}"
             )
         h_RF = self.grouped_mm(x_RD, self.w1_EFD, counts_El)
-        if weights_R is not None:
-            h3_RF = None
-            if self.w3_EFD is not None:
-                h3_RF = self.grouped_mm(x_RD, self.w3_EFD, counts_El)
-            a_RF = scaled_activation(h_RF, h3_RF, weights_R)
-            return self.grouped_mm(a_RF, self.w2_EDF, counts_El)
+        h3_RF = None
         if self.w3_EFD is not None:
-            h_RF = F.silu(h_RF) * self.grouped_mm(x_RD, self.w3_EFD, counts_El)
+            h3_RF = self.grouped_mm(x_RD, self.w3_EFD, counts_El)
+        if weights_R is not None:
+            a_RF = scaled_activation(h_RF, h3_RF, weights_R)
+        elif h3_RF is not None:
+            a_RF = F.silu(h_RF) * h3_RF
         else:
-            h_RF = F.gelu(h_RF)
-        return self.grouped_mm(h_RF, self.w2_EDF, counts_El)
+            a_RF = F.gelu(h_RF)
+        return self.grouped_mm(a_RF, self.w2_EDF, counts_El)
 
 
 class DenseMLP(nn.Module):

@@ -143,15 +143,14 @@ class PFTDispatcher(Dispatcher):
         # the grouped GEMM's offsets, made on the device before the host knows the counts
         offsets_El = torch.cumsum(local_E, 0).to(torch.int32)
         counts_to_host = _to_host_async(counts_dev)
-        # Gather the kept rows now, into a buffer of the most rows that can be kept (T*K),
-        # so the GPU copies them while the host waits for the counts; rows past the kept
-        # count are never written nor read. Dropping on one rank would keep that whole
-        # buffer alive until backward (the experts save their input), so it gathers after
-        # the sync, into a buffer of the exact size; with EP the buffer only feeds the
-        # all-to-all, whose output is exact.
-        early = W > 1 or routing.keep_TK is None
+        # With EP, gather the kept rows now, into a buffer of the most rows that can be
+        # kept (T*K), so the GPU copies them while the host waits for the counts; rows past
+        # the kept count are never written nor read, and the buffer only feeds the
+        # all-to-all, whose output is exact. On one rank (dropping: dropless takes
+        # `_dispatch_static`) the experts would keep that whole buffer alive until
+        # backward, so it gathers after the sync, into a buffer of the exact size.
         rows_ND = None
-        if early:
+        if W > 1:
             rows_ND = gather_rows(
                 x_TD.detach(), meta.src_slot_N, meta.top_k, n_rows=meta.counts_E.sum()
             )

@@ -27,7 +27,7 @@ from dataclasses import dataclass
 
 import torch
 
-from xmoe.moe.dispatch import count_ids
+from xmoe.kernels.routing import count_ids
 
 
 @dataclass(frozen=True)

@@ -13,8 +13,9 @@ import torch
 from torch import nn
 
 from xmoe.config import MoEConfig, capacity
-from xmoe.kernels.router_topk import softmax_topk
-from xmoe.moe.dispatch import Routing, count_ids
+from xmoe.kernels.router_topk import softmax_topk, topk_outputs
+from xmoe.kernels.routing import count_ids
+from xmoe.moe.dispatch import Routing
 from xmoe.moe.rbd_plan import node_limited_topk
 
 
@@ -154,13 +155,9 @@ class Router(nn.Module):
                 )
             else:
                 topk_ids_TK = torch.topk(select_TE, self.top_k, dim=-1).indices
-            topk_probs_TK = probs_TE.gather(1, topk_ids_TK)
-            weights_TK = topk_probs_TK
-            if cfg.renormalize:
-                weights_TK = topk_probs_TK / topk_probs_TK.sum(-1, keepdim=True).clamp_min(1e-20)
-            tokens_per_expert_E = count_ids(topk_ids_TK, self.num_experts)
-            probs_sum_E = probs_TE.sum(0)
-            lse_sq_sum = torch.logsumexp(logits_TE, dim=-1).square().sum()
+            topk_probs_TK, weights_TK, probs_sum_E, lse_sq_sum, tokens_per_expert_E = topk_outputs(
+                logits_TE, probs_TE, topk_ids_TK, cfg.renormalize
+            )
 
         keep_TK = None
         dropped = torch.zeros((), dtype=torch.float64, device=x_TD.device)
