@@ -188,3 +188,14 @@ def gap_report(trace: Path, steps: int, min_us: float = 4.0, unit: str = "step")
     for key, v in sorted(gaps.items(), key=lambda kv: -sum(kv[1]))[:20]:
         lines.append(f"  {sum(v) / steps:9.1f} us/{unit}  x{len(v) / steps:5.1f}  {key}")
     return "\n".join(lines)
+
+
+def profile_gaps(prof: Any, steps: int, unit: str = "step", keep: str = "") -> str:
+    """`gap_report` of a finished torch.profiler run, read from its Chrome trace: written
+    to `keep` when given (and left there), else to a temporary file."""
+    import tempfile
+
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(keep) if keep else Path(tmp) / "trace.json"
+        prof.export_chrome_trace(str(path))
+        return gap_report(path, steps, unit=unit)

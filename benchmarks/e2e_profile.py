@@ -246,19 +246,13 @@ def profile_step(
         del engine.step
         for h in handles:
             h.remove()
-    if trace:
-        prof.export_chrome_trace(trace)
     gaps = ""
     if on_device:  # where the GPU waits (for the host, a sync, a collective)
-        import tempfile
+        from benchmarks.common import profile_gaps
 
-        from benchmarks.common import gap_report
-
-        with tempfile.TemporaryDirectory() as tmp:
-            path = Path(trace) if trace else Path(tmp) / "trace.json"
-            if not trace:
-                prof.export_chrome_trace(str(path))
-            gaps = gap_report(path, n, unit="micro-batch")
+        gaps = profile_gaps(prof, n, "micro-batch", trace)
+    elif trace:
+        prof.export_chrome_trace(trace)
     totals, top = categorise(list(prof.events()), on_device)
     scale = {c: 1.0 if c in ONCE_PER_STEP else accum / n for c in CATEGORIES}
     step_us = {c: totals.get(c, 0.0) * scale[c] for c in CATEGORIES}

@@ -48,12 +48,12 @@ import torch.nn.functional as F
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from benchmarks.common import (  # noqa: E402
-    gap_report,
     init_distributed,
     machine_name,
     max_over_ranks,
     median,
     peak_gib,
+    profile_gaps,
     reset_memory,
     time_back_to_back,
     time_step,
@@ -322,12 +322,7 @@ def profile_impl(impl: str, s: dict, ps, dev, dtype, args) -> None:
         print(f"== {impl}: {n} steps, by kernel", flush=True)
         print(prof.key_averages().table(sort_by=key, row_limit=40, max_name_column_width=90))
         if dev.type == "cuda":
-            import tempfile
-
-            with tempfile.TemporaryDirectory() as tmp:
-                path = Path(args.trace) if args.trace else Path(tmp) / "trace.json"
-                prof.export_chrome_trace(str(path))
-                print(gap_report(path, n))
+            print(profile_gaps(prof, n, keep=args.trace))
 
 
 def main(argv: list[str] | None = None) -> int:
