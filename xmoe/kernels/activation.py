@@ -178,7 +178,7 @@ def scaled_act_bwd(h_RF, h3_RF, w_R, g_RF):
         return dh, dh3, dw
     if F == 0:
         return dh, dh3, dw.zero_()
-    br = max(1, 4096 // 128)
+    br, bf = 32, _blocks(F)[1]  # 32 whole rows a program: each sums its rows' dw over F
     _scaled_act_bwd_kernel[(triton.cdiv(R, br),)](
         h_RF,
         h3_RF if h3_RF is not None else h_RF,
@@ -192,7 +192,7 @@ def scaled_act_bwd(h_RF, h3_RF, w_R, g_RF):
         SWIGLU=h3_RF is not None,
         ACC_FP64=acc_dtype(h_RF.dtype) == torch.float64,
         BLOCK_R=br,
-        BLOCK_F=min(128, max(16, next_pow2(F))),
+        BLOCK_F=bf,
     )
     return dh, dh3, dw
 

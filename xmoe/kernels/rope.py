@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import torch
 
-from xmoe.kernels.backend import HAVE_TRITON, kernel, next_pow2, use_triton
+from xmoe.kernels.backend import HAVE_TRITON, acc_dtype, kernel, next_pow2, use_triton
 
 if HAVE_TRITON:
     import triton
@@ -108,7 +108,7 @@ if HAVE_TRITON:
 
 def rope_qkv_torch(qkv_BS3HE: torch.Tensor, cos_SF: torch.Tensor, sin_SF: torch.Tensor):
     """Reference (differentiable through plain torch ops): q, k rotated and v, [B, S, H, Dh]."""
-    acc = torch.promote_types(qkv_BS3HE.dtype, torch.float32)
+    acc = acc_dtype(qkv_BS3HE.dtype)
     cos, sin = cos_SF[:, None, :].to(acc), sin_SF[:, None, :].to(acc)  # [S, 1, Dh/2]
     outs = []
     for j in range(2):
