@@ -200,11 +200,11 @@ def activation_bytes_per_token(cfg: Any, layout: Layout, imbalance: float) -> di
     with saved-tensor hooks, tests/test_planner_activations.py): RMSNorm saves its bf16
     input and an fp32 1/rms per token; attention the QKV projection's input, the roped q
     and k and the copied v (`xmoe.kernels.rope`) and the fused kernel's output (which the
-    output projection reads as its input, without a copy); a SwiGLU
-    MLP four tensors of its hidden width (GELU two); a MoE block its router's bf16 input
-    (shared with the shared experts'), fp32 probabilities and logits, the received rows,
-    the expert intermediates, the returned rows for the weighted combine (not with PFT,
-    whose experts apply the weights) and int64 row indices. The LM head keeps the fp32
+    output projection reads as its input, without a copy); a SwiGLU MLP four tensors of
+    its hidden width (GELU two); a MoE block its router's bf16 input (shared with the
+    shared experts'), fp32 probabilities and logits, the received rows, the expert
+    intermediates, the returned rows for the weighted combine (not with PFT, whose
+    experts apply the weights) and int64 row indices. The LM head keeps the fp32
     log-probabilities. With TP (sequence parallelism, `xmoe.parallel.tensor_parallel`)
     every rank holds 1/t of the tokens outside attention and the dense MLPs, which keep
     their gathered full-sequence input and 1/t of the heads or hidden units; SSMB runs the
@@ -220,7 +220,7 @@ def activation_bytes_per_token(cfg: Any, layout: Layout, imbalance: float) -> di
     dense_mlp = norm + b * D + 4 * b * m.ffn_hidden / t
     # PFT folds the combine weights into the activation (moe.fold_combine_weights): the
     # combine keeps no returned rows and SwiGLU keeps h1, h3 and the scaled product only
-    fold = getattr(e, "fold_combine_weights", True) and layout.dispatcher == "pft"
+    fold = e.fold_combine_weights and layout.dispatcher == "pft"
     saved_inter = (3 if fold else 4) if e.activation == "swiglu" else 2
     returned = 0.0 if fold else k * b * D
     routed = k * r * (b * D + saved_inter * b * F) + returned + 3 * 8 * k
