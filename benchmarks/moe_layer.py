@@ -133,15 +133,14 @@ def inputs(s: dict, u: torch.Tensor, routing: str, rank: int, dev, dtype):
 
 
 def build_layer(impl: str, s: dict, ps, dev, dtype, w_gate) -> MoELayer:
-    dispatcher, cf = {
-        "pft": ("pft", None),
-        "pft_weighted_combine": ("pft", None),
-        "padded": ("padded", 1.25),
-        "deepspeed": ("deepspeed", 1.25),
-        "deepspeed_dropless": ("deepspeed", None),
-        "torch_native": ("pft", None),
+    dispatcher, cf, extra = {
+        "pft": ("pft", None, ()),
+        "pft_weighted_combine": ("pft", None, ("moe.fold_combine_weights=false",)),
+        "padded": ("padded", 1.25, ()),
+        "deepspeed": ("deepspeed", 1.25, ()),
+        "deepspeed_dropless": ("deepspeed", None, ()),
+        "torch_native": ("pft", None, ()),
     }[impl]
-    extra = ("moe.fold_combine_weights=false",) if impl == "pft_weighted_combine" else ()
     cfg = layer_config(s, dispatcher, cf, ps.ep, "auto", extra)
     layer = MoELayer(cfg, ps).to(dev, dtype)
     with torch.no_grad():

@@ -12,6 +12,7 @@ exactly the same assignments and can be compared bit for bit against the referen
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -38,7 +39,9 @@ class Dispatched:
     """What the experts of this rank receive."""
 
     x_RD: torch.Tensor  # rows grouped by local expert, expert 0 first
-    counts_El: list[int]  # rows per local expert (host ints: one sync per layer at most)
+    # rows per local expert: host ints (one sync per layer at most), or a `DeviceCounts`
+    # whose host values are fetched only if something reads them
+    counts_El: Sequence[int]
     state: Any = None  # whatever combine needs to route the outputs back
     stats: dict[str, float] = field(default_factory=dict)  # counters for metrics (rows, bytes, ...)
     # combine weight of each row when the experts apply it (combine then sums unweighted)
