@@ -114,9 +114,16 @@ def train(config_name, overrides, run_dir, resume, force, peak_tflops, stop_afte
             raise ConfigError("--resume needs --run-dir (the directory of the run to continue)")
         run_dir = _shared_default_run_dir(cfg)
     check_run_dir(run_dir, resume, force)
+    from xmoe.parallel.topology import close_distributed
     from xmoe.train.loop import train as run_training
+    from xmoe.train.reliability import StopTraining
 
-    run_training(cfg, run_dir, resume=resume, peak_tflops=peak_tflops, stop_after=stop_after)
+    try:
+        run_training(cfg, run_dir, resume=resume, peak_tflops=peak_tflops, stop_after=stop_after)
+    except StopTraining:
+        close_distributed(barrier=False)  # the ranks stop together, after the checkpoint
+        raise
+    close_distributed()
 
 
 def _shared_default_run_dir(cfg: Config) -> Path:

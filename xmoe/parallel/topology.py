@@ -139,3 +139,19 @@ def init_distributed(launch: Launch | None = None, timeout_s: float = 600.0):
                 timeout=timedelta(seconds=timeout_s),
             )
     return launch, device
+
+
+def close_distributed(barrier: bool = True) -> None:
+    """Tear the process group down before the process exits.
+
+    Left to the interpreter's exit, gloo's groups are destroyed in no set order while
+    other ranks may still be closing their connections, which can abort a rank after a
+    run that finished. `barrier` first waits for every rank to be done communicating.
+    """
+    import torch.distributed as dist
+
+    if not dist.is_initialized():
+        return
+    if barrier:
+        dist.barrier()
+    dist.destroy_process_group()
