@@ -1,5 +1,7 @@
 """Grouped GEMM: Triton kernel, torch._grouped_mm and the per-expert loop agree, fwd and bwd."""
 
+import weakref
+
 import pytest
 import torch
 import triton_interp
@@ -100,3 +102,62 @@ def test_device_counts_are_read_only_by_host_planned_impls():
     for got, ref in zip(_run("loop", x, w, dc, gy, False), want):
         torch.testing.assert_close(got, ref)
     assert fetched == [1] and dc == counts and dc[2] == 9
+
+
+class _Holder:
+    """What a saved-tensor pack hook keeps instead of the tensor; notes its release."""
+
+    def __init__(self, t: torch.Tensor, events: list, name: str | None) -> None:
+        self.t = t
+        if name is not None:
+            weakref.finalize(self, events.append, f"{name} released")
+
+
+def _backward_events(impl: str, monkeypatch) -> list[str]:
+    """Order of events in backward: x's saved copy released, dx computed (dgrad)."""
+    from xmoe.kernels import grouped_gemm as gg
+
+    counts = [5, 0, 17, 3]
+    g = torch.Generator().manual_seed(3)
+    x_leaf = torch.randn(25, 32, generator=g, requires_grad=True)
+    w = torch.randn(4, 48, 32, generator=g, requires_grad=True)
+    events: list[str] = []
+    x = x_leaf * 2  # an intermediate, like the activation feeding the second GEMM
+    x_ptr, x_shape = x.data_ptr(), x.shape
+
+    def pack(t):
+        same = t.data_ptr() == x_ptr and t.shape == x_shape
+        return _Holder(t, events, "x" if same else None)
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda h: h.t):
+        y = grouped_mm(x, w.transpose(1, 2), counts, impl)
+    del x
+    if impl == "torch":
+        real = torch._grouped_mm
+
+        def spy(a, b, offs=None):
+            if b.dim() == 3 and a.shape[1] == y.shape[1]:
+                events.append("dgrad")
+            return real(a, b, offs=offs)
+
+        monkeypatch.setattr(torch, "_grouped_mm", spy)
+    else:
+        real = gg._gmm_forward
+
+        def spy(a, b, tiles, N):
+            events.append("forward" if a.shape[1] == 32 else "dgrad")
+            return real(a, b, tiles, N)
+
+        monkeypatch.setattr(gg, "_gmm_forward", spy)
+    y.backward(torch.randn(y.shape, generator=g))
+    return events
+
+
+@pytest.mark.parametrize("impl", ["torch", "triton"])
+def test_backward_frees_the_input_before_computing_its_gradient(impl, monkeypatch, request):
+    """The weight's gradient is computed first and x released, so x and dx (same size:
+    the [rows, F] activation at the second GEMM) are never both alive."""
+    if impl == "triton":
+        request.getfixturevalue("interpreter")
+    events = _backward_events(impl, monkeypatch)
+    assert events == ["x released", "dgrad"]

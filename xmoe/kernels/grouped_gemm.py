@@ -14,8 +14,10 @@ from __future__ import annotations
 
 import os
 from collections.abc import Callable, Sequence
+from typing import NamedTuple
 
 import torch
+from torch.autograd.function import once_differentiable
 
 from xmoe.kernels.backend import HAVE_TRITON, host_to_device, kernel, use_triton
 
@@ -193,6 +195,65 @@ def _counts_list(counts_E) -> list[int]:
     return [int(c) for c in (counts_E.tolist() if torch.is_tensor(counts_E) else counts_E)]
 
 
+# --------------------------------------------------------------------------- autograd
+
+
+class _Ops(NamedTuple):
+    """One implementation's three products: y = x·w, dx = dy·wᵀ, dw = xᵀ·dy per expert."""
+
+    forward: Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+    dgrad: Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+    wgrad: Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+
+
+class _InputGrad(torch.autograd.Function):
+    """y = x·w; its backward gives dx only. Keeps w, not x."""
+
+    @staticmethod
+    def forward(ctx, x_RK, w_EKN, ops):
+        ctx.ops = ops
+        ctx.save_for_backward(w_EKN)
+        return ops.forward(x_RK, w_EKN)
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, dy_RN):
+        (w_EKN,) = ctx.saved_tensors
+        dx = ctx.ops.dgrad(dy_RN.contiguous(), w_EKN) if ctx.needs_input_grad[0] else None
+        return dx, None, None
+
+
+class _WeightGrad(torch.autograd.Function):
+    """The identity on y; its backward gives dw from x, which only this node keeps."""
+
+    @staticmethod
+    def forward(ctx, y_RN, x_RK, w_EKN, ops):
+        ctx.ops = ops
+        ctx.save_for_backward(x_RK)
+        return y_RN.view_as(y_RN)
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, dy_RN):
+        (x_RK,) = ctx.saved_tensors
+        dw = ctx.ops.wgrad(x_RK, dy_RN.contiguous()) if ctx.needs_input_grad[2] else None
+        return dy_RN, None, dw, None
+
+
+def _split_grad(x_RK: torch.Tensor, w_EKN: torch.Tensor, ops: _Ops) -> torch.Tensor:
+    """y = x·w as two autograd nodes, so backward frees x before it computes dx.
+
+    Autograd releases a node's saved tensors only once its backward returns; one node
+    computing both gradients keeps x (the expert input: [rows, F] for the second GEMM)
+    alive beside dx, of the same size. Here the node nearer the output computes dw and
+    is then released, dropping x, before the other node computes dx from dy and w.
+    """
+    if not (torch.is_grad_enabled() and w_EKN.requires_grad):
+        return _InputGrad.apply(x_RK, w_EKN, ops)
+    y_RN = _InputGrad.apply(x_RK, w_EKN.detach(), ops)
+    return _WeightGrad.apply(y_RN, x_RK.detach(), w_EKN, ops)
+
+
 # --------------------------------------------------------------------------- loop / torch
 
 
@@ -206,20 +267,32 @@ def grouped_mm_loop(x_RK: torch.Tensor, w_EKN: torch.Tensor, counts_E) -> torch.
     return torch.cat(outs, dim=0)
 
 
-def grouped_mm_torch(x_RK: torch.Tensor, w_EKN: torch.Tensor, counts_E) -> torch.Tensor:
-    """torch._grouped_mm, which carries its own autograd."""
+def _offsets(x_RK: torch.Tensor, counts_E) -> torch.Tensor:
+    """int32 end row of each expert on x's device, as _grouped_mm takes them."""
     offsets = getattr(counts_E, "offsets", None)
     if offsets is not None and offsets.device == x_RK.device:
-        offs = offsets
-    elif torch.is_tensor(counts_E):
-        offs = torch.cumsum(counts_E.to(device=x_RK.device), 0).to(torch.int32)
-    else:
-        ends, total = [], 0
-        for c in _counts_list(counts_E):
-            total += c
-            ends.append(total)
-        offs = host_to_device(ends, x_RK.device, torch.int32)
-    return torch._grouped_mm(x_RK, w_EKN, offs=offs)
+        return offsets
+    if torch.is_tensor(counts_E):
+        return torch.cumsum(counts_E.to(device=x_RK.device), 0).to(torch.int32)
+    ends, total = [], 0
+    for c in _counts_list(counts_E):
+        total += c
+        ends.append(total)
+    return host_to_device(ends, x_RK.device, torch.int32)
+
+
+def grouped_mm_torch(x_RK: torch.Tensor, w_EKN: torch.Tensor, counts_E) -> torch.Tensor:
+    """torch._grouped_mm, its gradients split so the weight's comes first (`_split_grad`)."""
+    offs = _offsets(x_RK, counts_E)
+    return _split_grad(
+        x_RK,
+        w_EKN,
+        _Ops(
+            forward=lambda x, w: torch._grouped_mm(x, w, offs=offs),
+            dgrad=lambda dy, w: torch._grouped_mm(dy, w.transpose(1, 2), offs=offs),
+            wgrad=lambda x, dy: torch._grouped_mm(x.t(), dy, offs=offs),
+        ),
+    )
 
 
 def torch_grouped_mm_supported(x_RK: torch.Tensor, w_EKN: torch.Tensor) -> bool:
@@ -345,26 +418,6 @@ def _gmm_wgrad(x_RK, dy_RN, ends, E: int) -> torch.Tensor:
     return dw_EKN
 
 
-class _TritonGroupedMM(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, x_RK, w_EKN, counts):
-        bm = _config(x_RK.dtype, not x_RK.is_cuda)[0]
-        tiles = _tile_map(counts, bm, x_RK.device)
-        ctx.save_for_backward(x_RK, w_EKN, *tiles)
-        return _gmm_forward(x_RK, w_EKN, tiles, w_EKN.shape[2])
-
-    @staticmethod
-    def backward(ctx, dy_RN):
-        x_RK, w_EKN, *tiles = ctx.saved_tensors
-        dy_RN = dy_RN.contiguous()
-        dx = dw = None
-        if ctx.needs_input_grad[0]:
-            dx = _gmm_forward(dy_RN, w_EKN.transpose(1, 2), tiles, w_EKN.shape[1])
-        if ctx.needs_input_grad[1]:
-            dw = _gmm_wgrad(x_RK, dy_RN, tiles[2], w_EKN.shape[0])
-        return dx, dw, None
-
-
 def grouped_mm_triton(x_RK: torch.Tensor, w_EKN: torch.Tensor, counts_E) -> torch.Tensor:
     counts = _counts_list(counts_E)
     if sum(counts) != x_RK.shape[0]:
@@ -372,7 +425,18 @@ def grouped_mm_triton(x_RK: torch.Tensor, w_EKN: torch.Tensor, counts_E) -> torc
         raise ValueError(
             f"grouped_mm: counts_E sum to {sum(counts)} rows but x_RK has {x_RK.shape[0]}"
         )
-    return _TritonGroupedMM.apply(x_RK, w_EKN, counts)
+    bm = _config(x_RK.dtype, not x_RK.is_cuda)[0]
+    tiles = _tile_map(counts, bm, x_RK.device)
+    E, K, N = w_EKN.shape
+    return _split_grad(
+        x_RK,
+        w_EKN,
+        _Ops(
+            forward=lambda x, w: _gmm_forward(x, w, tiles, N),
+            dgrad=lambda dy, w: _gmm_forward(dy, w.transpose(1, 2), tiles, K),
+            wgrad=lambda x, dy: _gmm_wgrad(x, dy, tiles[2], E),
+        ),
+    )
 
 
 # --------------------------------------------------------------------------- selection
