@@ -1,4 +1,5 @@
 """The `xmoectl` command line: a thin click layer over sites, render, runs, slurm and envbuild.
+`plan` and `preflight` live in `cli_plan`, `scale-test` in `cli_scale`.
 
 Imports stay inside the commands so that `--help`, `sites`, `render --dry-run` and `status`
 answer in well under a second on a login node. Bad input is one line on stderr, exit 2.
@@ -12,25 +13,11 @@ from pathlib import Path
 
 import click
 
-from xmoectl import UserError
+from xmoectl import UserError, cli_plan, cli_scale
+from xmoectl.cli_common import RUNS_DIR, Group
 
 
-class _Group(click.Group):
-    """Turns every user error (ours or xmoe.config's) into one line and exit status 2."""
-
-    def invoke(self, ctx: click.Context):  # type: ignore[override]
-        try:
-            return super().invoke(ctx)
-        except ValueError as e:
-            from xmoe.config import ConfigError
-
-            if not isinstance(e, (UserError, ConfigError)):
-                raise
-            click.echo(f"xmoectl: error: {e}", err=True)
-            ctx.exit(2)
-
-
-@click.group(cls=_Group, context_settings={"help_option_names": ["-h", "--help"]})
+@click.group(cls=Group, context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(package_name="xmoe", prog_name="xmoectl")
 def main() -> None:
     """Build a site's environment, submit xmoe training runs and follow them."""
@@ -341,12 +328,9 @@ def _follow(run_dir: Path, job_id: str, scheduler: str) -> str:
         time.sleep(1.0)
 
 
-_RUNS_DIR = click.option("--runs-dir", default=None, help="parent of run directories")
-
-
 @main.command()
 @click.argument("run", required=False)
-@_RUNS_DIR
+@RUNS_DIR
 def status(run: str | None, runs_dir: str | None) -> None:
     """State (squeue/sacct), elapsed time and the last metrics line of RUN (default: newest)."""
     from xmoectl import runs
@@ -365,7 +349,7 @@ def status(run: str | None, runs_dir: str | None) -> None:
 @main.command()
 @click.argument("run", required=False)
 @click.option("-f", "--follow", is_flag=True, help="keep printing until the job ends")
-@_RUNS_DIR
+@RUNS_DIR
 def logs(run: str | None, follow: bool, runs_dir: str | None) -> None:
     """The job log of RUN (default: newest)."""
     from xmoectl import runs
@@ -384,7 +368,7 @@ def logs(run: str | None, follow: bool, runs_dir: str | None) -> None:
 
 @main.command()
 @click.argument("run", required=False)
-@_RUNS_DIR
+@RUNS_DIR
 def cancel(run: str | None, runs_dir: str | None) -> None:
     """Cancel the job of RUN (scancel, or stop the local process group)."""
     from xmoectl import runs
@@ -406,7 +390,7 @@ def cancel(run: str | None, runs_dir: str | None) -> None:
 
 
 @main.command("runs")
-@_RUNS_DIR
+@RUNS_DIR
 def runs_cmd(runs_dir: str | None) -> None:
     """Every run under the runs directory: name, site, job, state, last metrics."""
     from xmoectl import runs
@@ -427,220 +411,11 @@ def runs_cmd(runs_dir: str | None) -> None:
         click.echo(f"{line} {runs.format_metrics(runs.last_metrics(d))}")
 
 
-# --------------------------------------------------------------------------- plan / preflight
+# --------------------------------------------------------------------------- plan, preflight, scale-test
 
-
-@main.command()
-@click.option("--site", required=True, help="site profile name or YAML file")
-@click.option("--model", default="tiny", show_default=True, help="preset name or config YAML")
-@click.option("--nodes", default=1, show_default=True, type=int)
-@click.option("--seq-len", type=int, default=None, help="sequence length (default: the model's)")
-@click.option(
-    "--global-batch", type=int, default=None, help="sequences per step (default: the model's)"
-)
-@click.option(
-    "--set",
-    "sets",
-    multiple=True,
-    metavar="SEC.KEY=VALUE",
-    help="config override; layout fields set here stay fixed",
-)
-@click.option(
-    "--dispatchers", default="pft,rbd", show_default=True, help="pft, rbd, padded, deepspeed"
-)
-@click.option(
-    "--imbalance",
-    type=float,
-    default=None,
-    help="busiest GPU's routed rows over the mean (default 1.5)",
-)
-@click.option("--top", default=10, show_default=True, type=int, help="rows per table")
-@click.option("--all", "show_all", is_flag=True, help="list every layout")
-@click.option("--datasheet", is_flag=True, help="ignore figures measured by `xmoectl preflight`")
-@click.option("--json", "as_json", is_flag=True, help="the whole plan as JSON")
-def plan(
-    site,
-    model,
-    nodes,
-    seq_len,
-    global_batch,
-    sets,
-    dispatchers,
-    imbalance,
-    top,
-    show_all,
-    datasheet,
-    as_json,
-) -> None:
-    """Rank MODEL's parallel layouts on NODES nodes of SITE by predicted memory and step time."""
-    from xmoectl import plan_report, planner
-    from xmoectl import sites as S
-
-    p = planner.plan_from_cli(
-        S.load(site), model, nodes, sets, seq_len=seq_len, global_batch=global_batch,
-        dispatchers=dispatchers, imbalance=imbalance, use_measured=not datasheet,
-    )  # fmt: skip
-    text = plan_report.plan_json(p) if as_json else plan_report.format_plan(p, top, show_all)
-    click.echo(text, nl=False)
-    if not p.chosen:
-        raise planner.PlanError(p.no_fit_message())
-
-
-@main.command()
-@click.option("--site", required=True, help="site profile name or YAML file")
-@click.option(
-    "--nodes", default=1, show_default=True, type=int, help="nodes of the allocation to use"
-)
-@click.option(
-    "--tasks-per-node", default=0, type=int, help="ranks per node (default: the profile's)"
-)
-@click.option(
-    "--env", "env_prefix", default=None, help="environment built by `env build` (default: profile)"
-)
-@click.option(
-    "--from", "from_file", default=None, help="file the JSON of a preflight run made elsewhere"
-)
-@click.option(
-    "--out",
-    default=None,
-    help="where the figures go (default: beside your profile, or ~/.config/xmoe)",
-)
-@click.option("--dry-run", is_flag=True, help="print the measuring script, run nothing")
-def preflight(site, nodes, tasks_per_node, env_prefix, from_file, out, dry_run) -> None:
-    """Measure GEMM rate, collectives and binding inside an allocation; the planner uses them."""
-    from xmoectl import preflight as P
-    from xmoectl import sites as S
-    from xmoectl.render import env_paths
-
-    prof = S.load(site)
-    if from_file:
-        result = P.read_result(from_file)
-    else:
-        python, bindir = env_paths(prof, prof.python.prefix if env_prefix is None else env_prefix)
-        kw = dict(python=python, bindir=bindir, tasks_per_node=tasks_per_node)
-        if dry_run:
-            click.echo(P.script(prof, nodes, Path("preflight.json"), **kw), nl=False)
-            return
-        result = P.run(prof, nodes, **kw)
-    for line in P.summary(result):
-        click.echo(line)
-    why = P.failure(result)
-    if why:
-        click.echo(f"xmoectl: preflight failed: {why}", err=True)
-        sys.exit(1)
-    dest = P.record(prof, result, Path(out) if out else None)
-    click.echo(f"measured figures: {dest} (`xmoectl plan --site {prof.name}` uses them)")
-
-
-# --------------------------------------------------------------------------- scale-test
-
-
-class _RunByDefault(_Group):
-    """`xmoectl scale-test --site S ...` is short for `xmoectl scale-test run --site S ...`."""
-
-    def parse_args(self, ctx: click.Context, args: list[str]) -> list[str]:
-        if args and args[0] not in self.commands and args[0] not in ("-h", "--help"):
-            args = ["run", *args]
-        return super().parse_args(ctx, args)
-
-
-@main.group("scale-test", cls=_RunByDefault)
-def scale_test() -> None:
-    """Scaling sweeps: a grid of runs over node counts and config values; status; report."""
-
-
-@scale_test.command("run")
-@click.option("--site", help="site profile name or YAML file")
-@click.option("--model", help="preset name or config YAML [default: tiny]")
-@click.option("--nodes", metavar="N1,N2,...", help="node counts, e.g. 1,2,4,8")
-@click.option(
-    "--weak/--strong", "weak", default=None, help="keep the per-GPU batch [default] or the global"
-)
-@click.option(
-    "--vary", multiple=True, metavar="KEY=V1,V2", help="rbd=on,off, tp=1,2, or any section.key"
-)
-@click.option("--steps", type=click.IntRange(1), help="training steps per point")
-@click.option("--set", "sets", multiple=True, metavar="SEC.KEY=VALUE", help="for every point")
-@click.option("--time", help="wall time per point (default: the profile's)")
-@click.option("--account")
-@click.option("--partition")
-@click.option("--qos")
-@click.option("--tasks-per-node", metavar="T1,T2,...", help="ranks per node; a list scales GPUs")
-@click.option("--env", help="environment built by `env build` (default: profile)")
-@click.option("--hang-timeout", type=float, help="seconds without a step = hung [900; 0 = off]")
-@click.option("--skip-invalid", is_flag=True, default=None, help="leave out points that cannot run")
-@click.option("--name", help="sweep name (default: scale-<model>-<site>-<time>)")
-@click.option("--runs-dir", default=None, help="parent of sweeps and runs")
-@click.option("--resume", is_flag=True, help="resubmit the missing and failed points of --name")
-@click.option("--dry-run", is_flag=True, help="show every job; write and submit nothing")
-def scale_test_run(name, runs_dir, resume, dry_run, **grid) -> None:
-    """Submit NODES x every --vary value, one run per point (a job array per job shape)."""
-    from xmoectl import runs
-    from xmoectl import sweep as SW
-    from xmoectl import sweep_run as SR
-
-    root = runs.runs_root(runs_dir)
-    if resume:
-        given = [k for k, v in grid.items() if v not in (None, ())]
-        if not name or given:
-            raise UserError(
-                "--resume takes the sweep from --name and its grid from sweep.json"
-                + (f"; drop --{given[0].replace('_', '-')}" if given else "")
-            )
-        SR.resume(SW.find(name, root), dry_run=dry_run, echo=click.echo)
-        return
-    spec = SW.make_spec(**grid)
-    name = name or SW.default_name(spec["model"], spec["site"])
-    sw = SR.start(spec, root, name, dry_run=dry_run, echo=click.echo)
-    if sw is not None and any(
-        s["final"] and s["final"]["state"] == "REFUSED" for s in sw.state().values()
-    ):
-        sys.exit(1)
-
-
-@scale_test.command("status")
-@click.argument("sweep")
-@_RUNS_DIR
-def scale_test_status(sweep: str, runs_dir: str | None) -> None:
-    """Each point of SWEEP: job, state, failure class, last metrics."""
-    from xmoectl import report, runs
-    from xmoectl import sweep as SW
-    from xmoectl import sweep_run as SR
-
-    sw = SW.find(sweep, runs.runs_root(runs_dir))
-    click.echo(report.format_status(sw, SR.refresh(sw)), nl=False)
-
-
-@scale_test.command("report")
-@click.argument("sweep")
-@click.option("--compare", "other", help="an earlier sweep: flag regressions against it")
-@click.option("--threshold", type=float, default=0.05, show_default=True, help="noise, a fraction")
-@_RUNS_DIR
-def scale_test_report(
-    sweep: str, other: str | None, threshold: float, runs_dir: str | None
-) -> None:
-    """Table and plots of SWEEP (into its folder); with --compare, exit 1 on a regression."""
-    from xmoectl import report, runs
-    from xmoectl import sweep as SW
-    from xmoectl import sweep_run as SR
-
-    root = runs.runs_root(runs_dir)
-    sw = SW.find(sweep, root)
-    table = report.rows(sw.points, SR.refresh(sw))
-    text, regressed = "", False
-    if other:
-        old = SW.find(other, root)
-        changes = report.compare(table, report.rows(old.points, SR.refresh(old)), threshold)
-        text = report.format_comparison(changes, old.name, threshold)
-        regressed = any(c["regression"] for c in changes)
-    click.echo(report.format_table(table), nl=False)
-    for line in report.skipped_lines(sw.skipped):
-        click.echo(line)
-    for path in report.write(sw.dir, sw.name, table, text, sw.skipped):
-        click.echo(f"wrote {path}")
-    click.echo(text, nl=False)
-    if regressed:
-        sys.exit(1)
+main.add_command(cli_plan.plan)
+main.add_command(cli_plan.preflight)
+main.add_command(cli_scale.scale_test)
 
 
 if __name__ == "__main__":  # pragma: no cover
