@@ -8,14 +8,18 @@ gate weights, so DeepSpeed's own gate skews alike). Implementations (`impl` in t
   pft                  our MoELayer with the PFT dispatcher (dropless)
   pft_weighted_combine the same with moe.fold_combine_weights=false: the combine applies
                        the weights (and keeps the expert outputs), not the activation
+  pft_recompute        pft with moe.recompute_permute=true: backward gathers the experts'
+                       input rows again instead of keeping them (one GPU only)
   padded               our GShard/DeepSpeed-style padded dispatcher, capacity factor 1.25
   deepspeed            deepspeed.moe.layer.MoE, capacity factor 1.25
   deepspeed_dropless   deepspeed.moe.layer.MoE, drop_tokens=False
   torch_native         straightforward torch: argsort, index gather, torch._grouped_mm x2,
                        index_add_
-  ceiling              the two expert grouped GEMMs alone (best available kernel) on
-                       pre-permuted rows of the same sizes
-  torch_grouped_mm     the same GEMMs through torch._grouped_mm
+  ceiling              the two expert grouped GEMMs alone on pre-permuted rows of the
+                       same sizes: torch._grouped_mm with torch's own autograd where it
+                       runs (else our best kernel)
+  torch_grouped_mm     the same GEMMs through our torch._grouped_mm path (its backward
+                       split so the weight gradient comes first and frees the input)
   triton_grouped_gemm  the same GEMMs through our Triton grouped GEMM
 
 Single process: every impl on one device. Under torchrun with W processes: EP = W for
@@ -61,7 +65,7 @@ from benchmarks.common import (  # noqa: E402
 )
 from benchmarks.kernel_checks import check_kernels  # noqa: E402
 from xmoe.config import ConfigError, load_config  # noqa: E402
-from xmoe.kernels.grouped_gemm import grouped_mm  # noqa: E402
+from xmoe.kernels.grouped_gemm import grouped_mm, torch_grouped_mm_supported  # noqa: E402
 from xmoe.kernels.routing import routing_metadata  # noqa: E402
 from xmoe.moe.layer import MoELayer  # noqa: E402
 from xmoe.parallel.collectives import all_to_all_uneven, exchange_counts  # noqa: E402
@@ -70,6 +74,7 @@ from xmoe.parallel.groups import create_parallel_state  # noqa: E402
 SINGLE = [
     "pft",
     "pft_weighted_combine",
+    "pft_recompute",
     "padded",
     "deepspeed",
     "deepspeed_dropless",
@@ -136,6 +141,7 @@ def build_layer(impl: str, s: dict, ps, dev, dtype, w_gate) -> MoELayer:
     dispatcher, cf, extra = {
         "pft": ("pft", None, ()),
         "pft_weighted_combine": ("pft", None, ("moe.fold_combine_weights=false",)),
+        "pft_recompute": ("pft", None, ("moe.recompute_permute=true",)),
         "padded": ("padded", 1.25, ()),
         "deepspeed": ("deepspeed", 1.25, ()),
         "deepspeed_dropless": ("deepspeed", None, ()),
@@ -176,10 +182,15 @@ def gemm_step(impl: str, s: dict, counts: list[int], dev, dtype):
     x = torch.randn(R, D, device=dev, dtype=dtype, requires_grad=True)
     gy = torch.randn(R, D, device=dev, dtype=dtype)
 
+    gmm = lambda a, w: grouped_mm(a, w, counts, kind)  # noqa: E731
+    if impl == "ceiling" and torch_grouped_mm_supported(x, w1.transpose(1, 2)):
+        offs = torch.cumsum(torch.tensor(counts, device=dev), 0).to(torch.int32)
+        gmm = lambda a, w: torch._grouped_mm(a, w, offs=offs)  # noqa: E731
+
     def step():
         x.grad = w1.grad = w2.grad = None
-        h = F.gelu(grouped_mm(x, w1.transpose(1, 2), counts, kind))
-        grouped_mm(h, w2.transpose(1, 2), counts, kind).backward(gy)
+        h = F.gelu(gmm(x, w1.transpose(1, 2)))
+        gmm(h, w2.transpose(1, 2)).backward(gy)
 
     return step
 
@@ -261,7 +272,7 @@ def run_impl(impl: str, routing: str, s: dict, ps, dev, dtype, args) -> dict:
     }
     if flops:
         case["tflops"] = round(flops / ms / 1e9, 1)
-    if layer is not None and impl in ("pft", "pft_weighted_combine", "padded"):
+    if layer is not None and impl in ("pft", "pft_weighted_combine", "pft_recompute", "padded"):
         case["rows"] = int(max_over_ranks(layer.last_stats["dispatcher"].get("rows", 0.0), dev))
     if layer is not None and impl == "pft" and ps.world > 1:
         case.update({k: round(v, 3) for k, v in a2a_bandwidth(s, ps, x, layer, dev, args).items()})

@@ -23,7 +23,9 @@ CASES = {
 def _pair(overrides, dtype):
     torch.manual_seed(0)
     # the reference always runs the per-expert loop, so a grouped-GEMM bug cannot cancel out
-    ref_overrides = [*BASE, *overrides, "moe.dispatcher=reference", "moe.grouped_gemm=loop"]
+    # (pft-only settings are left out of it)
+    shared = [o for o in overrides if not o.startswith("moe.recompute_permute")]
+    ref_overrides = [*BASE, *shared, "moe.dispatcher=reference", "moe.grouped_gemm=loop"]
     ref = MoELayer(load_config("tiny", ref_overrides)).to(dtype)
     pft = MoELayer(load_config("tiny", [*BASE, *overrides, "moe.dispatcher=pft"])).to(dtype)
     pft.load_state_dict(ref.state_dict())
@@ -68,6 +70,7 @@ TRITON_CASES = {
     "dropping": ["moe.capacity_factor=0.8"],
     "dropless_gelu": ["moe.activation=gelu"],  # one rank, dropless: the sync-free path
     "dropping_unfolded": ["moe.capacity_factor=0.8", "moe.fold_combine_weights=false"],
+    "dropless_recompute": ["moe.recompute_permute=true"],
 }
 
 
@@ -95,3 +98,43 @@ def test_overlap_shared_flag_is_exact_on_cpu():
     pft.cfg.moe.overlap_shared = True
     x = torch.randn(12, 32, dtype=torch.float64)
     torch.testing.assert_close(pft(x), ref(x), rtol=1e-10, atol=1e-12)
+
+
+def _saved_row_buffers(layer, x, g) -> int:
+    """How many distinct [rows, D] buffers the layer keeps for backward (then runs it)."""
+    saved = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
+        y = layer(x.clone().requires_grad_())
+    rows = int(layer.last_stats["dispatcher"]["rows"])
+    y.backward(g)
+    return len({t.data_ptr() for t in saved if tuple(t.shape) == (rows, x.shape[1])})
+
+
+@pytest.mark.parametrize("activation", ["swiglu", "gelu"])
+@pytest.mark.parametrize("capacity", ["null", "0.6"])
+def test_recompute_permute_keeps_no_rows_and_matches_reference(activation, capacity):
+    """moe.recompute_permute: the experts' gathered input is rebuilt in backward, so no
+    [rows, D] buffer is kept; outputs and gradients still match the reference (fp32,
+    torch._grouped_mm on the CPU, the path that honours it)."""
+    over = [
+        f"moe.activation={activation}",
+        f"moe.capacity_factor={capacity}",
+        "moe.num_shared_experts=0",
+        "moe.grouped_gemm=torch",
+    ]
+    ref, pft = _compare(
+        [*over, "moe.recompute_permute=true"], 40, torch.float32, rtol=1e-4, atol=1e-5
+    )
+    x, g = torch.randn(40, 32), torch.randn(40, 32)
+    assert _saved_row_buffers(pft, x, g) == 0
+    keep = MoELayer(load_config("tiny", [*BASE, *over, "moe.dispatcher=pft"]))
+    keep.load_state_dict(pft.state_dict())
+    assert _saved_row_buffers(keep, x, g) == 1  # the same rows, kept
+
+
+def test_recompute_permute_is_refused_where_it_cannot_apply():
+    from xmoe.config import ConfigError
+
+    for over in (["parallel.ep=2"], ["moe.dispatcher=rbd"]):
+        with pytest.raises(ConfigError, match="moe.recompute_permute"):
+            load_config("tiny", ["moe.recompute_permute=true", *over])

@@ -342,3 +342,19 @@ def test_expert_gemm_time_matches_the_h200_anchor():
     hw = replace(HW, gpus_per_node=1, gemm_tflops=780.0, hbm_gib=143)
     t = time_estimate(cfg, Layout(ep=1, micro_batch=8), hw, 1, Assumptions())
     assert t["experts"] == pytest.approx(6.2e-3, rel=0.05)
+
+
+def test_recompute_permute_plans_pft_only_and_saves_memory():
+    """moe.recompute_permute (which the config accepts with PFT on one EP rank) keeps
+    the planner to PFT, and the same layout is predicted to need less memory."""
+    sets = ["moe.recompute_permute=true", "parallel.ep=1"]
+    cfg = load_config("small", sets)
+    p = planner.make_plan(
+        cfg, frontier(), 1, overrides=sets, dispatchers=("pft", "padded"), use_measured=False
+    )
+    assert p.estimates and {(x.layout.ep, x.layout.dispatcher) for x in p.estimates} == {(1, "pft")}
+    lay = replace(p.estimates[0].layout, checkpointing=False)
+    a = Assumptions()
+    on = memory_estimate(cfg, lay, HW, 1, a)["peak_allocated"]
+    off = memory_estimate(load_config("small", ["parallel.ep=1"]), lay, HW, 1, a)
+    assert on < off["peak_allocated"]

@@ -29,10 +29,10 @@ SHAPE = [
 ]
 
 
-def saved_bytes(overrides: list[str]) -> int:
+def saved_bytes(overrides: list[str], dtype: torch.dtype = torch.bfloat16) -> int:
     cfg = load_config("tiny", SHAPE + overrides)
     torch.manual_seed(0)
-    model = Transformer(cfg).to(torch.bfloat16)
+    model = Transformer(cfg).to(dtype)
     params = {p.untyped_storage().data_ptr() for p in model.parameters()}
     storages: dict[int, int] = {}
 
@@ -128,3 +128,20 @@ def test_tensor_parallel_activation_model_matches_autograd(tmp_path):
     dense_layer = (got["4,4"] - got["2,2"]) / 2 / T
     assert per["attention"] + per["moe"] == pytest.approx(moe_layer, rel=0.05)
     assert per["attention"] + per["dense_mlp"] == pytest.approx(dense_layer, rel=0.05)
+
+
+def test_recompute_permute_saves_exactly_the_expert_input_rows():
+    """moe.recompute_permute drops the [T*k, D] rows each MoE layer kept, and nothing
+    else changes (fp32: the CPU's _grouped_mm, the path that rebuilds the rows)."""
+    T = B * S
+    over = ["moe.activation=gelu", "model.layers=2", "model.dense_layers=0"]
+    over += ["moe.grouped_gemm=torch"]
+    kept = saved_bytes(over, torch.float32)
+    rebuilt = saved_bytes([*over, "moe.recompute_permute=true"], torch.float32)
+    cfg = load_config("tiny", SHAPE + over)
+    k, D = cfg.moe.top_k, cfg.model.hidden
+    assert kept - rebuilt == 2 * T * k * D * 4  # two MoE layers, fp32 rows
+    on = load_config("tiny", SHAPE + [*over, "moe.recompute_permute=true"])
+    per_kept = activation_bytes_per_token(cfg, Layout(ep=1, micro_batch=B), imbalance=1.5)
+    per_on = activation_bytes_per_token(on, Layout(ep=1, micro_batch=B), imbalance=1.5)
+    assert per_kept["moe"] - per_on["moe"] == k * D * 2  # the model counts bf16 rows

@@ -72,6 +72,10 @@ class MoEConfig:
     # pft: scale each row by its combine weight inside the experts' activation, so the
     # combine is a plain sum and does not keep the expert outputs (xmoe.kernels.activation)
     fold_combine_weights: bool = True
+    # pft on one EP rank: rebuild the experts' gathered input rows in backward (a second
+    # gather of the layer input, which the router keeps anyway) instead of keeping them,
+    # saving rows x hidden of activation memory per MoE layer
+    recompute_permute: bool = False
 
     @property
     def dropless(self) -> bool:
@@ -374,6 +378,11 @@ def validate(cfg: Config, world_size: int | None = None) -> None:
     if p.tp > 1 and e.dispatcher == "deepspeed":
         raise ConfigError(
             "moe.dispatcher=deepspeed does not run with parallel.tp > 1: use pft, rbd or padded"
+        )
+    if e.recompute_permute and (e.dispatcher != "pft" or p.ep > 1):
+        raise ConfigError(
+            "moe.recompute_permute=true needs moe.dispatcher=pft and parallel.ep=1 (with EP "
+            "the rows arrive by all-to-all and cannot be rebuilt locally): set it false"
         )
     if p.zero_stage not in (0, 1, 2):
         raise ConfigError(f"parallel.zero_stage={p.zero_stage} must be 0, 1 or 2")

@@ -202,7 +202,8 @@ def activation_bytes_per_token(cfg: Any, layout: Layout, imbalance: float) -> di
     and k and the copied v (`xmoe.kernels.rope`) and the fused kernel's output (which the
     output projection reads as its input, without a copy); a SwiGLU MLP four tensors of
     its hidden width (GELU two); a MoE block its router's bf16 input (shared with the
-    shared experts'), fp32 probabilities and logits, the received rows, the expert
+    shared experts'), fp32 probabilities and logits, the received rows (unless PFT rebuilds
+    them: `moe.recompute_permute`), the expert
     intermediates, the returned rows for the weighted combine (not with PFT, whose
     experts apply the weights) and int64 row indices. The LM head keeps the fp32
     log-probabilities. With TP (sequence parallelism, `xmoe.parallel.tensor_parallel`)
@@ -223,7 +224,10 @@ def activation_bytes_per_token(cfg: Any, layout: Layout, imbalance: float) -> di
     fold = e.fold_combine_weights and layout.dispatcher == "pft"
     saved_inter = (3 if fold else 4) if e.activation == "swiglu" else 2
     returned = 0.0 if fold else k * b * D
-    routed = k * r * (b * D + saved_inter * b * F) + returned + 3 * 8 * k
+    # moe.recompute_permute (PFT, one EP rank): the experts' input rows are gathered
+    # again in backward, not kept
+    rows = 0.0 if e.recompute_permute and layout.dispatcher == "pft" and layout.ep == 1 else b * D
+    routed = k * r * (rows + saved_inter * b * F) + returned + 3 * 8 * k
     shared = 0.0
     if e.num_shared_experts:
         shared = b * D + saved_inter * b * e.num_shared_experts * F

@@ -93,6 +93,8 @@ def structural_problem(cfg: Any, layout: Layout, gpn: int, world: int) -> str:
         return f"micro-batch x seq_len is not divisible by TP{layout.tp}"
     if layout.dispatcher == "rbd" and (layout.ep <= gpn or layout.ep % gpn):
         return f"RBD needs EP spanning whole nodes (EP a multiple of {gpn}, > {gpn})"
+    if e.recompute_permute and (layout.dispatcher != "pft" or layout.ep > 1):
+        return "moe.recompute_permute needs PFT on one EP rank"
     return ""
 
 

@@ -97,35 +97,52 @@ class _InputGrad(torch.autograd.Function):
         return dx, None, None
 
 
+class RowSource(NamedTuple):
+    """How to rebuild a grouped GEMM's input rows in backward instead of keeping them:
+    `rebuild(*tensors)` (e.g. a gather of the layer's input, which autograd keeps anyway)."""
+
+    tensors: tuple[torch.Tensor, ...]
+    rebuild: Callable[..., torch.Tensor]
+
+
 class _WeightGrad(torch.autograd.Function):
-    """The identity on y; its backward gives dw from x, which only this node keeps."""
+    """The identity on y; its backward gives dw from x, which only this node keeps (or
+    rebuilds from a `RowSource`: then it keeps the source's tensors)."""
 
     @staticmethod
-    def forward(ctx, y_RN, x_RK, w_EKN, ops):
-        ctx.ops = ops
-        ctx.save_for_backward(x_RK)
+    def forward(ctx, y_RN, w_EKN, ops, rebuild, *x_parts):
+        ctx.ops, ctx.rebuild = ops, rebuild
+        ctx.save_for_backward(*x_parts)
         return y_RN.view_as(y_RN)
 
     @staticmethod
     @once_differentiable
     def backward(ctx, dy_RN):
-        (x_RK,) = ctx.saved_tensors
-        dw = ctx.ops.wgrad(x_RK, dy_RN.contiguous()) if ctx.needs_input_grad[2] else None
-        return dy_RN, None, dw, None
+        parts = ctx.saved_tensors
+        dw = None
+        if ctx.needs_input_grad[1]:
+            x_RK = ctx.rebuild(*parts) if ctx.rebuild is not None else parts[0]
+            dw = ctx.ops.wgrad(x_RK, dy_RN.contiguous())
+        return (dy_RN, dw, None, None, *(None for _ in parts))
 
 
-def _split_grad(x_RK: torch.Tensor, w_EKN: torch.Tensor, ops: _Ops) -> torch.Tensor:
+def _split_grad(
+    x_RK: torch.Tensor, w_EKN: torch.Tensor, ops: _Ops, x_source: RowSource | None = None
+) -> torch.Tensor:
     """y = x·w as two autograd nodes, so backward frees x before it computes dx.
 
     Autograd releases a node's saved tensors only once its backward returns; one node
     computing both gradients keeps x (the expert input: [rows, F] for the second GEMM)
     alive beside dx, of the same size. Here the node nearer the output computes dw and
     is then released, dropping x, before the other node computes dx from dy and w.
+    With `x_source` x is not kept at all: dw is computed from rows rebuilt in backward.
     """
     if not (torch.is_grad_enabled() and w_EKN.requires_grad):
         return _InputGrad.apply(x_RK, w_EKN, ops)
     y_RN = _InputGrad.apply(x_RK, w_EKN.detach(), ops)
-    return _WeightGrad.apply(y_RN, x_RK.detach(), w_EKN, ops)
+    if x_source is not None:
+        return _WeightGrad.apply(y_RN, w_EKN, ops, x_source.rebuild, *x_source.tensors)
+    return _WeightGrad.apply(y_RN, w_EKN, ops, None, x_RK.detach())
 
 
 # --------------------------------------------------------------------------- loop / torch
@@ -155,7 +172,9 @@ def _offsets(x_RK: torch.Tensor, counts_E) -> torch.Tensor:
     return host_to_device(ends, x_RK.device, torch.int32)
 
 
-def grouped_mm_torch(x_RK: torch.Tensor, w_EKN: torch.Tensor, counts_E) -> torch.Tensor:
+def grouped_mm_torch(
+    x_RK: torch.Tensor, w_EKN: torch.Tensor, counts_E, x_source: RowSource | None = None
+) -> torch.Tensor:
     """torch._grouped_mm, its gradients split so the weight's comes first (`_split_grad`)."""
     offs = _offsets(x_RK, counts_E)
     return _split_grad(
@@ -166,6 +185,7 @@ def grouped_mm_torch(x_RK: torch.Tensor, w_EKN: torch.Tensor, counts_E) -> torch
             dgrad=lambda dy, w: torch._grouped_mm(dy, w.transpose(1, 2), offs=offs),
             wgrad=lambda x, dy: torch._grouped_mm(x.t(), dy, offs=offs),
         ),
+        x_source,
     )
 
 
@@ -187,7 +207,9 @@ def torch_grouped_mm_supported(x_RK: torch.Tensor, w_EKN: torch.Tensor) -> bool:
 # --------------------------------------------------------------------------- triton
 
 
-def grouped_mm_triton(x_RK: torch.Tensor, w_EKN: torch.Tensor, counts_E) -> torch.Tensor:
+def grouped_mm_triton(
+    x_RK: torch.Tensor, w_EKN: torch.Tensor, counts_E, x_source: RowSource | None = None
+) -> torch.Tensor:
     counts = _counts_list(counts_E)
     if sum(counts) != x_RK.shape[0]:
         # rows past the last expert's would be left as the empty output buffer held them
@@ -205,6 +227,7 @@ def grouped_mm_triton(x_RK: torch.Tensor, w_EKN: torch.Tensor, counts_E) -> torc
             dgrad=lambda dy, w: T.gmm_forward(dy, w.transpose(1, 2), tiles, K),
             wgrad=lambda x, dy: T.gmm_wgrad(x, dy, tiles[2], E),
         ),
+        x_source,
     )
 
 
@@ -228,12 +251,20 @@ def resolve_impl(impl: str, x_RK: torch.Tensor, w_EKN: torch.Tensor) -> str:
 
 
 def grouped_mm(
-    x_RK: torch.Tensor, w_EKN: torch.Tensor, counts_E, impl: str = "auto"
+    x_RK: torch.Tensor,
+    w_EKN: torch.Tensor,
+    counts_E,
+    impl: str = "auto",
+    x_source: RowSource | None = None,
 ) -> torch.Tensor:
-    """y_RN = x_RK @ w_EKN[e] for each expert's consecutive block of counts_E[e] rows."""
+    """y_RN = x_RK @ w_EKN[e] for each expert's consecutive block of counts_E[e] rows.
+
+    `x_source`: backward rebuilds x_RK from it for the weight gradient instead of keeping
+    x_RK (the torch and Triton paths; the loop, a reference, keeps x_RK).
+    """
     impl = resolve_impl(impl, x_RK, w_EKN)
     if impl == "torch":
-        return grouped_mm_torch(x_RK, w_EKN, counts_E)
+        return grouped_mm_torch(x_RK, w_EKN, counts_E, x_source)
     if impl == "triton":
-        return grouped_mm_triton(x_RK, w_EKN, counts_E)
+        return grouped_mm_triton(x_RK, w_EKN, counts_E, x_source)
     return grouped_mm_loop(x_RK, w_EKN, counts_E)

@@ -46,6 +46,9 @@ class Dispatched:
     stats: dict[str, float] = field(default_factory=dict)  # counters for metrics (rows, bytes, ...)
     # combine weight of each row when the experts apply it (combine then sums unweighted)
     weights_R: torch.Tensor | None = None
+    # how backward can rebuild x_RD rather than keep it (`moe.recompute_permute`), a
+    # `xmoe.kernels.grouped_gemm.RowSource`
+    x_source: Any = None
 
 
 class Dispatcher(nn.Module):

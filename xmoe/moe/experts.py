@@ -17,14 +17,19 @@ import torch.nn.functional as F
 from torch import nn
 
 from xmoe.kernels.activation import scaled_activation
+from xmoe.kernels.grouped_gemm import RowSource
 
-# y_RY = grouped_mm(x_RX, w_EYX, counts_E): rows of group e (consecutive, counts_E[e] of
-# them) are multiplied by w_EYX[e].T. Must be differentiable in x and w.
-GroupedMM = Callable[[torch.Tensor, torch.Tensor, list[int]], torch.Tensor]
+# y_RY = grouped_mm(x_RX, w_EYX, counts_E, x_source=None): rows of group e (consecutive,
+# counts_E[e] of them) are multiplied by w_EYX[e].T. Must be differentiable in x and w.
+# `x_source` (a `RowSource`) lets backward rebuild x_RX rather than keep it; may be ignored.
+GroupedMM = Callable[..., torch.Tensor]
 
 
-def loop_grouped_mm(x_RX: torch.Tensor, w_EYX: torch.Tensor, counts_E: list[int]) -> torch.Tensor:
-    """One matmul per expert; empty experts still touch their weight so grads exist."""
+def loop_grouped_mm(
+    x_RX: torch.Tensor, w_EYX: torch.Tensor, counts_E: list[int], x_source: RowSource | None = None
+) -> torch.Tensor:
+    """One matmul per expert; empty experts still touch their weight so grads exist.
+    Keeps x_RX for backward (it ignores `x_source`)."""
     outs = []
     start = 0
     for e, n in enumerate(counts_E):
@@ -54,9 +59,12 @@ def select_grouped_mm(kind: str) -> GroupedMM:
         return loop_grouped_mm
 
     def kernel_grouped_mm(
-        x_RX: torch.Tensor, w_EYX: torch.Tensor, counts_E: list[int]
+        x_RX: torch.Tensor,
+        w_EYX: torch.Tensor,
+        counts_E: list[int],
+        x_source: RowSource | None = None,
     ) -> torch.Tensor:
-        return fn(x_RX, w_EYX.transpose(1, 2), counts_E, kind)
+        return fn(x_RX, w_EYX.transpose(1, 2), counts_E, kind, x_source)
 
     return kernel_grouped_mm
 
@@ -135,24 +143,33 @@ class GroupedExperts(nn.Module):
             list(pool.map(init_expert, range(self.num_local_experts)))
 
     def grouped_mm(
-        self, x_RX: torch.Tensor, w_EYX: torch.Tensor, counts_El: list[int]
+        self,
+        x_RX: torch.Tensor,
+        w_EYX: torch.Tensor,
+        counts_El: list[int],
+        x_source: RowSource | None = None,
     ) -> torch.Tensor:
         """The seam: override or re-select to change how the grouped matmul runs."""
-        return self._grouped_mm(x_RX, w_EYX, counts_El)
+        return self._grouped_mm(x_RX, w_EYX, counts_El, x_source)
 
     def forward(
-        self, x_RD: torch.Tensor, counts_El: list[int], weights_R: torch.Tensor | None = None
+        self,
+        x_RD: torch.Tensor,
+        counts_El: list[int],
+        weights_R: torch.Tensor | None = None,
+        x_source: RowSource | None = None,
     ) -> torch.Tensor:
         """Expert outputs of each row; with `weights_R`, each row's output is scaled by
-        its combine weight (folded into the activation: `xmoe.kernels.activation`)."""
+        its combine weight (folded into the activation: `xmoe.kernels.activation`).
+        With `x_source` the first GEMM(s) rebuild x_RD in backward instead of keeping it."""
         if len(counts_El) != self.num_local_experts:
             raise ValueError(
                 f"got counts for {len(counts_El)} experts, hold {self.num_local_experts}"
             )
-        h_RF = self.grouped_mm(x_RD, self.w1_EFD, counts_El)
+        h_RF = self.grouped_mm(x_RD, self.w1_EFD, counts_El, x_source)
         h3_RF = None
         if self.w3_EFD is not None:
-            h3_RF = self.grouped_mm(x_RD, self.w3_EFD, counts_El)
+            h3_RF = self.grouped_mm(x_RD, self.w3_EFD, counts_El, x_source)
         if weights_R is not None:
             a_RF = scaled_activation(h_RF, h3_RF, weights_R)
         elif h3_RF is not None:

@@ -127,7 +127,8 @@ class MoELayer(nn.Module):
         else:
             r = self.router(x_TD)
             dispatched = self.dispatcher.dispatch(x_TD, r.routing)
-            y_RD = self.experts(dispatched.x_RD, dispatched.counts_El, dispatched.weights_R)
+            d = dispatched
+            y_RD = self.experts(d.x_RD, d.counts_El, d.weights_R, d.x_source)
             out_TD = self.dispatcher.combine(y_RD, dispatched)
             self.last_aux_loss, self.last_z_loss = r.aux_loss, r.z_loss
             self.last_stats = {

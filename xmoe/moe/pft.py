@@ -19,6 +19,7 @@ not need the expert outputs; with it off, the combine keeps them for the weights
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -28,7 +29,7 @@ import torch
 from xmoe.config import Config
 from xmoe.kernels.backend import host_to_device
 from xmoe.kernels.combine import combine
-from xmoe.kernels.grouped_gemm import CountsWithOffsets, DeviceCounts
+from xmoe.kernels.grouped_gemm import CountsWithOffsets, DeviceCounts, RowSource
 from xmoe.kernels.permute import attach_gathered, gather_rows, permute
 from xmoe.kernels.routing import routing_metadata
 from xmoe.moe.dispatch import Dispatched, Dispatcher, Routing
@@ -119,6 +120,7 @@ class PFTDispatcher(Dispatcher):
         super().__init__()
         self.num_experts = cfg.moe.num_experts
         self.fold_weights = cfg.moe.fold_combine_weights
+        self.recompute = cfg.moe.recompute_permute
         self.group = None if parallel_state is None else parallel_state.ep_group
         self.ep = 1 if parallel_state is None else parallel_state.ep
         if self.ep > 1 and group_size(self.group) != self.ep:
@@ -189,7 +191,9 @@ class PFTDispatcher(Dispatcher):
             "a2a_bytes": float(row_bytes * (sum(send) - send[self._rank()])) if W > 1 else 0.0,
         }
         counts = CountsWithOffsets(counts_El, offsets_El)
-        return Dispatched(x_RD, counts, state, stats, w_R)
+        return Dispatched(
+            x_RD, counts, state, stats, w_R, self._source(x_TD, slot_S, meta.top_k, W)
+        )
 
     def _dispatch_static(self, x_TD: torch.Tensor, routing: Routing, meta) -> Dispatched:
         """Dropless on one rank: every (token, k) row is kept, so every buffer size is
@@ -203,7 +207,16 @@ class PFTDispatcher(Dispatcher):
         weights_TK = None if w_R is not None else routing.topk_weights_TK
         state = PFTState(meta.dest_row_TK, meta.src_slot_N, weights_TK, [n], [n], None)
         stats = {"rows": float(n), "sent_rows": float(n), "a2a_bytes": 0.0}
-        return Dispatched(x_SD, counts, state, stats, w_R)
+        return Dispatched(
+            x_SD, counts, state, stats, w_R, self._source(x_TD, meta.src_slot_N, meta.top_k, 1)
+        )
+
+    def _source(self, x_TD: torch.Tensor, slot_S: torch.Tensor, K: int, W: int) -> RowSource | None:
+        """With `moe.recompute_permute` on one rank: the experts' input rows are the
+        gather of x_TD by `slot_S`, redone in backward (x_TD is kept by the router)."""
+        if not self.recompute or W > 1:
+            return None
+        return RowSource((x_TD.detach(), slot_S), functools.partial(gather_rows, top_k=K))
 
     def _row_weights(self, routing: Routing, slot_S: torch.Tensor) -> torch.Tensor | None:
         """Each sent row's combine weight, when the experts apply it (`fold_weights`)."""
