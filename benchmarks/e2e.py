@@ -51,6 +51,7 @@ sys.path.insert(0, str(ROOT))
 
 from xmoe.config import Config, ConfigError, load_config  # noqa: E402
 from xmoe.flops import flops_per_token  # noqa: E402
+from xmoe.parallel.topology import close_distributed  # noqa: E402
 
 GIB = 2**30
 TINY = [
@@ -448,6 +449,7 @@ def main(argv: list[str] | None = None) -> int:
     if rank == 0:
         print_table(json.loads(out.read_text())["runs"])  # with the runs --append kept
         print(f"wrote {out}" + (f" and {profile_out}" if profiles else ""))
+    close_distributed()  # every rank done before any exits (see its docstring)
     return 0
 
 

@@ -87,6 +87,7 @@ def worker(args: argparse.Namespace) -> int:
     import torch
     import torch.distributed as dist
 
+    from xmoe.parallel.topology import close_distributed
     from xmoe.train.loop import train
 
     cfg = load_config("small", json.loads(args.overrides))
@@ -117,7 +118,7 @@ def worker(args: argparse.Namespace) -> int:
                 }
             )
         )
-    dist.barrier()
+    close_distributed()
     return 0
 
 
