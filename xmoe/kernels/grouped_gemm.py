@@ -172,6 +172,15 @@ def _offsets(x_RK: torch.Tensor, counts_E) -> torch.Tensor:
     return host_to_device(ends, x_RK.device, torch.int32)
 
 
+def _torch_wgrad(x_RK, dy_RN, offs, w_EKN) -> torch.Tensor:
+    """dw = xᵀ·dy per expert, laid out as w_EKN is: a transposed view of a [E, N, K]
+    parameter gets the transpose of a contiguous [E, N, K] result, so the gradient
+    reaches the parameter without a layout copy."""
+    if w_EKN.stride(1) == 1 and w_EKN.stride(2) != 1:
+        return torch._grouped_mm(dy_RN.t(), x_RK, offs=offs).transpose(1, 2)
+    return torch._grouped_mm(x_RK.t(), dy_RN, offs=offs)
+
+
 def grouped_mm_torch(
     x_RK: torch.Tensor, w_EKN: torch.Tensor, counts_E, x_source: RowSource | None = None
 ) -> torch.Tensor:
@@ -183,7 +192,7 @@ def grouped_mm_torch(
         _Ops(
             forward=lambda x, w: torch._grouped_mm(x, w, offs=offs),
             dgrad=lambda dy, w: torch._grouped_mm(dy, w.transpose(1, 2), offs=offs),
-            wgrad=lambda x, dy: torch._grouped_mm(x.t(), dy, offs=offs),
+            wgrad=lambda x, dy: _torch_wgrad(x, dy, offs, w_EKN),
         ),
         x_source,
     )
@@ -225,7 +234,7 @@ def grouped_mm_triton(
         _Ops(
             forward=lambda x, w: T.gmm_forward(x, w, tiles, N),
             dgrad=lambda dy, w: T.gmm_forward(dy, w.transpose(1, 2), tiles, K),
-            wgrad=lambda x, dy: T.gmm_wgrad(x, dy, tiles[2], E),
+            wgrad=lambda x, dy: T.gmm_wgrad(x, dy, tiles[2], E, like=w_EKN),
         ),
         x_source,
     )

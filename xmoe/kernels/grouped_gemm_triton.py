@@ -209,10 +209,15 @@ def gmm_forward(x_RK, w_EKN, tiles, N: int) -> torch.Tensor:
     return y_RN
 
 
-def gmm_wgrad(x_RK, dy_RN, ends, E: int) -> torch.Tensor:
+def gmm_wgrad(x_RK, dy_RN, ends, E: int, like: torch.Tensor | None = None) -> torch.Tensor:
+    """dw = xᵀ·dy per expert, [E, K, N]; with the strides of `like` (the weight) when
+    given, so a transposed-view weight's gradient needs no layout copy."""
     R, K = x_RK.shape
     N = dy_RN.shape[1]
-    dw_EKN = torch.empty(E, K, N, dtype=x_RK.dtype, device=x_RK.device)
+    if like is not None:
+        dw_EKN = torch.empty_like(like, dtype=x_RK.dtype)
+    else:
+        dw_EKN = torch.empty(E, K, N, dtype=x_RK.dtype, device=x_RK.device)
     starts = torch.cat([ends.new_zeros(1), ends[:-1]]) if E else ends
     bm, bn, bk, warps, stages = config(x_RK.dtype, not x_RK.is_cuda)
     if E == 0 or K == 0 or N == 0:
