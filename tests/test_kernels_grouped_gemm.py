@@ -161,3 +161,19 @@ def test_backward_frees_the_input_before_computing_its_gradient(impl, monkeypatc
         request.getfixturevalue("interpreter")
     events = _backward_events(impl, monkeypatch)
     assert events == ["x released", "dgrad"]
+
+
+@pytest.mark.parametrize("impl", ["torch", "triton"])
+def test_weight_gradient_comes_in_the_weights_layout(impl, request):
+    """Experts store weights [E, out, in] and pass a transposed view: the gradient of that
+    view is produced with the view's strides, so it reaches the parameter without a copy."""
+    if impl == "triton":
+        request.getfixturevalue("interpreter")
+    counts = [5, 0, 17, 3]
+    x = torch.randn(25, 32, requires_grad=True)
+    w = torch.randn(4, 48, 32, requires_grad=True)  # [E, N, K]
+    w_EKN = w.transpose(1, 2)
+    strides = []
+    w_EKN.register_hook(lambda g: strides.append(g.stride()))
+    grouped_mm(x, w_EKN, counts, impl).backward(torch.randn(25, 48))
+    assert strides == [w_EKN.stride()] and w.grad.is_contiguous()
