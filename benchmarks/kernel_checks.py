@@ -10,7 +10,16 @@ from __future__ import annotations
 
 import torch
 
-from xmoe.kernels import activation, combine, permute, rmsnorm, rope, router_topk, routing
+from xmoe.kernels import (
+    activation,
+    combine,
+    cross_entropy,
+    permute,
+    rmsnorm,
+    rope,
+    router_topk,
+    routing,
+)
 from xmoe.kernels.grouped_gemm import grouped_mm, torch_grouped_mm_supported
 from xmoe.model.transformer import rope_tables
 
@@ -95,6 +104,27 @@ def check_kernels(dev) -> None:
         res.append([*outs, torch.autograd.grad(outs, [x], gq)[0]])
     for u, v in zip(*res):
         torch.testing.assert_close(u.float(), v.float(), rtol=1e-2, atol=1e-2)
+    # the fused LM loss at the small preset's vocabulary: one chunk's rows, in place
+    lg = (4 * torch.randn(333, 50304, generator=g)).to(dev, torch.bfloat16)
+    tg = torch.randint(0, 50304, (333,), generator=g).to(dev)
+    got = cross_entropy.ce_rows(lg.clone(), tg, 1 / 333)
+    want = cross_entropy.ce_rows_torch(lg, tg, 1 / 333)
+    torch.testing.assert_close(got[0], want[0], rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(got[1].float(), want[1].float(), rtol=2e-2, atol=1e-5)
+    hd = torch.randn(1000, 2048, generator=g).to(dev, torch.bfloat16).requires_grad_()
+    wv = (torch.randn(50304, 2048, generator=g) / 45).to(dev, torch.bfloat16).requires_grad_()
+    tg = torch.randint(0, 50304, (1000,), generator=g).to(dev)
+    res = []
+    for fused in (True, False):
+        if fused:
+            loss = cross_entropy.linear_cross_entropy(hd, wv, tg, 1e-3, rows=384)
+        else:
+            loss = torch.nn.functional.cross_entropy((hd @ wv.t()).float(), tg)
+        res.append([loss.float(), *(x.float() for x in torch.autograd.grad(loss, [hd, wv]))])
+    for name, u, v in zip(("loss", "dh", "dW"), *res):
+        err = ((u - v).norm() / v.norm()).item()
+        print(f"fused LM loss {name}: relative error {err:.2e}")
+        assert err < 2e-2, (name, err)
     counts = b.counts_E.tolist()
     for dtype, tol in ((torch.float32, 3e-2), (torch.bfloat16, 5e-2)):
         xr = torch.randn(R, D, generator=g).to(dev, dtype).requires_grad_()

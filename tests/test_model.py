@@ -57,6 +57,26 @@ def test_loss_is_lm_plus_scaled_router_losses():
     assert model.moe_layers()[0].shared.w1.weight.grad.abs().sum() > 0  # shared experts compute
 
 
+def test_fused_lm_loss_equals_the_unfused_head():
+    """model.fused_lm_loss: the same loss and every parameter's gradient (fp64), tied
+    embeddings included."""
+    t = torch.randint(0, 320, (2, 17))
+    for tie in ("false", "true"):
+        results = []
+        for fused in ("false", "true"):
+            torch.manual_seed(0)
+            cfg = _cfg(f"model.fused_lm_loss={fused}", f"model.tie_embeddings={tie}")
+            model = Transformer(cfg).double()
+            loss, parts = model(t[:, :-1], t[:, 1:])
+            loss.backward()
+            results.append((loss, parts.lm_loss, [p.grad for p in model.parameters()]))
+        (loss_a, lm_a, ga), (loss_b, lm_b, gb) = results
+        torch.testing.assert_close(loss_b, loss_a, rtol=1e-12, atol=1e-12)
+        torch.testing.assert_close(lm_b, lm_a, rtol=1e-12, atol=1e-12)
+        for a, b in zip(ga, gb):
+            torch.testing.assert_close(b, a, rtol=1e-10, atol=1e-12)
+
+
 def test_activation_checkpointing_same_gradients():
     t = torch.randint(0, 320, (2, 17))
     grads = []

@@ -129,6 +129,12 @@ def test_memory_levers_move_the_right_way():
     assert tp["activations"] < m0["activations"]
     capped = memory_estimate(cfg, replace(base, capacity_factor=1.25), hw, 64, a)
     assert capped["activations"] < m0["activations"]  # 1.25 x instead of 1.5 x headroom
+    # the fused LM loss keeps no fp32 log-probabilities and makes one chunk of logits
+    fused = memory_estimate(load_config("small", ["model.fused_lm_loss=true"]), base, hw, 64, a)
+    assert (
+        fused["lm_head_loss"] < m0["lm_head_loss"]
+        and fused["peak_allocated"] < m0["peak_allocated"]
+    )
     # recomputation costs time
     t0 = time_estimate(cfg, base, hw, 64, a)["step"]
     assert time_estimate(cfg, replace(base, checkpointing=True), hw, 64, a)["step"] > t0

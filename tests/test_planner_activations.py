@@ -145,3 +145,28 @@ def test_recompute_permute_saves_exactly_the_expert_input_rows():
     per_kept = activation_bytes_per_token(cfg, Layout(ep=1, micro_batch=B), imbalance=1.5)
     per_on = activation_bytes_per_token(on, Layout(ep=1, micro_batch=B), imbalance=1.5)
     assert per_kept["moe"] - per_on["moe"] == k * D * 2  # the model counts bf16 rows
+
+
+def test_fused_lm_loss_head_matches_autograd():
+    """model.fused_lm_loss: the head keeps the two gradients made in forward (its input's
+    per token, its weight's once), as the cost model counts."""
+    from xmoe.kernels.cross_entropy import CHUNK_BYTES
+    from xmoectl.costmodel import LOSS_CHUNK_BYTES
+
+    assert LOSS_CHUNK_BYTES == CHUNK_BYTES
+    T = B * S
+    kind = ["moe.activation=gelu", "moe.num_shared_experts=0", "model.fused_lm_loss=true"]
+    dense2 = saved_bytes(kind + ["model.layers=2", "model.dense_layers=2"])
+    dense4 = saved_bytes(kind + ["model.layers=4", "model.dense_layers=4"])
+    cfg = load_config("tiny", SHAPE + kind)
+    per = activation_bytes_per_token(cfg, Layout(ep=1, micro_batch=B), imbalance=1.5)
+    head = dense2 - 2 * (dense4 - dense2) / 2
+    # besides the head, outside the layers: the embedding's int64 token ids and the RoPE
+    # cos/sin tables every layer shares (fp32, [S, head_dim / 2] each)
+    D, heads = cfg.model.hidden, cfg.model.heads
+    shared = 8 * T + 2 * 4 * S * (D // heads // 2)
+    assert per["head"] * T + per["head_fixed"] + shared == head
+    unfused = activation_bytes_per_token(
+        load_config("tiny", SHAPE + kind[:2]), Layout(ep=1, micro_batch=B), imbalance=1.5
+    )
+    assert per["head"] < unfused["head"] and per["loss_peak"] == 0 < unfused["loss_peak"]

@@ -90,6 +90,7 @@ CASES_2 = [
     (2, 2, "pft", ["train.activation_checkpointing=true"]),  # TP ranks as EP ranks
     (2, 2, "pft", ["parallel.ssmb=false"]),
     (2, 1, "padded", ["model.tie_embeddings=true", "moe.num_shared_experts=0"]),
+    (2, 1, "reference", ["model.fused_lm_loss=true", "model.tie_embeddings=true"]),
 ]
 CASES_4 = [
     (4, 1, "reference", []),

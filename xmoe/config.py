@@ -46,6 +46,9 @@ class ModelConfig:
     norm_eps: float = 1e-6
     tie_embeddings: bool = False
     init_std: float = 0.02
+    # the LM head and its cross-entropy fused, a chunk of tokens at a time, gradients
+    # computed in the forward pass: no [tokens, vocab] logits kept (xmoe.kernels.cross_entropy)
+    fused_lm_loss: bool = False
 
 
 @dataclass

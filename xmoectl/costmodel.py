@@ -27,6 +27,7 @@ from typing import Any
 GIB = 2**30
 ACT_BYTES = 2  # bf16 activations
 F32 = 4
+LOSS_CHUNK_BYTES = 1 << 28  # logits of one chunk of the fused LM loss (xmoe.kernels.cross_entropy)
 DISPATCHERS = ("pft", "rbd", "padded", "deepspeed")
 # DeepSpeed's default ZeRO bucket sizes (elements): reduce_bucket_size, allgather_bucket_size
 ZERO_BUCKET_ELEMS = 500_000_000
@@ -242,15 +243,29 @@ def activation_bytes_per_token(cfg: Any, layout: Layout, imbalance: float) -> di
     moe = norm + moe_share * (router + routed + shared + padded)
     if t > 1 and not layout.ssmb:
         moe += b * D  # the gathered sequence
-    head = norm + (b * D + F32 * V) / t
-    # the loss's transient peak: bf16 logits, their fp32 copy, then the fp32 gradient
-    loss_peak = (b + 2 * F32) * V / t
+    if m.fused_lm_loss:
+        # xmoe.kernels.cross_entropy: the gradients made in forward wait for backward, the
+        # head input's per token and the head weight's once (`head_fixed`, bytes); the
+        # transient is one chunk of bf16 logits, overwritten by their gradient
+        head = norm + b * D / t
+        head_fixed = b * V * D
+        loss_peak = 0.0
+        loss_chunk = float(LOSS_CHUNK_BYTES)
+    else:
+        # its input (for the weight's gradient) and the fp32 log-probabilities
+        head = norm + (b * D + F32 * V) / t
+        head_fixed = 0.0
+        # the loss's transient peak: bf16 logits, their fp32 copy, then the fp32 gradient
+        loss_peak = (b + 2 * F32) * V / t
+        loss_chunk = 0.0
     return {
         "attention": attention,
         "dense_mlp": dense_mlp,
         "moe": moe,
         "head": head,
+        "head_fixed": head_fixed,
         "loss_peak": loss_peak,
+        "loss_chunk": loss_chunk,
     }
 
 
@@ -300,7 +315,7 @@ def memory_estimate(
         activations = m.layers * ACT_BYTES * m.hidden * T / layout.tp + biggest
     else:
         activations = layers
-    head = per_tok["head"] * T
+    head = per_tok["head"] * T + per_tok["head_fixed"]
     # the layer being back-propagated: gradients mirror its saved tensors, plus the
     # all-to-all send and receive buffers of its routed rows
     moe_tokens = T / layout.tp if layout.ssmb else T
@@ -308,7 +323,11 @@ def memory_estimate(
     a2a = 2 * e.top_k * r * ACT_BYTES * m.hidden * moe_tokens if moe_layers else 0.0
     if layout.dispatcher == "rbd":
         a2a *= 1.5  # pilot rows are staged once more between the two exchanges
-    transient = max(biggest + a2a, per_tok["loss_peak"] * T)
+    if per_tok["loss_chunk"]:  # one chunk of logits, or all of them if fewer
+        loss_transient = min(per_tok["loss_chunk"], ACT_BYTES * m.vocab_size * T / layout.tp)
+    else:
+        loss_transient = per_tok["loss_peak"] * T
+    transient = max(biggest + a2a, loss_transient)
 
     parts = {
         "weights": weights,

@@ -23,6 +23,7 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from xmoe.config import Config
+from xmoe.kernels.cross_entropy import linear_cross_entropy
 from xmoe.kernels.rmsnorm import rms_norm
 from xmoe.kernels.rope import rope_qkv
 from xmoe.moe.experts import DenseMLP
@@ -186,6 +187,10 @@ class Transformer(nn.Module):
 
     def _local_logits(self, tokens_BS: torch.Tensor) -> torch.Tensor:
         """[B, S, V]; with tp > 1 [T, V] for this TP rank's rows of the B*S tokens."""
+        return self.head(self._local_hidden(tokens_BS))
+
+    def _local_hidden(self, tokens_BS: torch.Tensor) -> torch.Tensor:
+        """The final norm's output, [B, S, D] (with tp > 1 [T, D]), which the head reads."""
         S = tokens_BS.shape[1]
         if self.tp is None:
             x = self.embed(tokens_BS)
@@ -196,7 +201,7 @@ class Transformer(nn.Module):
                 x = checkpoint(blk, x, S, use_reentrant=False)
             else:
                 x = blk(x, S)
-        return self.head(self.norm(x))
+        return self.norm(x)
 
     def loss(
         self, tokens_BS: torch.Tensor, targets_BS: torch.Tensor
@@ -206,14 +211,17 @@ class Transformer(nn.Module):
         total = lm + aux_coef * sum_l aux_l + z_coef * sum_l z_l (per-layer terms summed,
         as Switch/ST-MoE do); the logged aux/z are layer means of the unscaled terms.
         """
-        logits = self._local_logits(tokens_BS)
-        if self.tp is None:
-            lm = F.cross_entropy(
-                logits.float().reshape(-1, logits.shape[-1]), targets_BS.reshape(-1)
-            )
-        else:  # this rank's share of the mean over all B*S tokens
-            targets_T = targets_BS.reshape(-1)[self.tp.rows(targets_BS.numel())]
-            lm = F.cross_entropy(logits.float(), targets_T, reduction="sum") / targets_BS.numel()
+        h = self._local_hidden(tokens_BS)
+        targets_T = targets_BS.reshape(-1)
+        if self.tp is not None:  # this rank's rows: its share of the mean over all B*S
+            targets_T = targets_T[self.tp.rows(targets_BS.numel())]
+        h_TD = h.reshape(-1, h.shape[-1])
+        if self.cfg.model.fused_lm_loss:
+            lm = linear_cross_entropy(h_TD, self.head.weight, targets_T, 1 / targets_BS.numel())
+        else:
+            logits = self.head(h_TD)
+            logits = logits.to(torch.promote_types(logits.dtype, torch.float32))
+            lm = F.cross_entropy(logits, targets_T, reduction="sum") / targets_BS.numel()
         total = lm
         moe = self.moe_layers()
         zero = lm.detach() * 0.0
@@ -223,7 +231,8 @@ class Transformer(nn.Module):
             z = torch.stack([layer.last_z_loss for layer in moe])
             e = self.cfg.moe
             total = lm + e.aux_loss_coef * aux.sum() + e.z_loss_coef * z.sum()
-            aux_mean, z_mean = aux.detach().mean(), z.detach().mean()
+            # logged in the LM loss's dtype (fp32; fp64 in an fp64 model)
+            aux_mean, z_mean = (v.detach().mean().to(lm.dtype) for v in (aux, z))
         if self.tp is not None:  # add up the TP ranks' shares (backward: each its own)
             summed = reduce_from_tp(torch.stack([total, lm.detach(), aux_mean, z_mean]), self.tp)
             total, (lm, aux_mean, z_mean) = summed[0], summed[1:].detach()
