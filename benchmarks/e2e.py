@@ -317,6 +317,8 @@ def measure(trainer: BenchTrainer, args: argparse.Namespace) -> dict[str, Any]:
         "seq_len": cfg.model.seq_len,
         "capacity_factor": cfg.moe.capacity_factor,
         "grad_accum_dtype": cfg.train.grad_accum_dtype,
+        "fused_lm_loss": cfg.model.fused_lm_loss,
+        "recompute_permute": cfg.moe.recompute_permute,
         "dropped_fraction": round(dropped, 4),
         "load_max_mean": round(max(balance), 3) if balance else None,
         "data": cfg.data.source,
@@ -331,7 +333,8 @@ def run_key(r: dict) -> tuple:
     """What makes two runs the same measurement (a later one replaces an earlier one)."""
     return (
         r["dispatcher"], r["gpus"], r["layers"], r.get("micro_batch"), r.get("capacity_factor"),
-        r.get("grad_accum_dtype", "model"),
+        r.get("grad_accum_dtype", "model"), r.get("fused_lm_loss", False),
+        r.get("recompute_permute", False),
     )  # fmt: skip
 
 
@@ -367,22 +370,31 @@ def machine_name(device: Any, world: int) -> str:
 def print_table(runs: list[dict]) -> None:
     print(f"{'dispatcher':<10} {'gpus':>4} {'layers':>6} {'mb':>3} {'cf':>5} {'tok/s':>10} "
           f"{'TF/s/GPU':>9} {'MFU':>6} {'MFU780':>7} {'peak GiB':>9} {'step s':>7} "
-          f"{'dropped':>7} {'load':>5} {'grad acc':>8}")  # fmt: skip
+          f"{'dropped':>7} {'load':>5} {'grad acc':>8} options")  # fmt: skip
     for r in runs:
         cf = r.get("capacity_factor") or "-"
         print(f"{r['dispatcher']:<10} {r['gpus']:>4} {r['layers']:>6} {r.get('micro_batch', 0):>3} "
               f"{cf:>5} {r['tokens_per_s']:>10.0f} {r['tflops_per_gpu']:>9.1f} "
               f"{100 * r['mfu']:>5.1f}% {100 * r['mfu_gemm']:>6.1f}% {r['peak_gib']:>9.2f} "
               f"{r['step_s']:>7.3f} {100 * r['dropped_fraction']:>6.1f}% "
-              f"{r.get('load_max_mean') or 0:>5.1f} {r.get('grad_accum_dtype', 'model'):>8}")  # fmt: skip
+              f"{r.get('load_max_mean') or 0:>5.1f} {r.get('grad_accum_dtype', 'model'):>8} "
+              f"{_options(r)}")  # fmt: skip
     by = {run_key(r): r["tokens_per_s"] for r in runs}
-    for (d, gpus, layers, mb, cf, acc), tps in by.items():
-        base = by.get(("deepspeed", gpus, layers, mb, cf, acc))
+    for (d, gpus, layers, mb, cf, acc, fused, recompute), tps in by.items():
+        # against DeepSpeed's run with the same head (its dispatcher cannot recompute)
+        base = by.get(("deepspeed", gpus, layers, mb, cf, acc, fused, False))
         if d != "deepspeed" and base:
+            opts = _options({"fused_lm_loss": fused, "recompute_permute": recompute})
             print(
                 f"{d} / deepspeed throughput on {gpus} ranks, {layers} layers, micro-batch {mb}, "
-                f"capacity factor {cf}: {tps / base:.2f}x"
+                f"capacity factor {cf}{f' ({opts})' if opts else ''}: {tps / base:.2f}x"
             )
+
+
+def _options(r: dict) -> str:
+    """The run's non-default model options, for the table."""
+    names = {"fused_lm_loss": "fused LM loss", "recompute_permute": "recompute permute"}
+    return ", ".join(label for key, label in names.items() if r.get(key))
 
 
 def main(argv: list[str] | None = None) -> int:
