@@ -39,6 +39,9 @@ class Kernel:
     rule above true whatever was imported first (e.g. in one pytest process).
     """
 
+    # a list while `record_launches` is active: (kernel, args, kwargs) of each launch
+    launches: list | None = None
+
     def __init__(self, fn):
         self.fn = fn
         self._compiled = None
@@ -50,7 +53,15 @@ class Kernel:
                 from triton.runtime.interpreter import InterpretedFunction
 
                 self._interpreted = InterpretedFunction(self.fn)
-            return self._interpreted[grid]
+            launch = self._interpreted[grid]
+            if Kernel.launches is None:
+                return launch
+
+            def recorded(*args, **kwargs):
+                Kernel.launches.append((self, args, kwargs))
+                return launch(*args, **kwargs)
+
+            return recorded
         if self._compiled is None:
             from triton.runtime.jit import JITFunction
 
