@@ -30,6 +30,11 @@ def test_ce_rows_kernel_matches_reference(interpreter, N, V):
     torch.testing.assert_close(want_loss, F.cross_entropy(x, t, reduction="none"))
 
 
+def test_ce_rows_kernel_with_no_rows(interpreter):
+    loss, grad = ce_rows(torch.empty(0, 37), torch.empty(0, dtype=torch.int64), 1.0)
+    assert loss.shape == (0,) and grad.shape == (0, 37)
+
+
 def _unfused(h, w, t, scale):
     logits = h @ w.t()
     logits = logits.to(torch.promote_types(logits.dtype, torch.float32))
