@@ -12,6 +12,7 @@ from __future__ import annotations
 import importlib
 import json
 import os
+import pkgutil
 import subprocess
 import sys
 from pathlib import Path
@@ -20,21 +21,11 @@ import pytest
 import torch
 import triton_interp
 
+import xmoe.kernels as kernels_pkg
 from xmoe.kernels import backend
 
 test_in_interpreter_process = triton_interp.child_process_test(__file__)
 
-MODULES = [
-    "activation",
-    "combine",
-    "cross_entropy",
-    "grouped_gemm_triton",
-    "permute",
-    "rmsnorm",
-    "rope",
-    "router_topk",
-    "routing",
-]
 TARGETS = {"sm_90": ("cuda", 90, 32), "sm_80": ("cuda", 80, 32), "gfx90a": ("hip", "gfx90a", 64)}
 DTYPES = {
     torch.bfloat16: "bf16",
@@ -49,12 +40,13 @@ DTYPES = {
 
 
 def _all_kernels() -> dict[str, backend.Kernel]:
+    """Every `backend.Kernel` defined in a module of `xmoe.kernels`, by "module.name"."""
     out = {}
-    for name in MODULES:
-        mod = importlib.import_module(f"xmoe.kernels.{name}")
-        out.update(
-            {f"{name}.{k}": v for k, v in vars(mod).items() if isinstance(v, backend.Kernel)}
-        )
+    for info in pkgutil.iter_modules(kernels_pkg.__path__):
+        mod = importlib.import_module(f"xmoe.kernels.{info.name}")
+        for k, v in vars(mod).items():
+            if isinstance(v, backend.Kernel) and v.fn.__module__ == mod.__name__:
+                out[f"{info.name}.{k}"] = v
     return out
 
 
@@ -139,12 +131,8 @@ def _specs() -> dict[tuple, tuple]:
     import inspect
 
     names = {id(v): k for k, v in _all_kernels().items()}
-    backend.Kernel.launches = []
-    try:
+    with backend.record_launches() as launches:
         _exercise_wrappers()
-        launches = backend.Kernel.launches
-    finally:
-        backend.Kernel.launches = None
     specs = {}
     for kern, args, kwargs in launches:
         params = list(inspect.signature(kern.fn).parameters.values())

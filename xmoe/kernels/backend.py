@@ -8,7 +8,9 @@ the same code path works with or without a GPU.
 
 from __future__ import annotations
 
+import contextlib
 import os
+from collections.abc import Iterator
 
 import torch
 
@@ -39,7 +41,7 @@ class Kernel:
     rule above true whatever was imported first (e.g. in one pytest process).
     """
 
-    # a list while `record_launches` is active: (kernel, args, kwargs) of each launch
+    # a list inside `record_launches()`: (kernel, args, kwargs) of each interpreted launch
     launches: list | None = None
 
     def __init__(self, fn):
@@ -72,6 +74,17 @@ class Kernel:
 def kernel(fn) -> Kernel:
     """Decorator used instead of `triton.jit` for the kernels of this package."""
     return Kernel(fn)
+
+
+@contextlib.contextmanager
+def record_launches() -> Iterator[list]:
+    """Collect (kernel, args, kwargs) of every kernel the interpreter runs inside the
+    block (the tests compile those launches for GPU targets)."""
+    Kernel.launches = []
+    try:
+        yield Kernel.launches
+    finally:
+        Kernel.launches = None
 
 
 def host_to_device(values: list[int], device, dtype: torch.dtype = torch.int64) -> torch.Tensor:

@@ -172,13 +172,19 @@ def softmax_topk_torch(logits_TE: torch.Tensor, k: int, renormalize: bool):
     return (ids_TK, *topk_outputs(logits_TE, probs_TE, ids_TK, renormalize))
 
 
+def _blocks(E: int) -> tuple[int, int]:
+    """(E_PAD, BLOCK_T): every expert's logit of a token in one block, up to 4096 values
+    (and 64 tokens) a block."""
+    e_pad = max(2, next_pow2(E))
+    return e_pad, max(1, min(64, 4096 // e_pad))
+
+
 class _SoftmaxTopK(torch.autograd.Function):
     @staticmethod
     def forward(ctx, logits_TE, k, renormalize):
         T, E = logits_TE.shape
         dev = logits_TE.device
-        e_pad = max(2, next_pow2(E))
-        block_t = max(1, min(64, 4096 // e_pad))
+        e_pad, block_t = _blocks(E)
         progs, rows = split_rows(T, dev, block_t)
         lse = torch.empty(T, dtype=torch.float32, device=dev)
         ids = torch.empty(T, k, dtype=torch.int64, device=dev)
@@ -207,8 +213,7 @@ class _SoftmaxTopK(torch.autograd.Function):
         g_psum = torch.zeros(E, device=dev) if g_psum is None else g_psum.float().contiguous()
         g_zsq = torch.zeros((), device=dev) if g_zsq is None else g_zsq.float().reshape(())
         dlogits = torch.empty_like(logits_TE)
-        e_pad = max(2, next_pow2(E))
-        block_t = max(1, min(64, 4096 // e_pad))
+        e_pad, block_t = _blocks(E)
         _softmax_topk_bwd_kernel[(triton.cdiv(T, block_t),)](
             logits_TE, lse, ids, w, g_w, g_psum, g_zsq, dlogits, T, E,
             K=k, RENORM=ctx.renormalize, BLOCK_T=block_t, E_PAD=e_pad,

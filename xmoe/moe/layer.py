@@ -127,8 +127,9 @@ class MoELayer(nn.Module):
         else:
             r = self.router(x_TD)
             dispatched = self.dispatcher.dispatch(x_TD, r.routing)
-            d = dispatched
-            y_RD = self.experts(d.x_RD, d.counts_El, d.weights_R, d.x_source)
+            y_RD = self.experts(
+                dispatched.x_RD, dispatched.counts_El, dispatched.weights_R, dispatched.x_source
+            )
             out_TD = self.dispatcher.combine(y_RD, dispatched)
             self.last_aux_loss, self.last_z_loss = r.aux_loss, r.z_loss
             self.last_stats = {
