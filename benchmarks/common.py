@@ -136,10 +136,48 @@ def write_results(path: str, machine: str, command: str, cases: list[dict], appe
     out.write_text(json.dumps(doc, indent=1) + "\n")
 
 
-def gap_report(trace: Path, steps: int, min_us: float = 4.0, unit: str = "step") -> str:
+# runtime calls that can hold the host until the GPU (or a copy) is done
+BLOCKING_CALLS = (
+    "cudaStreamSynchronize",
+    "cudaDeviceSynchronize",
+    "cudaEventSynchronize",
+    "cudaMemcpy",
+    "cudaMemcpyAsync",
+    "cudaMalloc",
+    "cudaFree",
+    "cudaHostAlloc",
+)
+
+
+def _where(stack: list[dict]) -> tuple[str, str]:
+    """The innermost named place (a Python frame when the trace has them, else a host op
+    that is not an aten op) and the innermost aten op of a stack of open host events."""
+    frames = [o for o in stack if o.get("cat") == "python_function" and _own_frame(o["name"])]
+    named = frames or [
+        o for o in stack if o.get("cat") != "python_function" and not o["name"].startswith("aten::")
+    ]
+    aten = [o for o in stack if o["name"].startswith("aten::")]
+    return (
+        named[-1]["name"][:70] if named else "(no host op)",
+        aten[-1]["name"] if aten else "",
+    )
+
+
+def _own_frame(name: str) -> bool:
+    """A Python frame of this project or of DeepSpeed, not of torch or the standard library."""
+    return (
+        "xmoe" in name or "deepspeed" in name or "benchmarks" in name
+    ) and "<built-in" not in name
+
+
+def gap_report(
+    trace: Path, steps: int, min_us: float = 4.0, unit: str = "step", min_wait_us: float = 20.0
+) -> str:
     """Where the GPU waits: idle time between kernels, charged to the host operation that
-    launched the kernel ending each gap (the host was late to launch it). `steps` is how
-    many `unit`s the trace covers; figures are per unit."""
+    launched the kernel ending each gap (the host was late to launch it). Then where the
+    host waits: blocking runtime calls (`BLOCKING_CALLS`) of at least `min_wait_us`, by the
+    place that made them (with `with_stack` profiles, the innermost frame of xmoe or
+    DeepSpeed). `steps` is how many `unit`s the trace covers; figures are per unit."""
     ev = [e for e in json.loads(trace.read_text())["traceEvents"] if e.get("ph") == "X"]
     gpu = sorted(
         (e for e in ev if e.get("cat") in ("kernel", "gpu_memcpy", "gpu_memset")),
@@ -148,7 +186,8 @@ def gap_report(trace: Path, steps: int, min_us: float = 4.0, unit: str = "step")
     launch = {
         e["args"].get("correlation"): e
         for e in ev
-        if e.get("cat") == "cuda_runtime" and "correlation" in e.get("args", {})
+        # Triton launches through the driver API (cuLaunchKernelEx), torch through the runtime
+        if e.get("cat") in ("cuda_runtime", "cuda_driver") and "correlation" in e.get("args", {})
     }
     busy = sum(e["dur"] for e in gpu)
     # the gaps, each with the launch (time, host thread) of the kernel that ended it
@@ -160,24 +199,37 @@ def gap_report(trace: Path, steps: int, min_us: float = 4.0, unit: str = "step")
             lt = launch.get(k.get("args", {}).get("correlation"), {})
             found.append((lt.get("ts", k["ts"]), idle, lt.get("tid"), k["name"][:40]))
         end = max(end, k["ts"] + k["dur"])
+    waits = [
+        (e["ts"], e["dur"], e.get("tid"), e["name"])
+        for e in ev
+        if e.get("cat") == "cuda_runtime"
+        and e["name"] in BLOCKING_CALLS
+        and e["dur"] >= min_wait_us
+    ]
     # one sweep in time order with a stack of open host ops per thread (they nest)
-    ops = [e for e in ev if e.get("cat") in ("cpu_op", "user_annotation")]
-    items = [(o["ts"], 0, i) for i, o in enumerate(ops)] + [
-        (g[0], 1, i) for i, g in enumerate(found)
+    ops = [e for e in ev if e.get("cat") in ("cpu_op", "user_annotation", "python_function")]
+    items = [(o["ts"], 0, i) for i, o in enumerate(ops)]
+    items += [(g[0], 1, i) for i, g in enumerate(found)] + [
+        (w[0], 2, i) for i, w in enumerate(waits)
     ]
     stacks: dict[Any, list[dict]] = {}
     gaps: dict[str, list[float]] = {}
+    held: dict[str, list[float]] = {}
     for ts, kind, i in sorted(items, key=lambda t: (t[0], t[1])):
-        tid = ops[i].get("tid") if kind == 0 else found[i][2]
+        tid = ops[i].get("tid") if kind == 0 else (found[i][2] if kind == 1 else waits[i][2])
         stack = stacks.setdefault(tid, [])
         while stack and stack[-1]["ts"] + stack[-1]["dur"] < ts:
             stack.pop()
         if kind == 0:
             stack.append(ops[i])
-            continue
-        named = [o for o in stack if not o["name"].startswith("aten::")]
-        pick = (named or stack or [{"name": "(no host op)"}])[-1]["name"][:60]
-        gaps.setdefault(f"{pick} -> {found[i][3]}", []).append(found[i][1])
+        elif kind == 1:
+            place, aten = _where([o for o in stack if o.get("cat") != "python_function"])
+            gaps.setdefault(f"{place} -> {found[i][3]}", []).append(found[i][1])
+        else:
+            place, aten = _where(stack)
+            held.setdefault(f"{place} {aten} {waits[i][3]}".replace("  ", " "), []).append(
+                waits[i][1]
+            )
     total = sum(sum(v) for v in gaps.values())
     span = (end - gpu[0]["ts"]) if gpu else 0.0
     lines = [
@@ -187,6 +239,14 @@ def gap_report(trace: Path, steps: int, min_us: float = 4.0, unit: str = "step")
     ]
     for key, v in sorted(gaps.items(), key=lambda kv: -sum(kv[1]))[:20]:
         lines.append(f"  {sum(v) / steps:9.1f} us/{unit}  x{len(v) / steps:5.1f}  {key}")
+    if held:
+        waited = sum(sum(v) for v in held.values())
+        lines.append(
+            f"== host blocked in runtime calls >= {min_wait_us:g} us: "
+            f"{waited / steps / 1e3:.3f} ms/{unit}; largest, by where they were made:"
+        )
+        for key, v in sorted(held.items(), key=lambda kv: -sum(kv[1]))[:12]:
+            lines.append(f"  {sum(v) / steps:9.1f} us/{unit}  x{len(v) / steps:5.1f}  {key}")
     return "\n".join(lines)
 
 

@@ -96,6 +96,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     p.add_argument("--profile-out", default="", help="[<out dir>/e2e_profile.json]")
     p.add_argument("--trace", default="", help="Chrome trace of rank 0's profiled step")
+    p.add_argument(
+        "--profile-stack",
+        action="store_true",
+        help="record Python frames too: the host-wait report names the xmoe/DeepSpeed line "
+        "(slower host: read its gaps with care)",
+    )
     args = p.parse_args(argv)
     if args.warmup < 0 or args.steps < 1:
         p.error("--warmup must be >= 0 and --steps >= 1")
@@ -405,6 +411,8 @@ def main(argv: list[str] | None = None) -> int:
     rank = int(os.environ.get("RANK", "0"))
     import torch
 
+    from xmoe.train.loop import setup_frozen
+
     try:
         dispatchers = dispatchers_of(args)
         layers = args.layers
@@ -442,7 +450,9 @@ def main(argv: list[str] | None = None) -> int:
             print(f"[{time.perf_counter() - t_start:.0f} s] built {cfg.moe.dispatcher}, "
                   f"micro-batch {cfg.train.micro_batch}, capacity factor "
                   f"{cfg.moe.capacity_factor}", flush=True)  # fmt: skip
-        runs.append({**measure(trainer, args), "machine": head["machine"], "date": head["date"]})
+        with setup_frozen():  # as the trainer's loop does
+            measured = measure(trainer, args)
+        runs.append({**measured, "machine": head["machine"], "date": head["date"]})
         if rank == 0:  # written after every run: a later failure keeps the earlier ones
             print(json.dumps(runs[-1]), flush=True)
             doc = {**head, "peak_tflops": args.peak_tflops, "gemm_tflops": args.gemm_tflops}
@@ -450,7 +460,10 @@ def main(argv: list[str] | None = None) -> int:
         if args.profile:
             from benchmarks.e2e_profile import print_profile, profile_step, write_profiles
 
-            prof = profile_step(trainer, rank == 0, args.trace, args.profile_micro_batches)
+            with setup_frozen():
+                prof = profile_step(
+                    trainer, rank == 0, args.trace, args.profile_micro_batches, args.profile_stack
+                )
             if prof is not None:
                 print_profile(prof)
                 profiles.append(prof)

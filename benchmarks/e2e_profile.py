@@ -113,7 +113,13 @@ def _scope_category(evt: Any) -> str | None:
 
 
 def _cpu_events(events: list[Any]) -> list[Any]:
-    cpu = [e for e in events if str(getattr(e, "device_type", "CPU")).endswith("CPU")]
+    """The host operators (not the Python frames of a `with_stack` profile)."""
+    cpu = [
+        e
+        for e in events
+        if str(getattr(e, "device_type", "CPU")).endswith("CPU")
+        and not getattr(e, "is_python_function", False)
+    ]
     return sorted(cpu, key=lambda e: e.time_range.start)
 
 
@@ -211,10 +217,11 @@ class _Window:
 
 
 def profile_step(
-    trainer: Any, is_main: bool, trace: str = "", micro_batches: int = 0
+    trainer: Any, is_main: bool, trace: str = "", micro_batches: int = 0, stack: bool = False
 ) -> dict[str, Any] | None:
     """One more `trainer.step()`; on the main rank its last `micro_batches` micro-batches
-    (0 = all) and the update run under the profiler. Returns the summary there.
+    (0 = all) and the update run under the profiler (`stack`: with Python frames).
+    Returns the summary there.
 
     `trainer` is `benchmarks.e2e.BenchTrainer` (model, engine, accum, device, pstate, cfg,
     step). With fewer micro-batches than the step has, `step_ms` scales the per-micro-batch
@@ -227,7 +234,7 @@ def profile_step(
     n = accum if micro_batches <= 0 else min(micro_batches, accum)
     on_device = device.type == "cuda"
     acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if on_device else [])
-    prof = profile(activities=acts)
+    prof = profile(activities=acts, with_stack=stack)
     window = _Window(prof, accum - n + 1, accum, device)
     handles = add_scopes(trainer.model)
     handles.append(trainer.model.register_forward_pre_hook(window.on_forward))

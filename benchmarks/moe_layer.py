@@ -70,6 +70,7 @@ from xmoe.kernels.routing import routing_metadata  # noqa: E402
 from xmoe.moe.layer import MoELayer  # noqa: E402
 from xmoe.parallel.collectives import all_to_all_uneven, exchange_counts  # noqa: E402
 from xmoe.parallel.groups import create_parallel_state  # noqa: E402
+from xmoe.train.loop import setup_frozen  # noqa: E402
 
 SINGLE = [
     "pft",
@@ -258,9 +259,10 @@ def run_impl(impl: str, routing: str, s: dict, ps, dev, dtype, args) -> dict:
 
         flops = 0
     reset_memory(dev)
-    times = time_step(step, dev, args.warmup, args.iters)
-    ms = max_over_ranks(median(times), dev)
-    ms_b2b = max_over_ranks(time_back_to_back(step, dev, args.iters), dev)
+    with setup_frozen():  # no full collection of the setup's objects inside a timed step
+        times = time_step(step, dev, args.warmup, args.iters)
+        ms = max_over_ranks(median(times), dev)
+        ms_b2b = max_over_ranks(time_back_to_back(step, dev, args.iters), dev)
     case = {
         "gpus": ps.world,
         "routing": routing,
@@ -306,6 +308,45 @@ def sweep_gemm(s: dict, dev, dtype, args) -> list[dict]:
     return out
 
 
+def sweep_act(s: dict, dev, dtype, args) -> list[dict]:
+    """Time the scaled activation's forward and backward kernels, each under several
+    launch configs ("rows,BLOCK_F,warps"), at the layer's [T*k, F] rows; prints the best
+    of each as an XMOE_ACT_CONFIG value."""
+    import os
+
+    from xmoe.kernels.activation import scaled_act_bwd, scaled_act_fwd
+
+    R, F = s["tokens"] * s["top_k"], s["ffn"]
+    g = torch.Generator(device=dev).manual_seed(0)
+    h = torch.randn(R, F, device=dev, dtype=dtype, generator=g)
+    gy = torch.randn(R, F, device=dev, dtype=dtype, generator=g)
+    w = torch.rand(R, device=dev, dtype=dtype, generator=g)
+    moved = {"fwd": 2 * R * F * h.element_size(), "bwd": 3 * R * F * h.element_size()}
+    out, best = [], {}
+    for cfg in args.sweep_act.split(";"):
+        os.environ["XMOE_ACT_CONFIG"] = f"{cfg};{cfg}"
+        case: dict = {"config": cfg}
+        for kind, fn in (
+            ("fwd", lambda: scaled_act_fwd(h, None, w)),
+            ("bwd", lambda: scaled_act_bwd(h, None, w, gy)),
+        ):
+            try:
+                ms = median(time_step(fn, dev, 3, 20))
+            except Exception as e:  # a config the device cannot compile
+                case[f"{kind}_error"] = repr(e)[:200]
+                continue
+            case[f"{kind}_ms"] = round(ms, 4)
+            case[f"{kind}_gbs"] = round(moved[kind] / ms / 1e6, 1)
+            if kind not in best or ms < best[kind][0]:
+                best[kind] = (ms, cfg)
+        print(case, flush=True)
+        out.append(case)
+    os.environ.pop("XMOE_ACT_CONFIG", None)
+    if len(best) == 2:
+        print(f"best XMOE_ACT_CONFIG={best['fwd'][1]};{best['bwd'][1]}", flush=True)
+    return out
+
+
 def profile_impl(impl: str, s: dict, ps, dev, dtype, args) -> None:
     """Device time of one implementation's fwd+bwd by kernel (torch.profiler), printed."""
     from torch.profiler import ProfilerActivity, profile
@@ -322,7 +363,7 @@ def profile_impl(impl: str, s: dict, ps, dev, dtype, args) -> None:
     time_step(step, dev, args.warmup, 1)
     acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if dev.type == "cuda" else [])
     n = 3
-    with profile(activities=acts) as prof:
+    with setup_frozen(), profile(activities=acts) as prof:
         for _ in range(n):
             step()
         if dev.type == "cuda":
@@ -353,6 +394,11 @@ def main(argv: list[str] | None = None) -> int:
         default="",
         help='Triton GEMM tile configs "BM,BN,BK,warps,stages;..." to time, then exit',
     )
+    ap.add_argument(
+        "--sweep-act",
+        default="",
+        help='scaled activation launch configs "rows,BLOCK_F,warps;..." to time, then exit',
+    )
     ap.add_argument("--profile", default="", help="print IMPL's fwd+bwd time by kernel, then exit")
     ap.add_argument("--trace", default="", help="with --profile: keep the Chrome trace here")
     args = ap.parse_args(argv)
@@ -368,6 +414,9 @@ def main(argv: list[str] | None = None) -> int:
         check_kernels(dev)
     if args.sweep_gemm:
         sweep_gemm(s, dev, dtype, args)
+        return 0
+    if args.sweep_act:
+        sweep_act(s, dev, dtype, args)
         return 0
     ps = create_parallel_state(layer_config(s, "pft", None, world, "auto"), rank, world, device=dev)
     if args.profile:

@@ -181,9 +181,48 @@ def test_gap_report_charges_idle_time_to_the_late_launch(tmp_path):
         x("cpu_op", "_Permute", 20, 10, tid=1),
         x("cpu_op", "aten::empty", 24, 4, tid=1),
         x("cpu_op", "elsewhere", 21, 10, tid=2),  # another thread: not the launcher
+        # a Triton kernel, launched through the driver API from inside _Sum
+        x("kernel", "_gather_rows_kernel", 60, 5, args={"correlation": 4}),
+        x("cuda_driver", "cuLaunchKernelEx", 52, 2, tid=1, args={"correlation": 4}),
+        x("cpu_op", "_Sum", 51, 5, tid=1),
     ]
     trace = tmp_path / "t.json"
     trace.write_text(json.dumps({"traceEvents": events}))
     report = gap_report(trace, 2, unit="micro-batch").splitlines()
-    assert "kernels 0.013 ms/micro-batch, idle gaps >= 4 us 0.010 ms/micro-batch" in report[0]
-    assert report[1:] == ["       10.0 us/micro-batch  x  0.5  _Permute -> gather"]
+    assert "kernels 0.015 ms/micro-batch, idle gaps >= 4 us 0.017 ms/micro-batch" in report[0]
+    assert report[1:] == [
+        "       10.0 us/micro-batch  x  0.5  _Permute -> gather",
+        "        6.5 us/micro-batch  x  0.5  _Sum -> _gather_rows_kernel",
+    ]
+
+
+def test_gap_report_names_where_the_host_blocked(tmp_path):
+    from benchmarks.common import gap_report
+
+    def x(cat, name, ts, dur, **kw):
+        return {"ph": "X", "cat": cat, "name": name, "ts": ts, "dur": dur, "tid": 1, **kw}
+
+    events = [
+        x("kernel", "gemm", 0, 100, args={"correlation": 1}),
+        x("python_function", "torch/nn/modules/module.py(1): _call_impl", 0, 300),
+        x("python_function", "xmoe/train/loop.py(80): train_step", 5, 290),
+        x("cpu_op", "aten::item", 10, 95),
+        x("cpu_op", "aten::_local_scalar_dense", 11, 93),
+        x("cuda_runtime", "cudaMemcpyAsync", 12, 90),  # waited for the gemm
+        x("cuda_runtime", "cudaLaunchKernel", 120, 3, args={"correlation": 2}),
+        x("cuda_runtime", "cudaStreamSynchronize", 130, 8),  # under the threshold
+        x("cpu_op", "xmoe::optimizer", 140, 100),
+        x("cuda_runtime", "cudaStreamSynchronize", 150, 40),
+        x("cuda_runtime", "cudaStreamSynchronize", 200, 30),
+        x("cuda_runtime", "cudaLaunchKernel", 400, 3),  # not a blocking call
+    ]
+    trace = tmp_path / "t.json"
+    trace.write_text(json.dumps({"traceEvents": events}))
+    report = gap_report(trace, 1).splitlines()
+    at = report.index(
+        "== host blocked in runtime calls >= 20 us: 0.160 ms/step; largest, by where they were made:"
+    )
+    assert report[at + 1 :] == [
+        "       90.0 us/step  x  1.0  xmoe/train/loop.py(80): train_step aten::_local_scalar_dense cudaMemcpyAsync",
+        "       70.0 us/step  x  2.0  xmoe/train/loop.py(80): train_step cudaStreamSynchronize",
+    ]

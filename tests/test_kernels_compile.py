@@ -117,6 +117,13 @@ def _gpu_settings(key: str, constexprs: dict, options: dict, vendor: str):
         tiles = {"BM": bm, "BN": bn, "BK" if "BK" in constexprs else "BR": bk}
         constexprs = {**constexprs, **tiles}
         options = {"num_warps": warps, "num_stages": stages}
+    elif key.startswith("activation._scaled_act_"):
+        from xmoe.kernels.activation import act_config
+
+        fwd, bwd = act_config(1408, True)  # the small preset's expert width
+        rows, block_f, warps = fwd if "_fwd_" in key else bwd
+        constexprs = {**constexprs, "BLOCK_R": rows, "BLOCK_F": block_f}
+        options = {"num_warps": warps}
     elif key == "cross_entropy._ce_rows_kernel":
         from xmoe.kernels.cross_entropy import ce_config
 

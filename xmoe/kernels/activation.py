@@ -19,6 +19,7 @@ runs where Triton does not (`backend.use_triton`).
 from __future__ import annotations
 
 import math
+import os
 
 import torch
 
@@ -137,9 +138,26 @@ def scaled_act_bwd_torch(h_RF, h3_RF, w_R, g_RF):
 # --------------------------------------------------------------------------- launchers
 
 
-def _blocks(F: int) -> tuple[int, int]:
-    block_f = min(128, max(16, next_pow2(F)))
-    return max(1, 2048 // block_f), block_f
+# (rows, BLOCK_F, warps) of the forward and of the backward kernel on a GPU; the backward
+# program walks its rows' whole width in BLOCK_F steps (it sums each row's dw). The best of
+# the H200 sweep at [98304, 1408] bf16 (`moe_layer.py --sweep-act`, docs/PERFORMANCE.md):
+# forward 0.230 ms, backward 0.324 ms (0.368 ms with 32 rows)
+GPU_CONFIG = ((32, 128, 4), (16, 128, 4))
+
+
+def act_config(F: int, gpu: bool) -> tuple[tuple[int, int, int], tuple[int, int, int]]:
+    """((rows, BLOCK_F, warps) forward, the same backward) for width F.
+    XMOE_ACT_CONFIG="16,128,4;32,128,4" overrides the GPU's (`moe_layer.py --sweep-act`);
+    the interpreter takes small blocks so that the tests cover several per row."""
+    if not gpu:
+        block_f = min(128, max(16, next_pow2(F)))
+        return (max(1, 2048 // block_f), block_f, 4), (32, block_f, 4)
+    fwd, bwd = GPU_CONFIG
+    override = os.environ.get("XMOE_ACT_CONFIG")
+    if override:
+        fwd, bwd = (tuple(int(v) for v in part.split(",")) for part in override.split(";"))
+    fit = max(16, next_pow2(F))  # no block wider than the row needs
+    return (fwd[0], min(fwd[1], fit), fwd[2]), (bwd[0], min(bwd[1], fit), bwd[2])
 
 
 def scaled_act_fwd(h_RF, h3_RF, w_R) -> torch.Tensor:
@@ -151,7 +169,7 @@ def scaled_act_fwd(h_RF, h3_RF, w_R) -> torch.Tensor:
     out = torch.empty_like(h_RF)
     if R * F == 0:
         return out
-    br, bf = _blocks(F)
+    (br, bf, warps), _ = act_config(F, h_RF.is_cuda)
     _scaled_act_fwd_kernel[(triton.cdiv(R, br), triton.cdiv(F, bf))](
         h_RF,
         h3_RF if h3_RF is not None else h_RF,
@@ -163,6 +181,7 @@ def scaled_act_fwd(h_RF, h3_RF, w_R) -> torch.Tensor:
         ACC_FP64=acc_dtype(h_RF.dtype) == torch.float64,
         BLOCK_R=br,
         BLOCK_F=bf,
+        num_warps=warps,
     )
     return out
 
@@ -178,7 +197,7 @@ def scaled_act_bwd(h_RF, h3_RF, w_R, g_RF):
         return dh, dh3, dw
     if F == 0:
         return dh, dh3, dw.zero_()
-    br, bf = 32, _blocks(F)[1]  # 32 whole rows a program: each sums its rows' dw over F
+    _, (br, bf, warps) = act_config(F, h_RF.is_cuda)  # whole rows a program
     _scaled_act_bwd_kernel[(triton.cdiv(R, br),)](
         h_RF,
         h3_RF if h3_RF is not None else h_RF,
@@ -193,6 +212,7 @@ def scaled_act_bwd(h_RF, h3_RF, w_R, g_RF):
         ACC_FP64=acc_dtype(h_RF.dtype) == torch.float64,
         BLOCK_R=br,
         BLOCK_F=bf,
+        num_warps=warps,
     )
     return dh, dh3, dw
 
