@@ -135,7 +135,7 @@ step_e2e_full() {
         --out "$RES/e2e.json" -- "${E2E_SMOKE[@]}"
 }
 step_moe_1gpu() {
-    run_step moe_1gpu 100 "$PY" benchmarks/moe_layer.py --quick --check ${MOE_IMPLS:+--impls "$MOE_IMPLS" --append} \
+    run_step moe_1gpu 100 "$PY" benchmarks/moe_layer.py --quick --check ${MOE_IMPLS:+--impls "$MOE_IMPLS"} --append \
         --out "$RES/moe_layer.json" \
         -- --device cpu --tiny
 }
