@@ -364,3 +364,30 @@ def test_recompute_permute_plans_pft_only_and_saves_memory():
     on = memory_estimate(cfg, lay, HW, 1, a)["peak_allocated"]
     off = memory_estimate(load_config("small", ["parallel.ep=1"]), lay, HW, 1, a)
     assert on < off["peak_allocated"]
+
+
+def test_gradient_summing_is_counted_by_hand():
+    """The micro-batches' gradients are summed over every local parameter: bf16 `.grad`
+    adds after the first micro-batch (3 x 2 bytes), fp32 accumulation every one (10 bytes)."""
+    from xmoectl.costmodel import local_params
+
+    a = Assumptions()
+    hw = replace(HW, hbm_tbs=2.0)
+    lay = Layout(tp=1, ep=2, dispatcher="pft", micro_batch=2)
+    for extra, by_hand in (
+        ([], lambda acc, p: (acc - 1) * 6 * p),
+        (["train.grad_accum_dtype=fp32"], lambda acc, p: acc * 10 * p),
+    ):
+        cfg = load_config("tiny", SMALL_SHAPE + ["train.global_batch=32"] + extra)
+        params = sum(local_params(cfg, lay))
+        t = time_estimate(cfg, lay, hw, 4, a)
+        accum = 32 // (2 * 4)
+        assert t["accumulation"] == accum
+        assert t["grad_accumulate"] == pytest.approx(by_hand(accum, params) / 2e12, rel=1e-12)
+        parts = ("dense", "attention", "experts", "dispatch", "all_to_all", "tensor_parallel")
+        whole = sum(t[k] for k in parts + ("grad_accumulate", "grad_reduce", "optimizer"))
+        assert t["step"] == pytest.approx(whole, rel=1e-12)
+    # a larger micro-batch sums fewer times
+    cfg = load_config("tiny", SMALL_SHAPE + ["train.global_batch=32"])
+    t4 = time_estimate(cfg, replace(lay, micro_batch=4), hw, 4, a)["grad_accumulate"]
+    assert t4 < time_estimate(cfg, lay, hw, 4, a)["grad_accumulate"]
