@@ -4,6 +4,7 @@ work to the forward module that caused it."""
 
 from __future__ import annotations
 
+import gc
 import json
 import os
 import subprocess
@@ -95,6 +96,7 @@ def _bench_and_loop(rank: int, world: int, tmp: str) -> None:
     dist.all_reduce(losses)
     cfg.train.log_interval = 1
     records = train(cfg, Path(tmp) / "loop")
+    assert gc.get_freeze_count() == 0  # the loop handed its frozen setup objects back
     if rank == 0:
         loop_losses = [r["loss"] for r in records]
         assert len(loop_losses) == 3

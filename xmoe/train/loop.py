@@ -163,15 +163,20 @@ def _window_record(
     }
 
 
-@contextlib.contextmanager
-def setup_frozen() -> Iterator[None]:
-    """Inside: what setup made (torch, DeepSpeed, the model: hundreds of thousands of
-    objects) is out of the cyclic collector's reach (`gc.freeze`), so its full collections
-    scan only what the steps create. Without it one walks them all at intervals: about
-    90 ms on a CPU here, during which the host queues no work and the GPU idles. On exit
-    they are handed back (a process that trains twice, as the tests do, frees them)."""
+def freeze_setup_objects() -> None:
+    """Put what setup made (torch, DeepSpeed, the model: hundreds of thousands of objects)
+    out of the cyclic collector's reach (`gc.freeze`), so that its full collections scan
+    only what the steps create. Without it one walks them all at intervals: about 90 ms
+    on a CPU, during which the host queues no work and the GPU idles. `gc.unfreeze()`
+    hands them back (a process that trains twice, as the tests do, then frees them)."""
     gc.collect()
     gc.freeze()
+
+
+@contextlib.contextmanager
+def setup_frozen() -> Iterator[None]:
+    """`freeze_setup_objects` for the block (the benchmarks' timed steps)."""
+    freeze_setup_objects()
     try:
         yield
     finally:
@@ -252,60 +257,55 @@ def train(
     last_step = t.steps if stop_after is None else min(t.steps, stop_after)
     watchdog = reliability.Watchdog(t.hang_timeout_s, pstate.rank).start(step)
     last_good: StepResult | None = None
-    with setup_frozen():
-        try:
-            while step < last_step:
-                guard.before_step(step + 1)
-                result = train_step(engine, data, model, accum, guard)
-                step += 1
-                guard.after_update()  # raises StopTraining after too many bad steps in a row
-                watchdog.beat(step)
-                if guard.skipped:
-                    window.skipped += 1
-                    if is_main:
-                        print(
-                            f"step {step}: non-finite loss, update skipped on every rank "
-                            f"({guard.bad_in_a_row} in a row, limit {t.max_bad_steps})",
-                            flush=True,
-                        )
-                else:
-                    last_good = result
-                    if cfg.moe.expert_bias:
-                        update_expert_bias(model, all_reduce_host(result.load_LE))
-                    window.add(result)
-                if step % t.log_interval == 0 or step == last_step:
-                    shown = last_good or result
-                    record = _window_record(window, step, shown, cfg, pstate, peak, device)
-                    writer.write(record)
-                    records.append(record)
-                    window = Window()
-                # the last step saves too, so a finished or stopped run can always be continued
-                saved = t.save_interval and (step % t.save_interval == 0 or step == last_step)
-                if saved or guard.stop_requested:
-                    save_checkpoint(
-                        engine,
-                        ckpt_dir,
-                        step,
-                        cfg.to_yaml(),
-                        data.state_dict(),
-                        pstate,
-                        t.keep_last,
+    freeze_setup_objects()
+    try:
+        while step < last_step:
+            guard.before_step(step + 1)
+            result = train_step(engine, data, model, accum, guard)
+            step += 1
+            guard.after_update()  # raises StopTraining after too many bad steps in a row
+            watchdog.beat(step)
+            if guard.skipped:
+                window.skipped += 1
+                if is_main:
+                    print(
+                        f"step {step}: non-finite loss, update skipped on every rank "
+                        f"({guard.bad_in_a_row} in a row, limit {t.max_bad_steps})",
+                        flush=True,
                     )
-                    window.t0 = time.perf_counter()  # saving is not training time
-                    watchdog.beat()
-                if guard.stop_requested and step < last_step:
-                    if is_main:
-                        reliability.write_requeue_marker(run_dir, step)
-                    raise reliability.StopTraining(
-                        reliability.EXIT_REQUEUE,
-                        f"requeue signal received: checkpoint written at step {step}; exiting "
-                        f"with {reliability.EXIT_REQUEUE} so the job runs again and resumes",
-                    )
-        except reliability.StopTraining as stop:
-            if is_main:
-                print(f"xmoe: {stop.message}", file=sys.stderr, flush=True)
-            raise
-        finally:
-            watchdog.stop()
-            writer.close()
+            else:
+                last_good = result
+                if cfg.moe.expert_bias:
+                    update_expert_bias(model, all_reduce_host(result.load_LE))
+                window.add(result)
+            if step % t.log_interval == 0 or step == last_step:
+                shown = last_good or result
+                record = _window_record(window, step, shown, cfg, pstate, peak, device)
+                writer.write(record)
+                records.append(record)
+                window = Window()
+            # the last step saves too, so a finished or stopped run can always be continued
+            saved = t.save_interval and (step % t.save_interval == 0 or step == last_step)
+            if saved or guard.stop_requested:
+                save_checkpoint(
+                    engine, ckpt_dir, step, cfg.to_yaml(), data.state_dict(), pstate, t.keep_last
+                )
+                window.t0 = time.perf_counter()  # saving is not training time
+                watchdog.beat()
+            if guard.stop_requested and step < last_step:
+                if is_main:
+                    reliability.write_requeue_marker(run_dir, step)
+                raise reliability.StopTraining(
+                    reliability.EXIT_REQUEUE,
+                    f"requeue signal received: checkpoint written at step {step}; exiting "
+                    f"with {reliability.EXIT_REQUEUE} so the job runs again and resumes",
+                )
+    except reliability.StopTraining as stop:
+        if is_main:
+            print(f"xmoe: {stop.message}", file=sys.stderr, flush=True)
+        raise
+    finally:
+        watchdog.stop()
+        writer.close()
+        gc.unfreeze()
     return records
