@@ -37,6 +37,7 @@ if HAVE_TRITON:
         hist_ptr,
         N,
         E,
+        NB,
         HAS_KEEP: tl.constexpr,
         BLOCK: tl.constexpr,
         E_PAD: tl.constexpr,
@@ -50,7 +51,7 @@ if HAVE_TRITON:
             ids = tl.where(keep != 0, ids, -1)
         e = tl.arange(0, E_PAD)
         onehot = (ids[:, None] == e[None, :]).to(tl.int32)
-        tl.store(hist_ptr + b * E + e, tl.sum(onehot, axis=0), mask=e < E)
+        tl.store(hist_ptr + e * NB + b, tl.sum(onehot, axis=0), mask=e < E)  # [E, NB]
 
     @kernel
     def _positions_kernel(
@@ -61,6 +62,7 @@ if HAVE_TRITON:
         slot_ptr,
         N,
         E,
+        NB,
         HAS_KEEP: tl.constexpr,
         BLOCK: tl.constexpr,
         E_PAD: tl.constexpr,
@@ -75,7 +77,7 @@ if HAVE_TRITON:
         e = tl.arange(0, E_PAD)
         onehot = (ids[:, None] == e[None, :]).to(tl.int64)
         rank = tl.cumsum(onehot, axis=0) - 1
-        base = tl.load(base_ptr + b * E + e, mask=e < E, other=0)
+        base = tl.load(base_ptr + e * NB + b, mask=e < E, other=0)
         pos = tl.sum(onehot * (rank + base[None, :]), axis=1)
         valid = m & (ids >= 0)
         pos = tl.where(valid, pos, -1)
@@ -134,22 +136,27 @@ def routing_metadata_triton(
     e_pad = max(16, next_pow2(E))
     block = max(16, min(1024, 16384 // e_pad))
     nb = max(1, triton.cdiv(N, block))
-    hist_BE = torch.zeros(nb, E, dtype=torch.int64, device=dev)
     dest_N = torch.empty(N, dtype=torch.int64, device=dev)
     slot_N = torch.zeros(N, dtype=torch.int64, device=dev)
     if N == 0:
-        return RoutingMeta(hist_BE.sum(0), dest_N.view(T, K), slot_N, K)
+        return RoutingMeta(
+            torch.zeros(E, dtype=torch.int64, device=dev), dest_N.view(T, K), slot_N, K
+        )
     has_keep = keep_TK is not None
+    # kept assignments per (expert, block), expert-major: every entry is written
+    hist_EB = torch.empty(E, nb, dtype=torch.int64, device=dev)
     _block_histogram_kernel[(nb,)](
-        ids_N, keep_N, hist_BE, N, E, HAS_KEEP=has_keep, BLOCK=block, E_PAD=e_pad
+        ids_N, keep_N, hist_EB, N, E, nb, HAS_KEEP=has_keep, BLOCK=block, E_PAD=e_pad
     )
-    counts_E = hist_BE.sum(0)
-    offsets_E = torch.cumsum(counts_E, 0) - counts_E
-    base_BE = (torch.cumsum(hist_BE, 0) - hist_BE + offsets_E[None, :]).contiguous()
+    # rows are grouped by expert, then by block: the first row of block b's assignments to
+    # expert e is the exclusive prefix sum of the histogram in that order (one scan)
+    flat = hist_EB.view(-1)
+    base_EB = torch.cumsum(flat, 0) - flat
     _positions_kernel[(nb,)](
-        ids_N, keep_N, base_BE, dest_N, slot_N, N, E, HAS_KEEP=has_keep, BLOCK=block, E_PAD=e_pad
-    )
-    return RoutingMeta(counts_E, dest_N.view(T, K), slot_N, K)
+        ids_N, keep_N, base_EB, dest_N, slot_N, N, E, nb,
+        HAS_KEEP=has_keep, BLOCK=block, E_PAD=e_pad,
+    )  # fmt: skip
+    return RoutingMeta(hist_EB.sum(1), dest_N.view(T, K), slot_N, K)
 
 
 def routing_metadata(
