@@ -11,7 +11,7 @@
 #   moe_profile              one pft layer (fwd+bwd) by kernel under torch.profiler, 1 GPU
 #   e2e_pft, e2e_deepspeed   benchmarks/e2e.py on 4 GPUs, small preset at $E2E_LAYERS layers,
 #                            micro-batch $E2E_MB, global batch $E2E_GB, $E2E_STEPS timed steps
-#                            (2); one profiled step each;
+#                            (4); one profiled step each;
 #                            pft runs the plain config, $E2E_VARIANT2 (dropless by default)
 #                            and, if set, $E2E_VARIANT3 and $E2E_VARIANT4 (comma-separated overrides)
 #   e2e_full                 pft, as many layers as fit (the whole preset on 2+ H200s)
@@ -118,7 +118,7 @@ E2E_SMOKE=(--device cpu --tiny --warmup 1 --steps 2 --profile-micro-batches 1)
 # e2e_pft / e2e_deepspeed: the two dispatchers side by side at one layer count that fits
 # both (pft also dropless); e2e_full: pft with as many of the preset's layers as fit
 E2E_COMPARE=(--layers "${E2E_LAYERS:-16}" --micro-batch "${E2E_MB:-4}" --global-batch "${E2E_GB:-128}"
-    --warmup 1 --steps "${E2E_STEPS:-2}" --profile --append --out "$RES/e2e.json")
+    --warmup 1 --steps "${E2E_STEPS:-4}" --profile --append --out "$RES/e2e.json")
 step_e2e_pft() {
     run_step e2e_pft 200 $TORCHRUN --nproc_per_node $NP4 benchmarks/e2e.py --dispatchers pft \
         "${E2E_COMPARE[@]}" --variant "" --variant "${E2E_VARIANT2:-moe.capacity_factor=null}" \
