@@ -10,6 +10,9 @@ gate weights, so DeepSpeed's own gate skews alike). Implementations (`impl` in t
                        the weights (and keeps the expert outputs), not the activation
   pft_recompute        pft with moe.recompute_permute=true: backward gathers the experts'
                        input rows again instead of keeping them (one GPU only)
+  pft_graphed          pft with its forward and backward captured as CUDA graphs
+                       (`torch.cuda.make_graphed_callables`; one GPU, dropless makes no
+                       host sync there): the layer's time without the host's launches
   padded               our GShard/DeepSpeed-style padded dispatcher, capacity factor 1.25
   deepspeed            deepspeed.moe.layer.MoE, capacity factor 1.25
   deepspeed_dropless   deepspeed.moe.layer.MoE, drop_tokens=False
@@ -76,6 +79,7 @@ SINGLE = [
     "pft",
     "pft_weighted_combine",
     "pft_recompute",
+    "pft_graphed",
     "padded",
     "deepspeed",
     "deepspeed_dropless",
@@ -143,6 +147,7 @@ def build_layer(impl: str, s: dict, ps, dev, dtype, w_gate) -> MoELayer:
         "pft": ("pft", None, ()),
         "pft_weighted_combine": ("pft", None, ("moe.fold_combine_weights=false",)),
         "pft_recompute": ("pft", None, ("moe.recompute_permute=true",)),
+        "pft_graphed": ("pft", None, ()),
         "padded": ("padded", 1.25, ()),
         "deepspeed": ("deepspeed", 1.25, ()),
         "deepspeed_dropless": ("deepspeed", None, ()),
@@ -156,6 +161,16 @@ def build_layer(impl: str, s: dict, ps, dev, dtype, w_gate) -> MoELayer:
         else:
             layer.router.weight_ED.copy_(w_gate)
     return layer
+
+
+def graphed_forward(layer: MoELayer, x: torch.Tensor):
+    """The layer's forward and backward captured once as CUDA graphs and replayed: what
+    the layer costs when the host launches nothing but two graphs. Needs a GPU and a
+    layer that never waits for the host (dropless PFT on one rank)."""
+    if x.device.type != "cuda":
+        raise ConfigError("pft_graphed: CUDA graphs need a GPU")
+    graphed = torch.cuda.make_graphed_callables(layer, (x,), num_warmup_iters=3)
+    return lambda: graphed(x)
 
 
 def torch_native_forward(layer: MoELayer, x_TD: torch.Tensor) -> torch.Tensor:
@@ -251,6 +266,8 @@ def run_impl(impl: str, routing: str, s: dict, ps, dev, dtype, args) -> dict:
             if impl == "torch_native"
             else (lambda: layer(x))
         )
+        if impl == "pft_graphed":
+            fwd = graphed_forward(layer, x)
 
         def step():
             layer.zero_grad(set_to_none=True)
@@ -275,6 +292,7 @@ def run_impl(impl: str, routing: str, s: dict, ps, dev, dtype, args) -> dict:
     if flops:
         case["tflops"] = round(flops / ms / 1e9, 1)
     if layer is not None and impl in ("pft", "pft_weighted_combine", "pft_recompute", "padded"):
+        # (not pft_graphed: its stats are those of the captured step)
         case["rows"] = int(max_over_ranks(layer.last_stats["dispatcher"].get("rows", 0.0), dev))
     if layer is not None and impl == "pft" and ps.world > 1:
         case.update({k: round(v, 3) for k, v in a2a_bandwidth(s, ps, x, layer, dev, args).items()})
@@ -432,6 +450,10 @@ def main(argv: list[str] | None = None) -> int:
                 case = {"gpus": world, "routing": routing, "impl": impl, "skipped": str(e)}
             except torch.OutOfMemoryError:
                 case = {"gpus": world, "routing": routing, "impl": impl, "skipped": "out of memory"}
+            except RuntimeError as e:  # a capture the GPU refuses: recorded, the rest still run
+                if impl != "pft_graphed":
+                    raise
+                case = {"gpus": world, "routing": routing, "impl": impl, "skipped": repr(e)[:300]}
             gc.collect()
             if rank == 0:
                 print(case, flush=True)
