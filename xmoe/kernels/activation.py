@@ -149,14 +149,14 @@ def act_config(F: int, gpu: bool) -> tuple[tuple[int, int, int], tuple[int, int,
     """((rows, BLOCK_F, warps) forward, the same backward) for width F.
     XMOE_ACT_CONFIG="16,128,4;32,128,4" overrides the GPU's (`moe_layer.py --sweep-act`);
     the interpreter takes small blocks so that the tests cover several per row."""
+    fit = max(16, next_pow2(F))  # no block wider than the row needs
     if not gpu:
-        block_f = min(128, max(16, next_pow2(F)))
+        block_f = min(128, fit)
         return (max(1, 2048 // block_f), block_f, 4), (32, block_f, 4)
     fwd, bwd = GPU_CONFIG
     override = os.environ.get("XMOE_ACT_CONFIG")
     if override:
         fwd, bwd = (tuple(int(v) for v in part.split(",")) for part in override.split(";"))
-    fit = max(16, next_pow2(F))  # no block wider than the row needs
     return (fwd[0], min(fwd[1], fit), fwd[2]), (bwd[0], min(bwd[1], fit), bwd[2])
 
 
