@@ -115,31 +115,9 @@ def cases(dev: torch.device, dtype: torch.dtype) -> dict:
         out = {
             "empty triton.jit kernel": lambda: _empty_raw[grid](buf, 1024, BLOCK=256),
             "empty kernel via backend.Kernel": lambda: _empty_wrapped[grid](buf, 1024, BLOCK=256),
-            **_compiled_launch(buf, grid),
             **out,
         }
     return out
-
-
-def _compiled_launch(buf: torch.Tensor, grid: tuple) -> dict:
-    """The empty kernel launched through its compiled object, skipping `JITFunction.run`'s
-    argument binding and cache lookup (what a launch cache would save); {} when this
-    Triton's `CompiledKernel` takes its arguments otherwise."""
-    try:
-        compiled = _empty_raw.warmup(buf, 1024, BLOCK=256, grid=grid)
-        launch = compiled[grid]
-    except Exception as e:  # the API moves between Triton versions
-        print(f"compiled-kernel launch not available: {e!r}"[:200], flush=True)
-        return {}
-    for args in ((buf, 1024, 256), (buf, 1024)):
-        try:
-            launch(*args)
-            torch.cuda.synchronize()
-            name = f"empty kernel, CompiledKernel launch ({len(args)} args)"
-            return {name: lambda args=args: launch(*args)}
-        except Exception as e:
-            print(f"compiled launch with {len(args)} args: {e!r}"[:200], flush=True)
-    return {}
 
 
 def main(argv: list[str] | None = None) -> int:
