@@ -13,6 +13,8 @@ gate weights, so DeepSpeed's own gate skews alike). Implementations (`impl` in t
   pft_graphed          pft with its forward and backward captured as CUDA graphs
                        (`torch.cuda.make_graphed_callables`; one GPU, dropless makes no
                        host sync there): the layer's time without the host's launches
+  pft_overlap          pft with moe.overlap_ep=true: the own rows' experts run while the
+                       other ranks' rows are exchanged (EP > 1 only)
   padded               our GShard/DeepSpeed-style padded dispatcher, capacity factor 1.25
   deepspeed            deepspeed.moe.layer.MoE, capacity factor 1.25
   deepspeed_dropless   deepspeed.moe.layer.MoE, drop_tokens=False
@@ -88,7 +90,14 @@ SINGLE = [
     "torch_grouped_mm",
     "triton_grouped_gemm",
 ]
-EP_IMPLS = ["pft", "pft_weighted_combine", "padded", "deepspeed", "deepspeed_dropless"]
+EP_IMPLS = [
+    "pft",
+    "pft_overlap",
+    "pft_weighted_combine",
+    "padded",
+    "deepspeed",
+    "deepspeed_dropless",
+]
 SKEW_SCALE = 4.0  # size of the shared input component that carries the per-expert logit bias
 
 
@@ -148,6 +157,7 @@ def build_layer(impl: str, s: dict, ps, dev, dtype, w_gate) -> MoELayer:
         "pft_weighted_combine": ("pft", None, ("moe.fold_combine_weights=false",)),
         "pft_recompute": ("pft", None, ("moe.recompute_permute=true",)),
         "pft_graphed": ("pft", None, ()),
+        "pft_overlap": ("pft", None, ("moe.overlap_ep=true",)),
         "padded": ("padded", 1.25, ()),
         "deepspeed": ("deepspeed", 1.25, ()),
         "deepspeed_dropless": ("deepspeed", None, ()),
@@ -291,7 +301,13 @@ def run_impl(impl: str, routing: str, s: dict, ps, dev, dtype, args) -> dict:
     }
     if flops:
         case["tflops"] = round(flops / ms / 1e9, 1)
-    if layer is not None and impl in ("pft", "pft_weighted_combine", "pft_recompute", "padded"):
+    if layer is not None and impl in (
+        "pft",
+        "pft_overlap",
+        "pft_weighted_combine",
+        "pft_recompute",
+        "padded",
+    ):
         # (not pft_graphed: its stats are those of the captured step)
         case["rows"] = int(max_over_ranks(layer.last_stats["dispatcher"].get("rows", 0.0), dev))
     if layer is not None and impl == "pft" and ps.world > 1:

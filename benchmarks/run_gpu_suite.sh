@@ -140,7 +140,7 @@ step_moe_1gpu() {
         -- --device cpu --tiny
 }
 step_moe_2gpu() {
-    run_step moe_2gpu 70 $TORCHRUN --nproc_per_node 2 benchmarks/moe_layer.py --quick \
+    run_step moe_2gpu 90 $TORCHRUN --nproc_per_node 2 benchmarks/moe_layer.py --quick \
         ${MOE_IMPLS:+--impls "$MOE_IMPLS"} --out "$RES/moe_layer.json" --append -- --device cpu --tiny
 }
 step_moe_4gpu() {

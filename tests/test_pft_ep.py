@@ -27,12 +27,13 @@ CASES = [
 ]
 
 
-def _layers(dispatcher, overrides, W, state):
+def _layers(dispatcher, overrides, W, state, extra=()):
     torch.manual_seed(5)
     ref = MoELayer(load_config("tiny", [*BASE, *overrides])).double()
     ep = MoELayer(
         load_config(
-            "tiny", [*BASE, *overrides, f"moe.dispatcher={dispatcher}", f"parallel.ep={W}"]
+            "tiny",
+            [*BASE, *overrides, f"moe.dispatcher={dispatcher}", f"parallel.ep={W}", *extra],
         ),
         state,
     ).double()
@@ -45,11 +46,11 @@ def _layers(dispatcher, overrides, W, state):
     return ref, ep, lo, El
 
 
-def _check(rank, W, dispatcher):
+def _check(rank, W, dispatcher, extra=()):
     state = create_parallel_state(load_config("tiny", [*BASE, f"parallel.ep={W}"]), rank, W)
     for case_id, (overrides, tokens, routing) in enumerate(CASES):
         tokens = tokens[:W]
-        ref, ep, lo, El = _layers(dispatcher, overrides, W, state)
+        ref, ep, lo, El = _layers(dispatcher, overrides, W, state, extra)
         g = torch.Generator().manual_seed(100 + case_id)
         xs = [torch.randn(T, D, generator=g, dtype=torch.float64) for T in tokens]
         gys = [torch.randn(T, D, generator=g, dtype=torch.float64) for T in tokens]
@@ -66,7 +67,7 @@ def _check(rank, W, dispatcher):
         x = xs[rank].clone().requires_grad_()
         y = ep(x)
         (y * gys[rank]).sum().backward()
-        tag = f"{dispatcher} case {case_id} rank {rank}/{W}"
+        tag = f"{dispatcher} {' '.join(extra)} case {case_id} rank {rank}/{W}"
         torch.testing.assert_close(y, ys[rank], msg=tag)
         torch.testing.assert_close(x.grad, xr[rank].grad, msg=tag)
         ref_params = dict(ref.named_parameters())
@@ -85,3 +86,41 @@ def _check(rank, W, dispatcher):
 @pytest.mark.parametrize("dispatcher,world", [("pft", 2), ("pft", 4), ("padded", 2)])
 def test_ep_equals_single_rank(dispatcher, world):
     run_ranks(world, _check, dispatcher)
+
+
+@pytest.mark.parametrize("world", [2, 4])
+def test_ep_overlap_equals_single_rank(world):
+    """moe.overlap_ep: the own rows' experts run while the others' rows are exchanged (the
+    exchanges leave the own rows out); same outputs and gradients as one rank, including
+    a rank whose experts get no rows and a rank with no tokens."""
+    run_ranks(world, _check, "pft", ["moe.overlap_ep=true"])
+    run_ranks(world, _check, "pft", ["moe.overlap_ep=true", "moe.fold_combine_weights=false"])
+
+
+def _forward_order(rank, W):
+    from xmoe.moe import pft
+
+    state = create_parallel_state(load_config("tiny", [*BASE, f"parallel.ep={W}"]), rank, W)
+    over = [*BASE, "moe.dispatcher=pft", f"parallel.ep={W}", "moe.overlap_ep=true"]
+    layer = MoELayer(load_config("tiny", over), state).double()
+    log = []
+    start, wait = pft._Exchange.start, pft._Exchange.wait
+    pft._Exchange.start = lambda self, x, forward: (
+        log.append(("start", x.shape[0])),
+        start(self, x, forward),
+    )[1]  # noqa: E501
+    pft._Exchange.wait = lambda self: (log.append(("wait",)), wait(self))[1]
+    experts = layer.experts.forward
+    layer.experts.forward = lambda x, *a: (log.append(("experts", x.shape[0])), experts(x, *a))[1]
+    x = torch.randn(12, D, dtype=torch.float64, generator=torch.Generator().manual_seed(rank))
+    layer(x)
+    st_rows = layer.last_stats["dispatcher"]
+    own = int(st_rows["sent_rows"] - st_rows["a2a_bytes"] / (D * 8))
+    # the exchange starts with the other ranks' rows only, the own rows' experts run before
+    # anything waits for it, the others' after
+    assert [e[0] for e in log] == ["start", "experts", "wait", "experts"], log
+    assert log[0][1] == st_rows["sent_rows"] - own and log[1][1] == own, (log, st_rows)
+
+
+def test_ep_overlap_forward_order():
+    run_ranks(2, _forward_order)

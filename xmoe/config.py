@@ -79,6 +79,10 @@ class MoEConfig:
     # gather of the layer input, which the router keeps anyway) instead of keeping them,
     # saving rows x hidden of activation memory per MoE layer
     recompute_permute: bool = False
+    # pft with parallel.ep > 1: compute this rank's own rows' experts (on a side stream on a
+    # GPU) while the other ranks' rows are exchanged, in forward and in backward
+    # (xmoe.moe.pft); no effect with ep = 1
+    overlap_ep: bool = False
 
     @property
     def dropless(self) -> bool:
@@ -386,6 +390,10 @@ def validate(cfg: Config, world_size: int | None = None) -> None:
         raise ConfigError(
             "moe.recompute_permute=true needs moe.dispatcher=pft and parallel.ep=1 (with EP "
             "the rows arrive by all-to-all and cannot be rebuilt locally): set it false"
+        )
+    if e.overlap_ep and e.dispatcher != "pft":
+        raise ConfigError(
+            f"moe.overlap_ep=true needs moe.dispatcher=pft (got {e.dispatcher}): set it false"
         )
     if p.zero_stage not in (0, 1, 2):
         raise ConfigError(f"parallel.zero_stage={p.zero_stage} must be 0, 1 or 2")

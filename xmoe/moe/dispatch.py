@@ -63,5 +63,12 @@ class Dispatcher(nn.Module):
     def dispatch(self, x_TD: torch.Tensor, routing: Routing) -> Dispatched:
         raise NotImplementedError
 
+    def run_experts(self, experts: nn.Module, dispatched: Dispatched) -> torch.Tensor:
+        """The experts' outputs for `dispatched.x_RD`, in its row order. A dispatcher that
+        interleaves its exchanges with the expert computation (`pft` with
+        `moe.overlap_ep`) runs the experts itself here."""
+        d = dispatched
+        return experts(d.x_RD, d.counts_El, d.weights_R, d.x_source)
+
     def combine(self, y_RD: torch.Tensor, dispatched: Dispatched) -> torch.Tensor:
         raise NotImplementedError

@@ -127,9 +127,7 @@ class MoELayer(nn.Module):
         else:
             r = self.router(x_TD)
             dispatched = self.dispatcher.dispatch(x_TD, r.routing)
-            y_RD = self.experts(
-                dispatched.x_RD, dispatched.counts_El, dispatched.weights_R, dispatched.x_source
-            )
+            y_RD = self.dispatcher.run_experts(self.experts, dispatched)
             out_TD = self.dispatcher.combine(y_RD, dispatched)
             self.last_aux_loss, self.last_z_loss = r.aux_loss, r.z_loss
             self.last_stats = {

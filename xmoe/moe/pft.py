@@ -15,6 +15,18 @@ then (token, k): the order RBD reproduces. For backward only index tensors and s
 lists are kept: the experts scale each row by its combine weight inside their activation
 (`moe.fold_combine_weights`, on by default), so the combine is a plain sum that does
 not need the expert outputs; with it off, the combine keeps them for the weights' gradient.
+
+`moe.overlap_ep` (EP > 1) lays the send buffer out with this rank's own rows last, so
+the exchanges move only the other ranks' rows (the own rows never enter the
+all-to-all), and runs the experts on the own rows while those exchanges are in flight:
+  forward   start the dispatch exchange; own rows' experts; wait; others' experts;
+            return exchange (the own outputs are copied into place beside it)
+  backward  start the return exchange's backward; own rows' experts backward (a side
+            stream on a GPU, whose work autograd replays there); wait; the others'
+            backward; the dispatch exchange's backward
+Each wait is made by the first operation that reads the exchanged rows, so the work
+queued in between overlaps the exchange. The own and the other rows use the same expert
+weights, whose two gradients autograd adds.
 """
 
 from __future__ import annotations
@@ -123,6 +135,8 @@ class PFTDispatcher(Dispatcher):
         self.recompute = cfg.moe.recompute_permute
         self.group = None if parallel_state is None else parallel_state.ep_group
         self.ep = 1 if parallel_state is None else parallel_state.ep
+        self.overlap = cfg.moe.overlap_ep and self.ep > 1
+        self._streams: dict[Any, Any] = {}
         if self.ep > 1 and group_size(self.group) != self.ep:
             raise ValueError(
                 f"PFTDispatcher: parallel.ep={self.ep} but the EP process group has "
@@ -132,6 +146,8 @@ class PFTDispatcher(Dispatcher):
     def dispatch(self, x_TD: torch.Tensor, routing: Routing) -> Dispatched:
         E, W = self.num_experts, self.ep
         El = E // W
+        if self.overlap:
+            return self._dispatch_overlapped(x_TD, routing)
         meta = routing_metadata(routing.topk_ids_TK, routing.keep_TK, E)
         if W == 1 and routing.keep_TK is None:
             return self._dispatch_static(x_TD, routing, meta)
@@ -225,6 +241,9 @@ class PFTDispatcher(Dispatcher):
         return routing.topk_weights_TK.reshape(-1).index_select(0, slot_S)
 
     def combine(self, y_RD: torch.Tensor, dispatched: Dispatched) -> torch.Tensor:
+        if isinstance(dispatched.state, _OverlapState):
+            st = dispatched.state  # y_RD is already in the send buffer's order (run_experts)
+            return combine(y_RD, st.weights_TK, st.src_slot_S, st.dest_row_TK)
         st: PFTState = dispatched.state
         if st.regroup is not None:
             idx_R, inv_R = st.regroup
@@ -232,7 +251,230 @@ class PFTDispatcher(Dispatcher):
         y_SD = all_to_all_uneven(y_RD, st.recv_splits, st.send_splits, self.group)
         return combine(y_SD, st.weights_TK, st.src_slot_S, st.dest_row_TK)
 
+    # ------------------------------------------------------------------ moe.overlap_ep
+
+    def _self_last(self, device) -> torch.Tensor:
+        """Global expert id -> its position when this rank's experts come last and the
+        other ranks' keep their order: the send buffer's layout under `overlap_ep`."""
+        W, El, me = self.ep, self.num_experts // self.ep, self._rank()
+        order = [w for w in range(W) if w != me] + [me]
+        pos = [0] * self.num_experts
+        for slot, w in enumerate(order):
+            for e in range(El):
+                pos[w * El + e] = slot * El + e
+        return torch.tensor(pos, dtype=torch.int64).to(device)
+
+    def _dispatch_overlapped(self, x_TD: torch.Tensor, routing: Routing) -> Dispatched:
+        """Counts, the one host sync and the send buffer; no rows move yet (`run_experts`)."""
+        E, W, me = self.num_experts, self.ep, self._rank()
+        El = E // W
+        pos_E = self._self_last(routing.topk_ids_TK.device)
+        meta = routing_metadata(pos_E[routing.topk_ids_TK], routing.keep_TK, E)
+        counts_E = meta.counts_E.index_select(0, pos_E)  # back to global expert order
+        recv_WEl = exchange_counts(counts_E, self.group)
+        counts_to_host = _to_host_async(torch.cat([counts_E, recv_WEl.reshape(-1)]))
+        rows_ND = gather_rows(
+            x_TD.detach(), meta.src_slot_N, meta.top_k, n_rows=meta.counts_E.sum()
+        )
+        host = counts_to_host()  # the one host sync
+        send = [sum(host[w * El : (w + 1) * El]) for w in range(W)]
+        counts_WEl = [host[E + w * El : E + (w + 1) * El] for w in range(W)]
+        recv = [sum(c) for c in counts_WEl]
+        S, own = sum(send), send[me]
+        slot_S = meta.src_slot_N[:S]
+        x_SD = attach_gathered(x_TD, rows_ND[:S], meta.dest_row_TK)
+        w_S = self._row_weights(routing, slot_S)
+        others = [counts_WEl[w] for w in range(W) if w != me]
+        send_o = [0 if w == me else n for w, n in enumerate(send)]
+        recv_o = [0 if w == me else n for w, n in enumerate(recv)]
+        plan = _Exchange(send_o, recv_o, self.group)
+        regroup = None
+        if W > 2 and El > 1:
+            regroup = _chunk_permutation(others, x_TD.device)
+        st = _OverlapState(
+            meta.dest_row_TK, slot_S, None if w_S is not None else routing.topk_weights_TK,
+            plan, own, counts_WEl[me], [sum(c[e] for c in others) for e in range(El)], regroup,
+        )  # fmt: skip
+        row_bytes = x_TD.shape[1] * x_TD.element_size()
+        stats = {
+            "rows": float(sum(recv)),
+            "sent_rows": float(S),
+            "a2a_bytes": float(row_bytes * (S - own)),
+        }
+        return Dispatched(x_SD, counts_WEl[me], st, stats, w_S, None)
+
+    def run_experts(self, experts: torch.nn.Module, dispatched: Dispatched) -> torch.Tensor:
+        st = dispatched.state
+        if not isinstance(st, _OverlapState):
+            return super().run_experts(experts, dispatched)
+        x_SD, w_S, plan = dispatched.x_RD, dispatched.weights_R, st.plan
+        n_other = x_SD.shape[0] - st.own
+        w_src = w_own = None
+        if w_S is not None:  # the rows' combine weights first: small, and done at once
+            w_src = all_to_all_uneven(w_S[:n_other], plan.send, plan.recv, plan.group)
+            w_own = w_S[n_other:]
+        # the other ranks' rows start moving; nothing waits for them yet
+        x_src = plan.start(x_SD[:n_other].detach(), forward=True)
+        x_oth, x_own = _DispatchExchange.apply(x_SD, x_src, plan)
+        side = self._side_stream(x_SD)
+        if side is not None:  # the own rows' experts beside the exchange, forward and backward
+            side.wait_stream(torch.cuda.current_stream())
+            with torch.cuda.stream(side):
+                y_own = experts(x_own, st.counts_own, w_own)
+        else:
+            y_own = experts(x_own, st.counts_own, w_own)
+        x_rem = _WaitThenRegroup.apply(x_oth, plan, st.regroup)  # waits for the exchange
+        if w_src is not None and st.regroup is not None:
+            w_src = w_src.index_select(0, st.regroup[0])
+        y_rem = experts(x_rem, st.counts_other, w_src)
+        if side is not None:
+            torch.cuda.current_stream().wait_stream(side)
+            y_own.record_stream(torch.cuda.current_stream())
+        y_src = _RegroupBack.apply(y_rem, plan, st.regroup)
+        return _ReturnExchange.apply(y_own, y_src, plan)
+
+    def _side_stream(self, x: torch.Tensor):
+        if not x.is_cuda:
+            return None
+        stream = self._streams.get(x.device)
+        if stream is None:
+            stream = self._streams[x.device] = torch.cuda.Stream(x.device)
+        return stream
+
     def _rank(self) -> int:
         import torch.distributed as dist
 
         return dist.get_rank(self.group)
+
+
+# ---------------------------------------------------------------------- moe.overlap_ep
+
+
+@dataclass
+class _OverlapState:
+    """What `run_experts` and combine need when the own rows stay out of the exchanges."""
+
+    dest_row_TK: torch.Tensor
+    src_slot_S: torch.Tensor
+    weights_TK: torch.Tensor | None
+    plan: _Exchange
+    own: int  # this rank's own rows: the last `own` rows of the send buffer
+    counts_own: list[int]  # own rows per local expert
+    counts_other: list[int]  # the other ranks' rows per local expert
+    regroup: tuple[torch.Tensor, torch.Tensor] | None  # (source, expert) -> (expert, source)
+
+
+class _Exchange:
+    """One layer's uneven all-to-all of the other ranks' rows, started in one autograd
+    node and waited for in another: forward (send -> recv splits) and backward (the
+    reverse), each at most once in flight."""
+
+    def __init__(self, send: list[int], recv: list[int], group: Any) -> None:
+        self.send, self.recv, self.group = send, recv, group
+        self._work = None
+
+    def start(self, x_ND: torch.Tensor, forward: bool) -> torch.Tensor:
+        """Start exchanging `x_ND`'s rows; the result may be read only after `wait`."""
+        import torch.distributed as dist
+
+        send, recv = (self.send, self.recv) if forward else (self.recv, self.send)
+        self._work = None
+        if sum(send) == 0 or sum(recv) == 0:
+            # every rank still takes part (a skipped collective would hang the others);
+            # an empty side is padded with one row (`all_to_all_uneven`): done at once
+            return all_to_all_uneven(x_ND.contiguous(), send, recv, self.group)
+        out = x_ND.new_empty(sum(recv), *x_ND.shape[1:])
+        self._work = dist.all_to_all_single(
+            out, x_ND.contiguous(), recv, send, group=self.group, async_op=True
+        )
+        return out
+
+    def wait(self) -> None:
+        if self._work is not None:
+            self._work.wait()  # on a GPU: the current stream waits, not the host
+            self._work = None
+
+
+class _DispatchExchange(torch.autograd.Function):
+    """x_SD -> (the other ranks' rows as received, still in flight; the own rows).
+
+    The exchange itself was started by `_Exchange.start` on x_SD's first rows; this node
+    carries the gradient: backward exchanges the received rows' gradient back and puts
+    the own rows' gradient after it."""
+
+    @staticmethod
+    def forward(ctx, x_SD, x_src, plan):
+        ctx.plan = plan
+        return x_src, x_SD[sum(plan.send) :]
+
+    @staticmethod
+    def backward(ctx, g_src, g_own):
+        plan = ctx.plan
+        n_other = sum(plan.send)
+        g_oth = all_to_all_uneven(g_src.contiguous(), plan.recv, plan.send, plan.group)
+        g_SD = g_oth.new_empty(n_other + g_own.shape[0], *g_oth.shape[1:])
+        g_SD[:n_other] = g_oth
+        g_SD[n_other:] = g_own
+        return g_SD, None, None
+
+
+class _WaitThenRegroup(torch.autograd.Function):
+    """Waits for the dispatch exchange, then orders its rows by local expert (from
+    (source rank, expert)); backward applies the inverse order."""
+
+    @staticmethod
+    def forward(ctx, x_src, plan, regroup):
+        plan.wait()
+        ctx.regroup = regroup
+        if regroup is None:
+            return x_src.view_as(x_src)
+        return gather_rows(x_src, regroup[0], 1)
+
+    @staticmethod
+    def backward(ctx, g_rem):
+        if ctx.regroup is None:
+            return g_rem, None, None
+        return gather_rows(g_rem.contiguous(), ctx.regroup[1], 1), None, None
+
+
+class _RegroupBack(torch.autograd.Function):
+    """The other ranks' rows' outputs from (local expert, source rank) back to (source
+    rank, expert) order. Its backward is the first operation on the exchanged gradient:
+    it waits for the exchange `_ReturnExchange`'s backward started."""
+
+    @staticmethod
+    def forward(ctx, y_rem, plan, regroup):
+        ctx.plan, ctx.regroup = plan, regroup
+        if regroup is None:
+            return y_rem.view_as(y_rem)
+        return gather_rows(y_rem, regroup[1], 1)
+
+    @staticmethod
+    def backward(ctx, g_src):
+        ctx.plan.wait()
+        if ctx.regroup is None:
+            return g_src, None, None
+        return gather_rows(g_src.contiguous(), ctx.regroup[0], 1), None, None
+
+
+class _ReturnExchange(torch.autograd.Function):
+    """(own rows' outputs, the other ranks' rows' outputs by source rank) -> the outputs in
+    the send buffer's order: the others' go home by the exchange, the own ones are placed
+    last. Backward starts the exchange of the others' gradient and returns at once: the
+    own rows' gradient needs no exchange, so their experts' backward runs while it is in
+    flight (`_RegroupBack` waits for it)."""
+
+    @staticmethod
+    def forward(ctx, y_own, y_src, plan):
+        ctx.plan = plan
+        y_oth = all_to_all_uneven(y_src.contiguous(), plan.recv, plan.send, plan.group)
+        y_SD = y_oth.new_empty(y_oth.shape[0] + y_own.shape[0], *y_oth.shape[1:])
+        y_SD[: y_oth.shape[0]] = y_oth
+        y_SD[y_oth.shape[0] :] = y_own
+        return y_SD
+
+    @staticmethod
+    def backward(ctx, g_SD):
+        n_other = sum(ctx.plan.send)
+        g_src = ctx.plan.start(g_SD[:n_other], forward=True)
+        return g_SD[n_other:], g_src, None
