@@ -319,6 +319,9 @@ class PFTDispatcher(Dispatcher):
         side = self._side_stream(x_SD)
         if side is not None:  # the own rows' experts beside the exchange, forward and backward
             side.wait_stream(torch.cuda.current_stream())
+            x_SD.record_stream(side)  # kept for their backward, which runs on `side` too
+            if w_S is not None:
+                w_S.record_stream(side)
             with torch.cuda.stream(side):
                 y_own = experts(x_own, st.counts_own, w_own)
         else:
