@@ -137,6 +137,7 @@ class PFTDispatcher(Dispatcher):
         self.ep = 1 if parallel_state is None else parallel_state.ep
         self.overlap = cfg.moe.overlap_ep and self.ep > 1
         self._streams: dict[Any, Any] = {}
+        self._positions: dict[Any, torch.Tensor] = {}
         if self.ep > 1 and group_size(self.group) != self.ep:
             raise ValueError(
                 f"PFTDispatcher: parallel.ep={self.ep} but the EP process group has "
@@ -255,14 +256,18 @@ class PFTDispatcher(Dispatcher):
 
     def _self_last(self, device) -> torch.Tensor:
         """Global expert id -> its position when this rank's experts come last and the
-        other ranks' keep their order: the send buffer's layout under `overlap_ep`."""
-        W, El, me = self.ep, self.num_experts // self.ep, self._rank()
-        order = [w for w in range(W) if w != me] + [me]
-        pos = [0] * self.num_experts
-        for slot, w in enumerate(order):
-            for e in range(El):
-                pos[w * El + e] = slot * El + e
-        return torch.tensor(pos, dtype=torch.int64).to(device)
+        other ranks' keep their order: the send buffer's layout under `overlap_ep`
+        (made once per device)."""
+        pos_E = self._positions.get(device)
+        if pos_E is None:
+            W, El, me = self.ep, self.num_experts // self.ep, self._rank()
+            order = [w for w in range(W) if w != me] + [me]
+            pos = [0] * self.num_experts
+            for slot, w in enumerate(order):
+                for e in range(El):
+                    pos[w * El + e] = slot * El + e
+            pos_E = self._positions[device] = host_to_device(pos, device)
+        return pos_E
 
     def _dispatch_overlapped(self, x_TD: torch.Tensor, routing: Routing) -> Dispatched:
         """Counts, the one host sync and the send buffer; no rows move yet (`run_experts`)."""
@@ -314,7 +319,7 @@ class PFTDispatcher(Dispatcher):
             w_src = all_to_all_uneven(w_S[:n_other], plan.send, plan.recv, plan.group)
             w_own = w_S[n_other:]
         # the other ranks' rows start moving; nothing waits for them yet
-        x_src = plan.start(x_SD[:n_other].detach(), forward=True)
+        x_src = plan.start(x_SD[:n_other].detach())
         x_oth, x_own = _DispatchExchange.apply(x_SD, x_src, plan)
         side = self._side_stream(x_SD)
         if side is not None:  # the own rows' experts beside the exchange, forward and backward
@@ -368,19 +373,19 @@ class _OverlapState:
 
 
 class _Exchange:
-    """One layer's uneven all-to-all of the other ranks' rows, started in one autograd
-    node and waited for in another: forward (send -> recv splits) and backward (the
-    reverse), each at most once in flight."""
+    """One layer's uneven all-to-all of the other ranks' rows (send -> recv splits), started
+    in one autograd node and waited for in another: the rows in forward, their outputs'
+    gradient in backward, one at a time."""
 
     def __init__(self, send: list[int], recv: list[int], group: Any) -> None:
         self.send, self.recv, self.group = send, recv, group
         self._work = None
 
-    def start(self, x_ND: torch.Tensor, forward: bool) -> torch.Tensor:
+    def start(self, x_ND: torch.Tensor) -> torch.Tensor:
         """Start exchanging `x_ND`'s rows; the result may be read only after `wait`."""
         import torch.distributed as dist
 
-        send, recv = (self.send, self.recv) if forward else (self.recv, self.send)
+        send, recv = self.send, self.recv
         self._work = None
         if sum(send) == 0 or sum(recv) == 0:
             # every rank still takes part (a skipped collective would hang the others);
@@ -479,5 +484,5 @@ class _ReturnExchange(torch.autograd.Function):
     @staticmethod
     def backward(ctx, g_SD):
         n_other = sum(ctx.plan.send)
-        g_src = ctx.plan.start(g_SD[:n_other], forward=True)
+        g_src = ctx.plan.start(g_SD[:n_other])
         return g_SD[n_other:], g_src, None
