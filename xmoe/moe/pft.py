@@ -45,7 +45,12 @@ from xmoe.kernels.grouped_gemm import CountsWithOffsets, DeviceCounts, RowSource
 from xmoe.kernels.permute import attach_gathered, gather_rows, permute
 from xmoe.kernels.routing import routing_metadata
 from xmoe.moe.dispatch import Dispatched, Dispatcher, Routing
-from xmoe.parallel.collectives import all_to_all_uneven, exchange_counts, group_size
+from xmoe.parallel.collectives import (
+    all_to_all_uneven,
+    exchange_counts,
+    exchange_rows,
+    group_size,
+)
 
 
 class _RowPermutation(torch.autograd.Function):
@@ -94,6 +99,17 @@ def _chunk_permutation(counts_WEl: list[list[int]], device) -> tuple[torch.Tenso
         return torch.repeat_interleave(s, n, output_size=R) + torch.arange(R, device=device)
 
     return build(shift, sizes), build(inv_shift, inv_sizes)
+
+
+def _split_counts(host: list[int], W: int) -> tuple[list[int], list[list[int]], list[int]]:
+    """From [this rank's rows per global expert, then counts_WEl flattened] (host ints):
+    rows sent to each rank, rows each rank sends to each local expert, rows received
+    from each rank."""
+    E = len(host) // 2
+    El = E // W
+    send = [sum(host[w * El : (w + 1) * El]) for w in range(W)]
+    counts_WEl = [host[E + w * El : E + (w + 1) * El] for w in range(W)]
+    return send, counts_WEl, [sum(c) for c in counts_WEl]
 
 
 def _to_host_async(counts: torch.Tensor) -> Callable[[], list[int]]:
@@ -179,9 +195,7 @@ class PFTDispatcher(Dispatcher):
             send = recv = [sum(counts_El)]
             counts_WEl = [counts_El]
         else:
-            send = [sum(host[w * El : (w + 1) * El]) for w in range(W)]
-            counts_WEl = [host[E + w * El : E + (w + 1) * El] for w in range(W)]
-            recv = [sum(c) for c in counts_WEl]
+            send, counts_WEl, recv = _split_counts(host, W)
             counts_El = [sum(counts_WEl[w][e] for w in range(W)) for e in range(El)]
 
         slot_S = meta.src_slot_N[: sum(send)]
@@ -281,10 +295,7 @@ class PFTDispatcher(Dispatcher):
         rows_ND = gather_rows(
             x_TD.detach(), meta.src_slot_N, meta.top_k, n_rows=meta.counts_E.sum()
         )
-        host = counts_to_host()  # the one host sync
-        send = [sum(host[w * El : (w + 1) * El]) for w in range(W)]
-        counts_WEl = [host[E + w * El : E + (w + 1) * El] for w in range(W)]
-        recv = [sum(c) for c in counts_WEl]
+        send, counts_WEl, recv = _split_counts(counts_to_host(), W)  # the one host sync
         S, own = sum(send), send[me]
         slot_S = meta.src_slot_N[:S]
         x_SD = attach_gathered(x_TD, rows_ND[:S], meta.dest_row_TK)
@@ -331,15 +342,17 @@ class PFTDispatcher(Dispatcher):
                 y_own = experts(x_own, st.counts_own, w_own)
         else:
             y_own = experts(x_own, st.counts_own, w_own)
-        x_rem = _WaitThenRegroup.apply(x_oth, plan, st.regroup)  # waits for the exchange
+        plan.wait()  # the others' rows are read from here on
+        x_rem = x_oth if st.regroup is None else _RowPermutation.apply(x_oth, *st.regroup)
         if w_src is not None and st.regroup is not None:
             w_src = w_src.index_select(0, st.regroup[0])
         y_rem = experts(x_rem, st.counts_other, w_src)
         if side is not None:
             torch.cuda.current_stream().wait_stream(side)
             y_own.record_stream(torch.cuda.current_stream())
-        y_src = _RegroupBack.apply(y_rem, plan, st.regroup)
-        return _ReturnExchange.apply(y_own, y_src, plan)
+        if st.regroup is not None:  # back to (source rank, expert) order
+            y_rem = _RowPermutation.apply(y_rem, st.regroup[1], st.regroup[0])
+        return _ReturnExchange.apply(y_own, _WaitInBackward.apply(y_rem, plan), plan)
 
     def _side_stream(self, x: torch.Tensor):
         if not x.is_cuda:
@@ -383,18 +396,7 @@ class _Exchange:
 
     def start(self, x_ND: torch.Tensor) -> torch.Tensor:
         """Start exchanging `x_ND`'s rows; the result may be read only after `wait`."""
-        import torch.distributed as dist
-
-        send, recv = self.send, self.recv
-        self._work = None
-        if sum(send) == 0 or sum(recv) == 0:
-            # every rank still takes part (a skipped collective would hang the others);
-            # an empty side is padded with one row (`all_to_all_uneven`): done at once
-            return all_to_all_uneven(x_ND.contiguous(), send, recv, self.group)
-        out = x_ND.new_empty(sum(recv), *x_ND.shape[1:])
-        self._work = dist.all_to_all_single(
-            out, x_ND.contiguous(), recv, send, group=self.group, async_op=True
-        )
+        out, self._work = exchange_rows(x_ND, self.send, self.recv, self.group, async_op=True)
         return out
 
     def wait(self) -> None:
@@ -419,50 +421,25 @@ class _DispatchExchange(torch.autograd.Function):
     def backward(ctx, g_src, g_own):
         plan = ctx.plan
         n_other = sum(plan.send)
-        g_oth = all_to_all_uneven(g_src.contiguous(), plan.recv, plan.send, plan.group)
-        g_SD = g_oth.new_empty(n_other + g_own.shape[0], *g_oth.shape[1:])
-        g_SD[:n_other] = g_oth
+        g_SD = g_own.new_empty(n_other + g_own.shape[0], *g_own.shape[1:])
+        exchange_rows(g_src, plan.recv, plan.send, plan.group, out=g_SD[:n_other])
         g_SD[n_other:] = g_own
         return g_SD, None, None
 
 
-class _WaitThenRegroup(torch.autograd.Function):
-    """Waits for the dispatch exchange, then orders its rows by local expert (from
-    (source rank, expert)); backward applies the inverse order."""
+class _WaitInBackward(torch.autograd.Function):
+    """The identity; its backward is the first operation on the gradient whose exchange
+    `_ReturnExchange`'s backward started, and waits for it."""
 
     @staticmethod
-    def forward(ctx, x_src, plan, regroup):
-        plan.wait()
-        ctx.regroup = regroup
-        if regroup is None:
-            return x_src.view_as(x_src)
-        return gather_rows(x_src, regroup[0], 1)
+    def forward(ctx, x, plan):
+        ctx.plan = plan
+        return x.view_as(x)
 
     @staticmethod
-    def backward(ctx, g_rem):
-        if ctx.regroup is None:
-            return g_rem, None, None
-        return gather_rows(g_rem.contiguous(), ctx.regroup[1], 1), None, None
-
-
-class _RegroupBack(torch.autograd.Function):
-    """The other ranks' rows' outputs from (local expert, source rank) back to (source
-    rank, expert) order. Its backward is the first operation on the exchanged gradient:
-    it waits for the exchange `_ReturnExchange`'s backward started."""
-
-    @staticmethod
-    def forward(ctx, y_rem, plan, regroup):
-        ctx.plan, ctx.regroup = plan, regroup
-        if regroup is None:
-            return y_rem.view_as(y_rem)
-        return gather_rows(y_rem, regroup[1], 1)
-
-    @staticmethod
-    def backward(ctx, g_src):
+    def backward(ctx, g):
         ctx.plan.wait()
-        if ctx.regroup is None:
-            return g_src, None, None
-        return gather_rows(g_src.contiguous(), ctx.regroup[0], 1), None, None
+        return g, None
 
 
 class _ReturnExchange(torch.autograd.Function):
@@ -470,15 +447,15 @@ class _ReturnExchange(torch.autograd.Function):
     the send buffer's order: the others' go home by the exchange, the own ones are placed
     last. Backward starts the exchange of the others' gradient and returns at once: the
     own rows' gradient needs no exchange, so their experts' backward runs while it is in
-    flight (`_RegroupBack` waits for it)."""
+    flight (`_WaitInBackward` waits for it)."""
 
     @staticmethod
     def forward(ctx, y_own, y_src, plan):
         ctx.plan = plan
-        y_oth = all_to_all_uneven(y_src.contiguous(), plan.recv, plan.send, plan.group)
-        y_SD = y_oth.new_empty(y_oth.shape[0] + y_own.shape[0], *y_oth.shape[1:])
-        y_SD[: y_oth.shape[0]] = y_oth
-        y_SD[y_oth.shape[0] :] = y_own
+        n_other = sum(plan.send)
+        y_SD = y_own.new_empty(n_other + y_own.shape[0], *y_own.shape[1:])
+        exchange_rows(y_src, plan.recv, plan.send, plan.group, out=y_SD[:n_other])
+        y_SD[n_other:] = y_own
         return y_SD
 
     @staticmethod

@@ -51,22 +51,45 @@ def all_reduce_host(t: torch.Tensor, group: Any = None, op: Any = None) -> torch
     return moved.to(t.device)
 
 
-def _exchange(x_ND: torch.Tensor, send: list[int], recv: list[int], group: Any) -> torch.Tensor:
+def exchange_rows(
+    x_ND: torch.Tensor,
+    send: list[int],
+    recv: list[int],
+    group: Any,
+    out: torch.Tensor | None = None,
+    async_op: bool = False,
+) -> tuple[torch.Tensor, Any]:
+    """The uneven all-to-all of `all_to_all_uneven` outside autograd: `out` (allocated when
+    None; any contiguous [sum(recv), ...] tensor, e.g. the leading rows of a larger one)
+    and, with `async_op`, the work to wait for before reading it (None once done). The
+    padded exchange of an empty side is always done at once."""
     me = group_rank(group)
     pad = sum(send) == 0 or sum(recv) == 0
-    if pad:
-        send, recv = list(send), list(recv)
-        start = sum(send[:me])
-        dummy = x_ND.new_zeros(1, *x_ND.shape[1:])
-        x_ND = torch.cat([x_ND[:start], dummy, x_ND[start:]])
-        send[me] += 1
-        recv[me] += 1
-    out = x_ND.new_empty(sum(recv), *x_ND.shape[1:])
-    dist.all_to_all_single(out, x_ND.contiguous(), recv, send, group=group)
-    if pad:
-        start = sum(recv[:me])
-        out = torch.cat([out[:start], out[start + 1 :]])
-    return out
+    if not pad:
+        if out is None:
+            out = x_ND.new_empty(sum(recv), *x_ND.shape[1:])
+        work = dist.all_to_all_single(
+            out, x_ND.contiguous(), recv, send, group=group, async_op=async_op
+        )
+        return out, work
+    send, recv = list(send), list(recv)
+    start = sum(send[:me])
+    dummy = x_ND.new_zeros(1, *x_ND.shape[1:])
+    x_ND = torch.cat([x_ND[:start], dummy, x_ND[start:]])
+    send[me] += 1
+    recv[me] += 1
+    padded = x_ND.new_empty(sum(recv), *x_ND.shape[1:])
+    dist.all_to_all_single(padded, x_ND, recv, send, group=group)
+    start = sum(recv[:me])
+    rows = torch.cat([padded[:start], padded[start + 1 :]])
+    if out is None:
+        return rows, None
+    out.copy_(rows)
+    return out, None
+
+
+def _exchange(x_ND: torch.Tensor, send: list[int], recv: list[int], group: Any) -> torch.Tensor:
+    return exchange_rows(x_ND, send, recv, group)[0]
 
 
 class _AllToAllUneven(torch.autograd.Function):
