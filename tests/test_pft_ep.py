@@ -97,30 +97,56 @@ def test_ep_overlap_equals_single_rank(world):
     run_ranks(world, _check, "pft", ["moe.overlap_ep=true", "moe.fold_combine_weights=false"])
 
 
-def _forward_order(rank, W):
+def _overlap_order(rank, W):
     from xmoe.moe import pft
 
     state = create_parallel_state(load_config("tiny", [*BASE, f"parallel.ep={W}"]), rank, W)
     over = [*BASE, "moe.dispatcher=pft", f"parallel.ep={W}", "moe.overlap_ep=true"]
     layer = MoELayer(load_config("tiny", over), state).double()
-    log = []
-    start, wait = pft._Exchange.start, pft._Exchange.wait
-    pft._Exchange.start = lambda self, x: (
+    log, ex = [], layer.experts
+    start, wait, vjp = pft._Exchange.start, pft._Exchange.wait, pft._vjp
+    pft._Exchange.start = lambda self, x, **kw: (
         log.append(("start", x.shape[0])),
-        start(self, x),
+        start(self, x, **kw),
     )[1]  # noqa: E501
     pft._Exchange.wait = lambda self: (log.append(("wait",)), wait(self))[1]
-    experts = layer.experts.forward
-    layer.experts.forward = lambda x, *a: (log.append(("experts", x.shape[0])), experts(x, *a))[1]
+    pft._vjp = lambda e, inputs, g: (log.append(("vjp", g.shape[0])), vjp(e, inputs, g))[1]
+    whole, hidden, project = ex.forward, ex.hidden, ex.project
+    inside = []  # the halves called by a whole experts call are not logged
+
+    def experts(x, *a):
+        log.append(("experts", x.shape[0]))
+        inside.append(1)
+        try:
+            return whole(x, *a)
+        finally:
+            inside.pop()
+
+    def half(name, fn):
+        return lambda x, *a: (inside or log.append((name, x.shape[0])), fn(x, *a))[1]
+
+    ex.forward, ex.hidden, ex.project = experts, half("hidden", hidden), half("project", project)
     x = torch.randn(12, D, dtype=torch.float64, generator=torch.Generator().manual_seed(rank))
-    layer(x)
+    x.requires_grad_()
+    y = layer(x)
     st_rows = layer.last_stats["dispatcher"]
     own = int(st_rows["sent_rows"] - st_rows["a2a_bytes"] / (D * 8))
-    # the exchange starts with the other ranks' rows only, the own rows' experts run before
-    # anything waits for it, the others' after
-    assert [e[0] for e in log] == ["start", "experts", "wait", "experts"], log
-    assert log[0][1] == st_rows["sent_rows"] - own and log[1][1] == own, (log, st_rows)
+    other, recv = int(st_rows["sent_rows"]) - own, int(st_rows["rows"]) - own
+    # forward: each exchange of the other ranks' rows is started, then expert work on the
+    # own rows runs, then it is waited for; the own rows never enter an exchange
+    assert log == [
+        ("start", other), ("hidden", own), ("wait",), ("experts", recv),
+        ("start", recv), ("project", own), ("wait",),
+    ], (log, st_rows)  # fmt: skip
+    log.clear()
+    y.sum().backward()
+    # backward: the same, in reverse, with the own halves' backward inside each exchange
+    assert log == [
+        ("start", other), ("vjp", own), ("wait",), ("vjp", recv),
+        ("start", recv), ("vjp", own), ("wait",),
+    ], log  # fmt: skip
+    pft._Exchange.start, pft._Exchange.wait, pft._vjp = start, wait, vjp
 
 
-def test_ep_overlap_forward_order():
-    run_ranks(2, _forward_order)
+def test_ep_overlap_order():
+    run_ranks(2, _overlap_order)

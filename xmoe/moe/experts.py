@@ -162,6 +162,16 @@ class GroupedExperts(nn.Module):
         """Expert outputs of each row; with `weights_R`, each row's output is scaled by
         its combine weight (folded into the activation: `xmoe.kernels.activation`).
         With `x_source` the first GEMM(s) rebuild x_RD in backward instead of keeping it."""
+        return self.project(self.hidden(x_RD, counts_El, weights_R, x_source), counts_El)
+
+    def hidden(
+        self,
+        x_RD: torch.Tensor,
+        counts_El: list[int],
+        weights_R: torch.Tensor | None = None,
+        x_source: RowSource | None = None,
+    ) -> torch.Tensor:
+        """The first half of `forward`: the activations a_RF that `project` maps back to D."""
         if len(counts_El) != self.num_local_experts:
             raise ValueError(
                 f"got counts for {len(counts_El)} experts, hold {self.num_local_experts}"
@@ -171,11 +181,13 @@ class GroupedExperts(nn.Module):
         if self.w3_EFD is not None:
             h3_RF = self.grouped_mm(x_RD, self.w3_EFD, counts_El, x_source)
         if weights_R is not None:
-            a_RF = scaled_activation(h_RF, h3_RF, weights_R)
-        elif h3_RF is not None:
-            a_RF = F.silu(h_RF) * h3_RF
-        else:
-            a_RF = F.gelu(h_RF)
+            return scaled_activation(h_RF, h3_RF, weights_R)
+        if h3_RF is not None:
+            return F.silu(h_RF) * h3_RF
+        return F.gelu(h_RF)
+
+    def project(self, a_RF: torch.Tensor, counts_El: list[int]) -> torch.Tensor:
+        """The second half of `forward`: the last grouped matmul, F -> D."""
         return self.grouped_mm(a_RF, self.w2_EDF, counts_El)
 
 

@@ -37,6 +37,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
+from torch.autograd.graph import get_gradient_edge
 
 from xmoe.config import Config
 from xmoe.kernels.backend import host_to_device
@@ -329,38 +330,8 @@ class PFTDispatcher(Dispatcher):
         if w_S is not None:  # the rows' combine weights first: small, and done at once
             w_src = all_to_all_uneven(w_S[:n_other], plan.send, plan.recv, plan.group)
             w_own = w_S[n_other:]
-        # the other ranks' rows start moving; nothing waits for them yet
-        x_src = plan.start(x_SD[:n_other].detach())
-        x_oth, x_own = _DispatchExchange.apply(x_SD, x_src, plan)
-        side = self._side_stream(x_SD)
-        if side is not None:  # the own rows' experts beside the exchange, forward and backward
-            side.wait_stream(torch.cuda.current_stream())
-            x_SD.record_stream(side)  # kept for their backward, which runs on `side` too
-            if w_S is not None:
-                w_S.record_stream(side)
-            with torch.cuda.stream(side):
-                y_own = experts(x_own, st.counts_own, w_own)
-        else:
-            y_own = experts(x_own, st.counts_own, w_own)
-        plan.wait()  # the others' rows are read from here on
-        x_rem = x_oth if st.regroup is None else _RowPermutation.apply(x_oth, *st.regroup)
-        if w_src is not None and st.regroup is not None:
-            w_src = w_src.index_select(0, st.regroup[0])
-        y_rem = experts(x_rem, st.counts_other, w_src)
-        if side is not None:
-            torch.cuda.current_stream().wait_stream(side)
-            y_own.record_stream(torch.cuda.current_stream())
-        if st.regroup is not None:  # back to (source rank, expert) order
-            y_rem = _RowPermutation.apply(y_rem, st.regroup[1], st.regroup[0])
-        return _ReturnExchange.apply(y_own, _WaitInBackward.apply(y_rem, plan), plan)
-
-    def _side_stream(self, x: torch.Tensor):
-        if not x.is_cuda:
-            return None
-        stream = self._streams.get(x.device)
-        if stream is None:
-            stream = self._streams[x.device] = torch.cuda.Stream(x.device)
-        return stream
+        params = [p for p in experts.parameters() if p.requires_grad]
+        return _OverlappedExperts.apply(x_SD, w_own, w_src, st, experts, *params)
 
     def _rank(self) -> int:
         import torch.distributed as dist
@@ -386,17 +357,20 @@ class _OverlapState:
 
 
 class _Exchange:
-    """One layer's uneven all-to-all of the other ranks' rows (send -> recv splits), started
-    in one autograd node and waited for in another: the rows in forward, their outputs'
-    gradient in backward, one at a time."""
+    """One layer's uneven all-to-all of the other ranks' rows (send -> recv splits; `back`
+    for recv -> send), started and later waited for, one exchange at a time."""
 
     def __init__(self, send: list[int], recv: list[int], group: Any) -> None:
         self.send, self.recv, self.group = send, recv, group
         self._work = None
 
-    def start(self, x_ND: torch.Tensor) -> torch.Tensor:
-        """Start exchanging `x_ND`'s rows; the result may be read only after `wait`."""
-        out, self._work = exchange_rows(x_ND, self.send, self.recv, self.group, async_op=True)
+    def start(
+        self, x_ND: torch.Tensor, out: torch.Tensor | None = None, back: bool = False
+    ) -> torch.Tensor:
+        """Start exchanging `x_ND`'s rows (into `out` when given); the result may be read
+        only after `wait`."""
+        send, recv = (self.recv, self.send) if back else (self.send, self.recv)
+        out, self._work = exchange_rows(x_ND, send, recv, self.group, out=out, async_op=True)
         return out
 
     def wait(self) -> None:
@@ -405,61 +379,104 @@ class _Exchange:
             self._work = None
 
 
-class _DispatchExchange(torch.autograd.Function):
-    """x_SD -> (the other ranks' rows as received, still in flight; the own rows).
+def _leaf(t: torch.Tensor | None, grad: bool) -> torch.Tensor | None:
+    return None if t is None else t.detach().requires_grad_(grad)
 
-    The exchange itself was started by `_Exchange.start` on x_SD's first rows; this node
-    carries the gradient: backward exchanges the received rows' gradient back and puts
-    the own rows' gradient after it."""
+
+def _edge(out: torch.Tensor) -> Any:
+    """Where `out`'s gradient enters its graph (None without one): what `_vjp` needs of
+    it, so that its storage need not be kept until backward."""
+    return None if out.grad_fn is None else get_gradient_edge(out)
+
+
+def _vjp(edge: Any, inputs: list, grad: torch.Tensor | None) -> list:
+    """Gradients for `inputs` of the output whose `_edge` this is (a graph made in
+    `_OverlappedExperts.forward`), given its gradient; None where an input is None, unused
+    or nothing requires a gradient."""
+    idx = [i for i, t in enumerate(inputs) if t is not None and t.requires_grad]
+    grads: list = [None] * len(inputs)
+    if not idx or edge is None or grad is None:
+        return grads
+    got = torch.autograd.grad([edge], [inputs[i] for i in idx], [grad], allow_unused=True)
+    for i, g in zip(idx, got):
+        grads[i] = g
+    return grads
+
+
+def _add(a: torch.Tensor | None, b: torch.Tensor | None) -> torch.Tensor | None:
+    return b if a is None else a if b is None else a.add_(b)
+
+
+class _OverlappedExperts(torch.autograd.Function):
+    """The experts of `moe.overlap_ep`: send buffer x_SD (the other ranks' rows, then the own
+    rows) -> outputs in the same order, with each of the four exchanges beside expert
+    work on the own rows, which needs none (the own experts split in two halves, the
+    activations `hidden` and the projection `project`):
+
+      forward   start dispatch; own hidden; wait; others' experts; start return;
+                own project; wait
+      backward  start return's gradient; own project backward; wait; others' backward;
+                start dispatch's gradient; own hidden backward; wait
+
+    The four parts are autograd graphs of their own, made in forward and differentiated
+    in backward in that order, so no other node can run between them; the exchanges run
+    on the communication stream while the compute stream works. The expert weights'
+    gradients of the parts are summed and returned as this node's."""
 
     @staticmethod
-    def forward(ctx, x_SD, x_src, plan):
-        ctx.plan = plan
-        return x_src, x_SD[sum(plan.send) :]
-
-    @staticmethod
-    def backward(ctx, g_src, g_own):
-        plan = ctx.plan
-        n_other = sum(plan.send)
-        g_SD = g_own.new_empty(n_other + g_own.shape[0], *g_own.shape[1:])
-        exchange_rows(g_src, plan.recv, plan.send, plan.group, out=g_SD[:n_other])
-        g_SD[n_other:] = g_own
-        return g_SD, None, None
-
-
-class _WaitInBackward(torch.autograd.Function):
-    """The identity; its backward is the first operation on the gradient whose exchange
-    `_ReturnExchange`'s backward started, and waits for it."""
-
-    @staticmethod
-    def forward(ctx, x, plan):
-        ctx.plan = plan
-        return x.view_as(x)
-
-    @staticmethod
-    def backward(ctx, g):
-        ctx.plan.wait()
-        return g, None
-
-
-class _ReturnExchange(torch.autograd.Function):
-    """(own rows' outputs, the other ranks' rows' outputs by source rank) -> the outputs in
-    the send buffer's order: the others' go home by the exchange, the own ones are placed
-    last. Backward starts the exchange of the others' gradient and returns at once: the
-    own rows' gradient needs no exchange, so their experts' backward runs while it is in
-    flight (`_WaitInBackward` waits for it)."""
-
-    @staticmethod
-    def forward(ctx, y_own, y_src, plan):
-        ctx.plan = plan
-        n_other = sum(plan.send)
-        y_SD = y_own.new_empty(n_other + y_own.shape[0], *y_own.shape[1:])
-        exchange_rows(y_src, plan.recv, plan.send, plan.group, out=y_SD[:n_other])
-        y_SD[n_other:] = y_own
+    def forward(ctx, x_SD, w_own, w_src, st, experts, *params):
+        plan, n_other = st.plan, x_SD.shape[0] - st.own
+        grad = any(ctx.needs_input_grad)
+        gx, gwo, gws = ctx.needs_input_grad[:3]
+        x_src = plan.start(x_SD[:n_other])
+        y_SD = x_SD.new_empty(x_SD.shape[0], experts.w2_EDF.shape[1])
+        with torch.set_grad_enabled(grad):
+            x_own, w_own = _leaf(x_SD[n_other:], gx), _leaf(w_own, gwo)
+            a_own = experts.hidden(x_own, st.counts_own, w_own)
+            plan.wait()
+            x_src, w_src = _leaf(x_src, gx), _leaf(w_src, gws)
+            x_rem, w_rem = x_src, w_src
+            if st.regroup is not None:  # (source rank, expert) -> (expert, source rank)
+                x_rem = _RowPermutation.apply(x_src, *st.regroup)
+                if w_src is not None:
+                    w_rem = _RowPermutation.apply(w_src, *st.regroup)
+            y_rem = experts(x_rem, st.counts_other, w_rem)
+            if st.regroup is not None:
+                y_rem = _RowPermutation.apply(y_rem, st.regroup[1], st.regroup[0])
+            plan.start(y_rem.detach(), out=y_SD[:n_other], back=True)
+            a_mid = _leaf(a_own, a_own.requires_grad)
+            y_own = experts.project(a_mid, st.counts_own)
+            y_SD[n_other:] = y_own.detach()
+            plan.wait()
+        if grad:
+            # the outputs' edges, not the outputs (they are in y_SD now)
+            ctx.own = (x_own, w_own, _edge(a_own), a_mid, _edge(y_own))
+            ctx.rem = (x_src, w_src, _edge(y_rem))
+            ctx.plan, ctx.params = plan, params
         return y_SD
 
     @staticmethod
     def backward(ctx, g_SD):
-        n_other = sum(ctx.plan.send)
-        g_src = ctx.plan.start(g_SD[:n_other])
-        return g_SD[n_other:], g_src, None
+        x_own, w_own, e_hidden, a_mid, e_own = ctx.own
+        x_src, w_src, e_rem = ctx.rem
+        plan, params = ctx.plan, list(ctx.params)
+        del ctx.own, ctx.rem
+        n_other = sum(plan.send)
+        g_SD = g_SD.contiguous()
+        g_rem = plan.start(g_SD[:n_other])
+        g_mid, *gp = _vjp(e_own, [a_mid, *params], g_SD[n_other:])
+        plan.wait()
+        g_src, g_wsrc, *gp_rem = _vjp(e_rem, [x_src, w_src, *params], g_rem)
+        gp = [_add(a, b) for a, b in zip(gp_rem, gp)]
+        g_x = g_SD.new_empty(n_other + x_own.shape[0], x_own.shape[1])
+        if g_src is None:
+            g_src = x_src.new_zeros(x_src.shape)
+        plan.start(g_src, out=g_x[:n_other], back=True)
+        g_own, g_wown, *gp_own = _vjp(e_hidden, [x_own, w_own, *params], g_mid)
+        gp = [_add(a, b) for a, b in zip(gp, gp_own)]
+        if g_own is None:
+            g_x[n_other:].zero_()
+        else:
+            g_x[n_other:] = g_own
+        plan.wait()
+        return g_x, g_wown, g_wsrc, None, None, *gp
