@@ -18,15 +18,17 @@ not need the expert outputs; with it off, the combine keeps them for the weights
 
 `moe.overlap_ep` (EP > 1) lays the send buffer out with this rank's own rows last, so
 the exchanges move only the other ranks' rows (the own rows never enter the
-all-to-all), and runs the experts on the own rows while those exchanges are in flight:
-  forward   start the dispatch exchange; own rows' experts; wait; others' experts;
-            return exchange (the own outputs are copied into place beside it)
-  backward  start the return exchange's backward; own rows' experts backward (a side
-            stream on a GPU, whose work autograd replays there); wait; the others'
-            backward; the dispatch exchange's backward
-Each wait is made by the first operation that reads the exchanged rows, so the work
-queued in between overlaps the exchange. The own and the other rows use the same expert
-weights, whose two gradients autograd adds.
+all-to-all), and puts expert work on the own rows beside each of the four exchanges. The
+own rows' experts run in two halves, the activations (`hidden`) and the last matmul
+(`project`):
+  forward   start dispatch; own hidden; wait; others' experts; start return;
+            own project; wait
+  backward  start the return's gradient; own project backward; wait; the others'
+            backward; start the dispatch's gradient; own hidden backward; wait
+One autograd node (`_OverlappedExperts`) holds the four parts as graphs of their own and
+differentiates them in that order; the exchanges run on the communication stream while
+the compute stream works, so no side stream is needed. The weights' gradients of the
+parts are summed in the node.
 """
 
 from __future__ import annotations
