@@ -132,10 +132,11 @@ def _overlap_order(rank, W):
     st_rows = layer.last_stats["dispatcher"]
     own = int(st_rows["sent_rows"] - st_rows["a2a_bytes"] / (D * 8))
     other, recv = int(st_rows["sent_rows"]) - own, int(st_rows["rows"]) - own
-    # forward: each exchange of the other ranks' rows is started, then expert work on the
-    # own rows runs, then it is waited for; the own rows never enter an exchange
+    # forward: each exchange of the other ranks' rows (and their combine weights, which
+    # travel with them) is started, then expert work on the own rows runs, then it is
+    # waited for; the own rows never enter an exchange
     assert log == [
-        ("start", other), ("hidden", own), ("wait",), ("experts", recv),
+        ("start", other), ("start", other), ("hidden", own), ("wait",), ("experts", recv),
         ("start", recv), ("project", own), ("wait",),
     ], (log, st_rows)  # fmt: skip
     log.clear()
@@ -143,7 +144,7 @@ def _overlap_order(rank, W):
     # backward: the same, in reverse, with the own halves' backward inside each exchange
     assert log == [
         ("start", other), ("vjp", own), ("wait",), ("vjp", recv),
-        ("start", recv), ("vjp", own), ("wait",),
+        ("start", recv), ("start", recv), ("vjp", own), ("wait",),
     ], log  # fmt: skip
     pft._Exchange.start, pft._Exchange.wait, pft._vjp = start, wait, vjp
 

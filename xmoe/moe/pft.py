@@ -326,14 +326,8 @@ class PFTDispatcher(Dispatcher):
         st = dispatched.state
         if not isinstance(st, _OverlapState):
             return super().run_experts(experts, dispatched)
-        x_SD, w_S, plan = dispatched.x_RD, dispatched.weights_R, st.plan
-        n_other = x_SD.shape[0] - st.own
-        w_src = w_own = None
-        if w_S is not None:  # the rows' combine weights first: small, and done at once
-            w_src = all_to_all_uneven(w_S[:n_other], plan.send, plan.recv, plan.group)
-            w_own = w_S[n_other:]
         params = [p for p in experts.parameters() if p.requires_grad]
-        return _OverlappedExperts.apply(x_SD, w_own, w_src, st, experts, *params)
+        return _OverlappedExperts.apply(dispatched.x_RD, dispatched.weights_R, st, experts, *params)
 
     def _rank(self) -> int:
         import torch.distributed as dist
@@ -360,11 +354,12 @@ class _OverlapState:
 
 class _Exchange:
     """One layer's uneven all-to-all of the other ranks' rows (send -> recv splits; `back`
-    for recv -> send), started and later waited for, one exchange at a time."""
+    for recv -> send), started and later waited for: the rows, and with them their combine
+    weights when the experts fold them in."""
 
     def __init__(self, send: list[int], recv: list[int], group: Any) -> None:
         self.send, self.recv, self.group = send, recv, group
-        self._work = None
+        self._works: list = []
 
     def start(
         self, x_ND: torch.Tensor, out: torch.Tensor | None = None, back: bool = False
@@ -372,13 +367,16 @@ class _Exchange:
         """Start exchanging `x_ND`'s rows (into `out` when given); the result may be read
         only after `wait`."""
         send, recv = (self.recv, self.send) if back else (self.send, self.recv)
-        out, self._work = exchange_rows(x_ND, send, recv, self.group, out=out, async_op=True)
+        out, work = exchange_rows(x_ND, send, recv, self.group, out=out, async_op=True)
+        if work is not None:
+            self._works.append(work)
         return out
 
     def wait(self) -> None:
-        if self._work is not None:
-            self._work.wait()  # on a GPU: the current stream waits, not the host
-            self._work = None
+        """Wait for every exchange started since the last wait."""
+        for work in self._works:
+            work.wait()  # on a GPU: the current stream waits, not the host
+        self._works.clear()
 
 
 def _leaf(t: torch.Tensor | None, grad: bool) -> torch.Tensor | None:
@@ -405,6 +403,10 @@ def _vjp(edge: Any, inputs: list, grad: torch.Tensor | None) -> list:
     return grads
 
 
+def _or_zeros(g: torch.Tensor | None, like: torch.Tensor) -> torch.Tensor:
+    return like.new_zeros(like.shape) if g is None else g
+
+
 def _add(a: torch.Tensor | None, b: torch.Tensor | None) -> torch.Tensor | None:
     return b if a is None else a if b is None else a.add_(b)
 
@@ -426,17 +428,20 @@ class _OverlappedExperts(torch.autograd.Function):
     gradients of the parts are summed and returned as this node's."""
 
     @staticmethod
-    def forward(ctx, x_SD, w_own, w_src, st, experts, *params):
+    def forward(ctx, x_SD, w_S, st, experts, *params):
         plan, n_other = st.plan, x_SD.shape[0] - st.own
         grad = any(ctx.needs_input_grad)
-        gx, gwo, gws = ctx.needs_input_grad[:3]
+        gx, gw = ctx.needs_input_grad[:2]
         x_src = plan.start(x_SD[:n_other])
+        w_src = w_own = None
+        if w_S is not None:  # the rows' combine weights travel with them
+            w_src, w_own = plan.start(w_S[:n_other]), w_S[n_other:]
         y_SD = x_SD.new_empty(x_SD.shape[0], experts.w2_EDF.shape[1])
         with torch.set_grad_enabled(grad):
-            x_own, w_own = _leaf(x_SD[n_other:], gx), _leaf(w_own, gwo)
+            x_own, w_own = _leaf(x_SD[n_other:], gx), _leaf(w_own, gw)
             a_own = experts.hidden(x_own, st.counts_own, w_own)
             plan.wait()
-            x_src, w_src = _leaf(x_src, gx), _leaf(w_src, gws)
+            x_src, w_src = _leaf(x_src, gx), _leaf(w_src, gw)
             x_rem, w_rem = x_src, w_src
             if st.regroup is not None:  # (source rank, expert) -> (expert, source rank)
                 x_rem = _RowPermutation.apply(x_src, *st.regroup)
@@ -471,14 +476,15 @@ class _OverlappedExperts(torch.autograd.Function):
         g_src, g_wsrc, *gp_rem = _vjp(e_rem, [x_src, w_src, *params], g_rem)
         gp = [_add(a, b) for a, b in zip(gp_rem, gp)]
         g_x = g_SD.new_empty(n_other + x_own.shape[0], x_own.shape[1])
-        if g_src is None:
-            g_src = x_src.new_zeros(x_src.shape)
-        plan.start(g_src, out=g_x[:n_other], back=True)
+        plan.start(_or_zeros(g_src, x_src), out=g_x[:n_other], back=True)
+        g_w = None
+        if w_src is not None and ctx.needs_input_grad[1]:
+            g_w = w_src.new_empty(n_other + w_own.shape[0])
+            plan.start(_or_zeros(g_wsrc, w_src), out=g_w[:n_other], back=True)
         g_own, g_wown, *gp_own = _vjp(e_hidden, [x_own, w_own, *params], g_mid)
         gp = [_add(a, b) for a, b in zip(gp, gp_own)]
-        if g_own is None:
-            g_x[n_other:].zero_()
-        else:
-            g_x[n_other:] = g_own
+        g_x[n_other:] = _or_zeros(g_own, x_own)
+        if g_w is not None:
+            g_w[n_other:] = _or_zeros(g_wown, w_own)
         plan.wait()
-        return g_x, g_wown, g_wsrc, None, None, *gp
+        return g_x, g_w, None, None, *gp
