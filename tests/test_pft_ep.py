@@ -108,7 +108,7 @@ def _overlap_order(rank, W):
     pft._Exchange.start = lambda self, x, **kw: (
         log.append(("start", x.shape[0])),
         start(self, x, **kw),
-    )[1]  # noqa: E501
+    )[1]
     pft._Exchange.wait = lambda self: (log.append(("wait",)), wait(self))[1]
     pft._vjp = lambda e, inputs, g: (log.append(("vjp", g.shape[0])), vjp(e, inputs, g))[1]
     whole, hidden, project = ex.forward, ex.hidden, ex.project

@@ -79,9 +79,9 @@ class MoEConfig:
     # gather of the layer input, which the router keeps anyway) instead of keeping them,
     # saving rows x hidden of activation memory per MoE layer
     recompute_permute: bool = False
-    # pft with parallel.ep > 1: compute this rank's own rows' experts (on a side stream on a
-    # GPU) while the other ranks' rows are exchanged, in forward and in backward
-    # (xmoe.moe.pft); no effect with ep = 1
+    # pft with parallel.ep > 1: the own rows stay out of the all-to-alls, and expert work on
+    # them runs beside each of the four exchanges, forward and backward (xmoe.moe.pft); no
+    # effect with ep = 1
     overlap_ep: bool = False
 
     @property

@@ -155,7 +155,6 @@ class PFTDispatcher(Dispatcher):
         self.group = None if parallel_state is None else parallel_state.ep_group
         self.ep = 1 if parallel_state is None else parallel_state.ep
         self.overlap = cfg.moe.overlap_ep and self.ep > 1
-        self._streams: dict[Any, Any] = {}
         self._positions: dict[Any, torch.Tensor] = {}
         if self.ep > 1 and group_size(self.group) != self.ep:
             raise ValueError(
