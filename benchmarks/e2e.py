@@ -325,6 +325,8 @@ def measure(trainer: BenchTrainer, args: argparse.Namespace) -> dict[str, Any]:
         "grad_accum_dtype": cfg.train.grad_accum_dtype,
         "fused_lm_loss": cfg.model.fused_lm_loss,
         "recompute_permute": cfg.moe.recompute_permute,
+        "overlap_ep": cfg.moe.overlap_ep,
+        "dedup_ep": cfg.moe.dedup_ep,
         "dropped_fraction": round(dropped, 4),
         "load_max_mean": round(max(balance), 3) if balance else None,
         "data": cfg.data.source,
@@ -340,7 +342,7 @@ def run_key(r: dict) -> tuple:
     return (
         r["dispatcher"], r["gpus"], r["layers"], r.get("micro_batch"), r.get("capacity_factor"),
         r.get("grad_accum_dtype", "model"), r.get("fused_lm_loss", False),
-        r.get("recompute_permute", False),
+        r.get("recompute_permute", False), r.get("overlap_ep", False), r.get("dedup_ep", False),
     )  # fmt: skip
 
 
@@ -386,11 +388,14 @@ def print_table(runs: list[dict]) -> None:
               f"{r.get('load_max_mean') or 0:>5.1f} {r.get('grad_accum_dtype', 'model'):>8} "
               f"{_options(r)}")  # fmt: skip
     by = {run_key(r): r["tokens_per_s"] for r in runs}
-    for (d, gpus, layers, mb, cf, acc, fused, recompute), tps in by.items():
-        # against DeepSpeed's run with the same head (its dispatcher cannot recompute)
-        base = by.get(("deepspeed", gpus, layers, mb, cf, acc, fused, False))
+    for (d, gpus, layers, mb, cf, acc, fused, recompute, overlap, dedup), tps in by.items():
+        # against DeepSpeed's run with the same head (its dispatcher has none of the options)
+        base = by.get(("deepspeed", gpus, layers, mb, cf, acc, fused, False, False, False))
         if d != "deepspeed" and base:
-            opts = _options({"fused_lm_loss": fused, "recompute_permute": recompute})
+            opts = _options(
+                {"fused_lm_loss": fused, "recompute_permute": recompute,
+                 "overlap_ep": overlap, "dedup_ep": dedup}
+            )  # fmt: skip
             print(
                 f"{d} / deepspeed throughput on {gpus} ranks, {layers} layers, micro-batch {mb}, "
                 f"capacity factor {cf}{f' ({opts})' if opts else ''}: {tps / base:.2f}x"
@@ -399,7 +404,12 @@ def print_table(runs: list[dict]) -> None:
 
 def _options(r: dict) -> str:
     """The run's non-default model options, for the table."""
-    names = {"fused_lm_loss": "fused LM loss", "recompute_permute": "recompute permute"}
+    names = {
+        "fused_lm_loss": "fused LM loss",
+        "recompute_permute": "recompute permute",
+        "overlap_ep": "overlap EP",
+        "dedup_ep": "dedup EP",
+    }
     return ", ".join(label for key, label in names.items() if r.get(key))
 
 

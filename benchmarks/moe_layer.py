@@ -15,6 +15,12 @@ gate weights, so DeepSpeed's own gate skews alike). Implementations (`impl` in t
                        host sync there): the layer's time without the host's launches
   pft_overlap          pft with moe.overlap_ep=true: the own rows' experts run while the
                        other ranks' rows are exchanged (EP > 1 only)
+  pft_dedup            pft with moe.dedup_ep=true: one row per (token, destination rank)
+                       crosses; the receiver copies it to each of its experts (EP > 1 only)
+  pft_dedup_overlap    both: the own pilots' experts run beside the pilots' exchanges
+  rbd_rank             the RBD dispatcher with every rank its own virtual node
+                       (parallel.node_size=1): one row per (token, destination rank)
+                       crosses, and the receiver copies it to each expert (EP > 1 only)
   padded               our GShard/DeepSpeed-style padded dispatcher, capacity factor 1.25
   deepspeed            deepspeed.moe.layer.MoE, capacity factor 1.25
   deepspeed_dropless   deepspeed.moe.layer.MoE, drop_tokens=False
@@ -158,12 +164,17 @@ def build_layer(impl: str, s: dict, ps, dev, dtype, w_gate) -> MoELayer:
         "pft_recompute": ("pft", None, ("moe.recompute_permute=true",)),
         "pft_graphed": ("pft", None, ()),
         "pft_overlap": ("pft", None, ("moe.overlap_ep=true",)),
+        "pft_dedup": ("pft", None, ("moe.dedup_ep=true",)),
+        "pft_dedup_overlap": ("pft", None, ("moe.dedup_ep=true", "moe.overlap_ep=true")),
+        "rbd_rank": ("rbd", None, ("parallel.node_size=1",)),
         "padded": ("padded", 1.25, ()),
         "deepspeed": ("deepspeed", 1.25, ()),
         "deepspeed_dropless": ("deepspeed", None, ()),
         "torch_native": ("pft", None, ()),
     }[impl]
     cfg = layer_config(s, dispatcher, cf, ps.ep, "auto", extra)
+    if impl == "rbd_rank":
+        ps = rank_node_state(cfg, ps, dev)
     layer = MoELayer(cfg, ps).to(dev, dtype)
     with torch.no_grad():
         if dispatcher == "deepspeed":
@@ -171,6 +182,17 @@ def build_layer(impl: str, s: dict, ps, dev, dtype, w_gate) -> MoELayer:
         else:
             layer.router.weight_ED.copy_(w_gate)
     return layer
+
+
+_RANK_NODES: dict = {}
+
+
+def rank_node_state(cfg, ps, dev):
+    """The parallel state with every rank its own (virtual) node, made once: RBD over it
+    sends one row per (token, destination rank) and expands to experts on arrival."""
+    if "ps" not in _RANK_NODES:
+        _RANK_NODES["ps"] = create_parallel_state(cfg, ps.rank, ps.world, device=dev)
+    return _RANK_NODES["ps"]
 
 
 def graphed_forward(layer: MoELayer, x: torch.Tensor):
@@ -306,6 +328,9 @@ def run_impl(impl: str, routing: str, s: dict, ps, dev, dtype, args) -> dict:
         "pft_overlap",
         "pft_weighted_combine",
         "pft_recompute",
+        "rbd_rank",
+        "pft_dedup",
+        "pft_dedup_overlap",
         "padded",
     ):
         # (not pft_graphed: its stats are those of the captured step)

@@ -225,3 +225,23 @@ def test_a_broken_kernel_does_not_compile(interpreter, tmp_path, target):
     }
     proc = _compile([spec], tmp_path)
     assert proc.returncode == 1 and "compile_kernels.broken for" in proc.stdout, proc.stdout
+
+
+def test_row_counts_are_not_specialised():
+    """Row counts change from call to call under expert parallelism; a kernel specialised
+    on them compiles a new variant mid-training (a stall of a second per variant, seen on
+    H200). Each kernel taking a count of rows names it in `rows`, and the compiled
+    function is told not to specialise exactly those arguments."""
+    import inspect
+
+    from triton.runtime.jit import JITFunction
+
+    counts = {"R", "T", "N", "NB"}  # the kernels' names for rows, tokens, assignments, blocks
+    for key, kern in _all_kernels().items():
+        names = list(inspect.signature(kern.fn).parameters)
+        rows = set(kern.do_not_specialize)
+        assert rows <= set(names), f"{key}: rows={sorted(rows)} are not its arguments"
+        if key.startswith(("permute.", "routing.", "activation.", "combine.")):
+            assert rows == counts & set(names), f"{key}: rows={sorted(rows)}"
+        jit = JITFunction(kern.fn, do_not_specialize=kern.do_not_specialize)
+        assert {p.name for p in jit.params if p.do_not_specialize} == rows, key

@@ -97,6 +97,49 @@ def test_ep_overlap_equals_single_rank(world):
     run_ranks(world, _check, "pft", ["moe.overlap_ep=true", "moe.fold_combine_weights=false"])
 
 
+@pytest.mark.parametrize("world", [2, 4])
+def test_ep_dedup_equals_single_rank(world):
+    """moe.dedup_ep: one pilot row per (token, destination rank) crosses and the receiver
+    copies it to each of its experts; same outputs and gradients as one rank, dropping and
+    dropless, with folded and with unfolded combine weights."""
+    run_ranks(world, _check, "pft", ["moe.dedup_ep=true"])
+    run_ranks(world, _check, "pft", ["moe.dedup_ep=true", "moe.fold_combine_weights=false"])
+
+
+@pytest.mark.parametrize("world", [2, 4])
+def test_ep_dedup_overlap_equals_single_rank(world):
+    """moe.dedup_ep with moe.overlap_ep: the own pilots stay out of the exchanges and their
+    experts run beside them; same outputs and gradients as one rank."""
+    both = ["moe.dedup_ep=true", "moe.overlap_ep=true"]
+    run_ranks(world, _check, "pft", both)
+    run_ranks(world, _check, "pft", [*both, "moe.fold_combine_weights=false"])
+
+
+def _dedup_rows(rank, W):
+    """Exact pilot counts: each token crosses to each rank of its experts once."""
+    state = create_parallel_state(load_config("tiny", [*BASE, f"parallel.ep={W}"]), rank, W)
+    over = [*BASE, "moe.dispatcher=pft", f"parallel.ep={W}", "moe.top_k=4"]
+    layer = MoELayer(load_config("tiny", [*over, "moe.dedup_ep=true"]), state).double()
+    x = torch.randn(20, D, dtype=torch.float64, generator=torch.Generator().manual_seed(rank))
+    layer(x)
+    ids = layer.router(x).routing.topk_ids_TK
+    El = 8 // W
+    pilots = sum(len(set((ids[t] // El).tolist())) for t in range(ids.shape[0]))
+    stays = sum(int(((ids[t] // El) == rank).any()) for t in range(ids.shape[0]))
+    st = layer.last_stats["dispatcher"]
+    assert st["sent_rows"] == pilots
+    assert st["a2a_bytes"] == (pilots - stays) * D * 8
+    assert pilots < ids.numel()  # top-4 of 8 over W ranks: some tokens share a rank
+    rows = torch.tensor([st["rows"]], dtype=torch.float64)
+    dist.all_reduce(rows)
+    assert rows.item() == ids.numel() * W  # every (token, k) row reaches its expert
+
+
+@pytest.mark.parametrize("world", [2, 4])
+def test_ep_dedup_row_counts(world):
+    run_ranks(world, _dedup_rows)
+
+
 def _overlap_order(rank, W):
     from xmoe.moe import pft
 

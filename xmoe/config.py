@@ -83,6 +83,10 @@ class MoEConfig:
     # them runs beside each of the four exchanges, forward and backward (xmoe.moe.pft); no
     # effect with ep = 1
     overlap_ep: bool = False
+    # pft with parallel.ep > 1: a token crosses to each rank once, however many of its
+    # experts live there; the receiver copies it to each of them and sums their outputs
+    # before it goes back (xmoe.moe.pft); no effect with ep = 1
+    dedup_ep: bool = False
 
     @property
     def dropless(self) -> bool:
@@ -390,6 +394,10 @@ def validate(cfg: Config, world_size: int | None = None) -> None:
         raise ConfigError(
             "moe.recompute_permute=true needs moe.dispatcher=pft and parallel.ep=1 (with EP "
             "the rows arrive by all-to-all and cannot be rebuilt locally): set it false"
+        )
+    if e.dedup_ep and e.dispatcher != "pft":
+        raise ConfigError(
+            f"moe.dedup_ep=true needs moe.dispatcher=pft (got {e.dispatcher}): set it false"
         )
     if e.overlap_ep and e.dispatcher != "pft":
         raise ConfigError(

@@ -29,7 +29,7 @@ if HAVE_TRITON:
     import triton
     import triton.language as tl
 
-    @kernel
+    @kernel(rows=("R",))
     def _scaled_act_fwd_kernel(
         h_ptr,
         h3_ptr,
@@ -61,7 +61,7 @@ if HAVE_TRITON:
             a = 0.5 * h * (1.0 + tl.math.erf(h * 0.7071067811865476))
         tl.store(out_ptr + off, (a * w[:, None]).to(out_ptr.dtype.element_ty), mask=m)
 
-    @kernel
+    @kernel(rows=("R",))
     def _scaled_act_bwd_kernel(
         h_ptr,
         h3_ptr,

@@ -44,8 +44,9 @@ class Kernel:
     # a list inside `record_launches()`: (kernel, args, kwargs) of each interpreted launch
     launches: list | None = None
 
-    def __init__(self, fn):
+    def __init__(self, fn, do_not_specialize: tuple[str, ...] = ()):
         self.fn = fn
+        self.do_not_specialize = list(do_not_specialize)
         self._compiled = None
         self._interpreted = None
 
@@ -67,13 +68,20 @@ class Kernel:
         if self._compiled is None:
             from triton.runtime.jit import JITFunction
 
-            self._compiled = JITFunction(self.fn)
+            self._compiled = JITFunction(self.fn, do_not_specialize=self.do_not_specialize)
         return self._compiled[grid]
 
 
-def kernel(fn) -> Kernel:
-    """Decorator used instead of `triton.jit` for the kernels of this package."""
-    return Kernel(fn)
+def kernel(fn=None, *, rows: tuple[str, ...] = ()):
+    """Decorator used instead of `triton.jit` for the kernels of this package.
+
+    `rows`: integer arguments that count rows (tokens, routed rows, pilots). Triton
+    compiles a variant per value class of an integer argument (1, a multiple of 16,
+    other); row counts change from call to call under expert parallelism, so they are
+    not specialised, and a new count never stalls a step for a compile."""
+    if fn is None:
+        return lambda f: Kernel(f, rows)
+    return Kernel(fn, rows)
 
 
 @contextlib.contextmanager

@@ -17,7 +17,7 @@ if HAVE_TRITON:
     import triton
     import triton.language as tl
 
-    @kernel
+    @kernel(rows=("N",))
     def _row_dot_kernel(
         a_ptr,
         rows_ptr,

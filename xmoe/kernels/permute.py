@@ -20,7 +20,7 @@ if HAVE_TRITON:
     import triton
     import triton.language as tl
 
-    @kernel
+    @kernel(rows=("R",))
     def _gather_rows_kernel(
         src_ptr,
         out_ptr,
@@ -57,7 +57,7 @@ if HAVE_TRITON:
             mask=m,
         )
 
-    @kernel
+    @kernel(rows=("T",))
     def _unpermute_kernel(
         rows_ptr,
         out_ptr,

@@ -30,7 +30,7 @@ if HAVE_TRITON:
     import triton
     import triton.language as tl
 
-    @kernel
+    @kernel(rows=("N", "NB"))
     def _block_histogram_kernel(
         ids_ptr,
         keep_ptr,
@@ -53,7 +53,7 @@ if HAVE_TRITON:
         onehot = (ids[:, None] == e[None, :]).to(tl.int32)
         tl.store(hist_ptr + e * NB + b, tl.sum(onehot, axis=0), mask=e < E)  # [E, NB]
 
-    @kernel
+    @kernel(rows=("N", "NB"))
     def _positions_kernel(
         ids_ptr,
         keep_ptr,

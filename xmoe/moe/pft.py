@@ -16,6 +16,13 @@ lists are kept: the experts scale each row by its combine weight inside their ac
 (`moe.fold_combine_weights`, on by default), so the combine is a plain sum that does
 not need the expert outputs; with it off, the combine keeps them for the weights' gradient.
 
+`moe.dedup_ep` (EP > 1) sends one *pilot* row per (token, destination rank) instead of
+one row per (token, k): the sender routes tokens to ranks with the same metadata kernel
+(the ranks as experts, K = W), the receiver routes the pilots it holds to its local
+experts (ids outside its own dropped), copies them with `permute` and sums each pilot's
+expert outputs with `combine` before the row goes back. The experts see the same rows
+in the same order as without it.
+
 `moe.overlap_ep` (EP > 1) lays the send buffer out with this rank's own rows last, so
 the exchanges move only the other ranks' rows (the own rows never enter the
 all-to-all), and puts expert work on the own rows beside each of the four exchanges. The
@@ -46,7 +53,7 @@ from xmoe.kernels.backend import host_to_device
 from xmoe.kernels.combine import combine
 from xmoe.kernels.grouped_gemm import CountsWithOffsets, DeviceCounts, RowSource
 from xmoe.kernels.permute import attach_gathered, gather_rows, permute
-from xmoe.kernels.routing import routing_metadata
+from xmoe.kernels.routing import count_ids, routing_metadata
 from xmoe.moe.dispatch import Dispatched, Dispatcher, Routing
 from xmoe.parallel.collectives import (
     all_to_all_uneven,
@@ -155,6 +162,7 @@ class PFTDispatcher(Dispatcher):
         self.group = None if parallel_state is None else parallel_state.ep_group
         self.ep = 1 if parallel_state is None else parallel_state.ep
         self.overlap = cfg.moe.overlap_ep and self.ep > 1
+        self.dedup = cfg.moe.dedup_ep and self.ep > 1
         self._positions: dict[Any, torch.Tensor] = {}
         if self.ep > 1 and group_size(self.group) != self.ep:
             raise ValueError(
@@ -165,6 +173,8 @@ class PFTDispatcher(Dispatcher):
     def dispatch(self, x_TD: torch.Tensor, routing: Routing) -> Dispatched:
         E, W = self.num_experts, self.ep
         El = E // W
+        if self.dedup:
+            return self._dispatch_dedup(x_TD, routing)
         if self.overlap:
             return self._dispatch_overlapped(x_TD, routing)
         meta = routing_metadata(routing.topk_ids_TK, routing.keep_TK, E)
@@ -258,6 +268,11 @@ class PFTDispatcher(Dispatcher):
         return routing.topk_weights_TK.reshape(-1).index_select(0, slot_S)
 
     def combine(self, y_RD: torch.Tensor, dispatched: Dispatched) -> torch.Tensor:
+        if isinstance(dispatched.state, _DedupState):
+            st = dispatched.state
+            y_PD = st.part.reduce(y_RD, st.weights_PK)  # one row per held pilot
+            y_PD = all_to_all_uneven(y_PD, st.recv_splits, st.send_splits, self.group)
+            return combine(y_PD, None, st.pilot_slot_S, st.pilot_dest_TW)  # sum over ranks
         if isinstance(dispatched.state, _OverlapState):
             st = dispatched.state  # y_RD is already in the send buffer's order (run_experts)
             return combine(y_RD, st.weights_TK, st.src_slot_S, st.dest_row_TK)
@@ -267,6 +282,52 @@ class PFTDispatcher(Dispatcher):
             y_RD = _RowPermutation.apply(y_RD, inv_R, idx_R)
         y_SD = all_to_all_uneven(y_RD, st.recv_splits, st.send_splits, self.group)
         return combine(y_SD, st.weights_TK, st.src_slot_S, st.dest_row_TK)
+
+    # ------------------------------------------------------------------ moe.dedup_ep
+
+    def _dispatch_dedup(self, x_TD: torch.Tensor, routing: Routing) -> Dispatched:
+        """One *pilot* row per (token, destination rank) crosses, with the token's expert
+        ids and combine weights; the receiver copies each pilot to the experts it chose
+        there (PFT's permute over the pilots, ids outside this rank's experts dropped) and
+        combine sums them per pilot before the row goes back. Both halves are PFT's own
+        kernels: the sender "routes" each token to the ranks of its experts (K = W), the
+        receiver routes the pilots to its local experts. The experts see PFT's rows in
+        PFT's order (local expert, source rank, token). With `overlap_ep` the own pilots
+        come last and stay out of the exchanges."""
+        W, me, El = self.ep, self._rank(), self.num_experts // self.ep
+        pl = _plan_pilots(x_TD, routing, W, me, El, self.group, self.overlap)
+        x_SD, ids_SK, w_SK = pl.x_SD, pl.ids_SK, pl.w_SK
+        S = x_SD.shape[0]
+        row_bytes = x_TD.shape[1] * x_TD.element_size()
+        stats = {
+            "rows": float(sum(sum(c[:El]) for c in pl.counts_WC)),
+            "sent_rows": float(S),
+            "a2a_bytes": float(row_bytes * (S - pl.send[me])),
+        }
+        if self.overlap:
+            own = pl.send[me]
+            send_o = [0 if w == me else n for w, n in enumerate(pl.send)]
+            recv_o = [0 if w == me else n for w, n in enumerate(pl.recv)]
+            ids_PK, _ = exchange_rows(ids_SK[: S - own], send_o, recv_o, self.group)
+            counts_other = [
+                sum(c[e] for w, c in enumerate(pl.counts_WC) if w != me) for e in range(El)
+            ]
+            st = _OverlapState(
+                pl.dest_TW, pl.slot_S, None, _Exchange(send_o, recv_o, self.group), own,
+                _held_part(ids_SK[S - own :], me, El, pl.counts_WC[me][:El], self.fold_weights),
+                _held_part(ids_PK, me, El, counts_other, self.fold_weights),
+            )  # fmt: skip
+            return Dispatched(x_SD, st.own_part.counts, st, stats, w_SK, None)
+        x_PD = all_to_all_uneven(x_SD, pl.send, pl.recv, self.group)
+        ids_PK = all_to_all_uneven(ids_SK, pl.send, pl.recv, self.group)
+        w_PK = all_to_all_uneven(w_SK, pl.send, pl.recv, self.group)
+        counts_El = [sum(c[e] for c in pl.counts_WC) for e in range(El)]
+        part = _held_part(ids_PK, me, El, counts_El, self.fold_weights)
+        x_RD, w_R = part.expand(x_PD, w_PK)
+        state = _DedupState(
+            pl.slot_S, pl.dest_TW, part, None if self.fold_weights else w_PK, pl.send, pl.recv
+        )
+        return Dispatched(x_RD, part.counts, state, stats, w_R, None)
 
     # ------------------------------------------------------------------ moe.overlap_ep
 
@@ -309,9 +370,10 @@ class PFTDispatcher(Dispatcher):
         regroup = None
         if W > 2 and El > 1:
             regroup = _chunk_permutation(others, x_TD.device)
+        rem = _Part([sum(c[e] for c in others) for e in range(El)], regroup)
         st = _OverlapState(
             meta.dest_row_TK, slot_S, None if w_S is not None else routing.topk_weights_TK,
-            plan, own, counts_WEl[me], [sum(c[e] for c in others) for e in range(El)], regroup,
+            plan, own, _Part(counts_WEl[me]), rem,
         )  # fmt: skip
         row_bytes = x_TD.shape[1] * x_TD.element_size()
         stats = {
@@ -334,6 +396,119 @@ class PFTDispatcher(Dispatcher):
         return dist.get_rank(self.group)
 
 
+@dataclass
+class _Part:
+    """Rows that arrive at the experts as one block (all of them, or under `overlap_ep` the
+    own or the other ranks' ones): how they become expert rows grouped by local expert,
+    and how the experts' outputs go back to the arrival order. Arrival rows are PFT rows
+    regrouped by `perm` (or already in order), or pilots (`moe.dedup_ep`) expanded by
+    `slot_R`/`dest_row_PK` and summed back per pilot."""
+
+    counts: list[int]  # expert rows per local expert
+    perm: tuple[torch.Tensor, torch.Tensor] | None = None  # (source, expert) -> (expert, source)
+    slot_R: torch.Tensor | None = None  # expert row -> (pilot * K + k)
+    dest_row_PK: torch.Tensor | None = None  # (pilot, k) -> expert row, -1 if not here
+    fold: bool = True  # the experts apply the combine weights
+
+    def expand(
+        self, x: torch.Tensor, w: torch.Tensor | None
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Arrival rows (and their weights: one per row, or [P, K] per pilot) -> expert
+        rows and, when the experts fold them in, each expert row's weight."""
+        if self.slot_R is not None:
+            w_R = w.reshape(-1).index_select(0, self.slot_R) if self.fold else None
+            return permute(x, self.slot_R, self.dest_row_PK), w_R
+        if self.perm is not None:
+            x = _RowPermutation.apply(x, *self.perm)
+            w = None if w is None else _RowPermutation.apply(w, *self.perm)
+        return x, w
+
+    def reduce(self, y: torch.Tensor, w: torch.Tensor | None) -> torch.Tensor:
+        """Expert outputs -> arrival order (pilots: the sum of each pilot's rows, weighted
+        by `w` [P, K] unless the experts applied the weights)."""
+        if self.slot_R is not None:
+            return combine(y, None if self.fold else w, self.slot_R, self.dest_row_PK)
+        if self.perm is not None:
+            y = _RowPermutation.apply(y, self.perm[1], self.perm[0])
+        return y
+
+
+def _held_part(ids_PK: torch.Tensor, me: int, El: int, counts: list[int], fold: bool) -> _Part:
+    """Pilots with their tokens' global expert ids (-1: dropped) -> the part that copies
+    each to the experts it chose on rank `me` (PFT's routing over the pilots)."""
+    local_PK = ids_PK - me * El
+    mine_PK = (ids_PK >= 0) & (local_PK >= 0) & (local_PK < El)
+    held = routing_metadata(torch.where(mine_PK, local_PK, 0), mine_PK, El)
+    offsets = torch.cumsum(held.counts_E, 0).to(torch.int32)
+    slot_R = held.src_slot_N[: sum(counts)]
+    return _Part(CountsWithOffsets(counts, offsets), None, slot_R, held.dest_row_TK, fold)
+
+
+@dataclass
+class _Pilots:
+    x_SD: torch.Tensor  # one row per (token, destination rank), grouped by rank
+    ids_SK: torch.Tensor  # each pilot's token's expert ids (-1: dropped)
+    w_SK: torch.Tensor  # and combine weights
+    slot_S: torch.Tensor  # pilot -> (token * W + rank position)
+    dest_TW: torch.Tensor  # (token, rank position) -> pilot, -1 where none
+    send: list[int]  # pilots to each rank
+    recv: list[int]  # pilots from each rank
+    counts_WC: list[list[int]]  # rows each rank sends to each local expert, then its pilots
+
+
+def _plan_pilots(
+    x_TD: torch.Tensor, routing: Routing, W: int, me: int, El: int, group: Any, self_last: bool
+) -> _Pilots:
+    """The sender's half of `moe.dedup_ep`: route each token to the ranks of its kept
+    experts (PFT's routing metadata with the ranks as experts and K = W), exchange the
+    counts (rows per expert and pilots per rank, one all-to-all), make the one host sync,
+    and gather the pilots. `self_last`: the own rank's pilots come last."""
+    T, dev = x_TD.shape[0], x_TD.device
+    K = routing.top_k
+    ids_TK = routing.topk_ids_TK.long()
+    if routing.keep_TK is not None:
+        ids_TK = torch.where(routing.keep_TK, ids_TK, -1)
+    to_rank_TK = torch.where(ids_TK >= 0, ids_TK // El, W)
+    hits_TW = ids_TK.new_zeros(T, W + 1).scatter_add_(1, to_rank_TK, torch.ones_like(ids_TK))
+    order = [w for w in range(W) if w != me] + [me] if self_last else list(range(W))
+    visits_TW = hits_TW[:, order] > 0  # by rank position
+    pil = routing_metadata(torch.arange(W, device=dev).expand(T, W), visits_TW, W)
+    pos_W = host_to_device([order.index(w) for w in range(W)], dev)
+    pilots_W = pil.counts_E.index_select(0, pos_W)  # by rank
+    counts_E = count_ids(torch.where(ids_TK >= 0, ids_TK, W * El), W * El + 1)[:-1]
+    msg_WC = torch.cat([counts_E.view(W, El), pilots_W.view(W, 1)], 1)
+    recv_WC = exchange_counts(msg_WC.reshape(-1), group)
+    counts_to_host = _to_host_async(torch.cat([pilots_W, recv_WC.reshape(-1)]))
+    # gather the pilots while the host waits (a token has at most min(W, K) of them)
+    bound = T * min(W, K)
+    rows_ND = gather_rows(x_TD.detach(), pil.src_slot_N[:bound], W, n_rows=pil.counts_E.sum())
+    host = counts_to_host()  # the one host sync
+    C = El + 1
+    counts_WC = [host[W + w * C : W + (w + 1) * C] for w in range(W)]
+    send, recv = host[:W], [c[El] for c in counts_WC]
+    slot_S = pil.src_slot_N[: sum(send)]
+    token_S = slot_S // W
+    return _Pilots(
+        attach_gathered(x_TD, rows_ND[: sum(send)], pil.dest_row_TK),
+        ids_TK.index_select(0, token_S),
+        routing.topk_weights_TK.index_select(0, token_S),
+        slot_S, pil.dest_row_TK, send, recv, counts_WC,
+    )  # fmt: skip
+
+
+@dataclass
+class _DedupState:
+    """What combine needs under `moe.dedup_ep`: the receiver's sum per pilot, the way
+    back, and the sender's sum over the ranks each token went to."""
+
+    pilot_slot_S: torch.Tensor  # sent pilot -> (token * W + rank)
+    pilot_dest_TW: torch.Tensor  # (token, rank) -> sent pilot row, -1 where none
+    part: _Part  # the held pilots -> expert rows, and back
+    weights_PK: torch.Tensor | None  # the held pilots' weights; None: the experts applied them
+    send_splits: list[int]  # pilots sent to each rank
+    recv_splits: list[int]  # pilots held from each rank
+
+
 # ---------------------------------------------------------------------- moe.overlap_ep
 
 
@@ -341,14 +516,13 @@ class PFTDispatcher(Dispatcher):
 class _OverlapState:
     """What `run_experts` and combine need when the own rows stay out of the exchanges."""
 
-    dest_row_TK: torch.Tensor
+    dest_row_TK: torch.Tensor  # the final combine's (token, k or rank) -> send buffer row
     src_slot_S: torch.Tensor
     weights_TK: torch.Tensor | None
     plan: _Exchange
     own: int  # this rank's own rows: the last `own` rows of the send buffer
-    counts_own: list[int]  # own rows per local expert
-    counts_other: list[int]  # the other ranks' rows per local expert
-    regroup: tuple[torch.Tensor, torch.Tensor] | None  # (source, expert) -> (expert, source)
+    own_part: _Part  # the own rows -> expert rows, and back
+    rem_part: _Part  # the other ranks' rows, as they arrive -> expert rows, and back
 
 
 class _Exchange:
@@ -436,22 +610,18 @@ class _OverlappedExperts(torch.autograd.Function):
         if w_S is not None:  # the rows' combine weights travel with them
             w_src, w_own = plan.start(w_S[:n_other]), w_S[n_other:]
         y_SD = x_SD.new_empty(x_SD.shape[0], experts.w2_EDF.shape[1])
+        own, rem = st.own_part, st.rem_part
         with torch.set_grad_enabled(grad):
             x_own, w_own = _leaf(x_SD[n_other:], gx), _leaf(w_own, gw)
-            a_own = experts.hidden(x_own, st.counts_own, w_own)
+            xe_own, we_own = own.expand(x_own, w_own)
+            a_own = experts.hidden(xe_own, own.counts, we_own)
             plan.wait()
             x_src, w_src = _leaf(x_src, gx), _leaf(w_src, gw)
-            x_rem, w_rem = x_src, w_src
-            if st.regroup is not None:  # (source rank, expert) -> (expert, source rank)
-                x_rem = _RowPermutation.apply(x_src, *st.regroup)
-                if w_src is not None:
-                    w_rem = _RowPermutation.apply(w_src, *st.regroup)
-            y_rem = experts(x_rem, st.counts_other, w_rem)
-            if st.regroup is not None:
-                y_rem = _RowPermutation.apply(y_rem, st.regroup[1], st.regroup[0])
+            x_rem, w_rem = rem.expand(x_src, w_src)
+            y_rem = rem.reduce(experts(x_rem, rem.counts, w_rem), w_src)
             plan.start(y_rem.detach(), out=y_SD[:n_other], back=True)
             a_mid = _leaf(a_own, a_own.requires_grad)
-            y_own = experts.project(a_mid, st.counts_own)
+            y_own = own.reduce(experts.project(a_mid, own.counts), w_own)
             y_SD[n_other:] = y_own.detach()
             plan.wait()
         if grad:
@@ -470,7 +640,7 @@ class _OverlappedExperts(torch.autograd.Function):
         n_other = sum(plan.send)
         g_SD = g_SD.contiguous()
         g_rem = plan.start(g_SD[:n_other])
-        g_mid, *gp = _vjp(e_own, [a_mid, *params], g_SD[n_other:])
+        g_mid, g_wown, *gp = _vjp(e_own, [a_mid, w_own, *params], g_SD[n_other:])
         plan.wait()
         g_src, g_wsrc, *gp_rem = _vjp(e_rem, [x_src, w_src, *params], g_rem)
         gp = [_add(a, b) for a, b in zip(gp_rem, gp)]
@@ -478,10 +648,11 @@ class _OverlappedExperts(torch.autograd.Function):
         plan.start(_or_zeros(g_src, x_src), out=g_x[:n_other], back=True)
         g_w = None
         if w_src is not None and ctx.needs_input_grad[1]:
-            g_w = w_src.new_empty(n_other + w_own.shape[0])
+            g_w = w_src.new_empty(n_other + w_own.shape[0], *w_src.shape[1:])
             plan.start(_or_zeros(g_wsrc, w_src), out=g_w[:n_other], back=True)
-        g_own, g_wown, *gp_own = _vjp(e_hidden, [x_own, w_own, *params], g_mid)
+        g_own, g_wh, *gp_own = _vjp(e_hidden, [x_own, w_own, *params], g_mid)
         gp = [_add(a, b) for a, b in zip(gp, gp_own)]
+        g_wown = _add(g_wown, g_wh)
         g_x[n_other:] = _or_zeros(g_own, x_own)
         if g_w is not None:
             g_w[n_other:] = _or_zeros(g_wown, w_own)
