@@ -399,6 +399,11 @@ def validate(cfg: Config, world_size: int | None = None) -> None:
         raise ConfigError(
             f"moe.dedup_ep=true needs moe.dispatcher=pft (got {e.dispatcher}): set it false"
         )
+    if e.dedup_ep and e.num_experts >= 2**24:
+        raise ConfigError(
+            f"moe.dedup_ep=true sends expert ids as fp32, exact below 2**24 experts "
+            f"(moe.num_experts={e.num_experts}): set it false"
+        )
     if e.overlap_ep and e.dispatcher != "pft":
         raise ConfigError(
             f"moe.overlap_ep=true needs moe.dispatcher=pft (got {e.dispatcher}): set it false"

@@ -319,8 +319,12 @@ class PFTDispatcher(Dispatcher):
             )  # fmt: skip
             return Dispatched(x_SD, st.own_part.counts, st, stats, w_SK, None)
         x_PD = all_to_all_uneven(x_SD, pl.send, pl.recv, self.group)
-        ids_PK = all_to_all_uneven(ids_SK, pl.send, pl.recv, self.group)
-        w_PK = all_to_all_uneven(w_SK, pl.send, pl.recv, self.group)
+        # ids travel with the weights, as floats (exact below 2**24 experts): one exchange
+        K = ids_SK.shape[1]
+        meta_PC = all_to_all_uneven(
+            torch.cat([w_SK.float(), ids_SK.float()], 1), pl.send, pl.recv, self.group
+        )
+        w_PK, ids_PK = meta_PC[:, :K].to(w_SK.dtype), meta_PC[:, K:].long()
         counts_El = [sum(c[e] for c in pl.counts_WC) for e in range(El)]
         part = _held_part(ids_PK, me, El, counts_El, self.fold_weights)
         x_RD, w_R = part.expand(x_PD, w_PK)
@@ -479,20 +483,22 @@ def _plan_pilots(
     msg_WC = torch.cat([counts_E.view(W, El), pilots_W.view(W, 1)], 1)
     recv_WC = exchange_counts(msg_WC.reshape(-1), group)
     counts_to_host = _to_host_async(torch.cat([pilots_W, recv_WC.reshape(-1)]))
-    # gather the pilots while the host waits (a token has at most min(W, K) of them)
+    # gather the pilots, their ids and weights while the host waits, into buffers of the
+    # most pilots there can be (a token has at most min(W, K)); past the count, unread
     bound = T * min(W, K)
-    rows_ND = gather_rows(x_TD.detach(), pil.src_slot_N[:bound], W, n_rows=pil.counts_E.sum())
+    slot_B = pil.src_slot_N[:bound]
+    rows_ND = gather_rows(x_TD.detach(), slot_B, W, n_rows=pil.counts_E.sum())
+    token_B = slot_B // W  # (entries past the count index token 0: valid, never read)
+    ids_BK = ids_TK.index_select(0, token_B)
+    w_BK = routing.topk_weights_TK.index_select(0, token_B)
     host = counts_to_host()  # the one host sync
     C = El + 1
     counts_WC = [host[W + w * C : W + (w + 1) * C] for w in range(W)]
     send, recv = host[:W], [c[El] for c in counts_WC]
-    slot_S = pil.src_slot_N[: sum(send)]
-    token_S = slot_S // W
+    S = sum(send)
     return _Pilots(
-        attach_gathered(x_TD, rows_ND[: sum(send)], pil.dest_row_TK),
-        ids_TK.index_select(0, token_S),
-        routing.topk_weights_TK.index_select(0, token_S),
-        slot_S, pil.dest_row_TK, send, recv, counts_WC,
+        attach_gathered(x_TD, rows_ND[:S], pil.dest_row_TK), ids_BK[:S], w_BK[:S],
+        slot_B[:S], pil.dest_row_TK, send, recv, counts_WC,
     )  # fmt: skip
 
 
