@@ -161,6 +161,29 @@ def test_rbd_cuts_inter_node_time_for_wide_top_k():
     )
 
 
+def test_dedup_ep_sends_one_row_per_rank():
+    """moe.dedup_ep: the exchange carries expected_unique_nodes(E, k, ep) pilots a token
+    instead of k rows, so the all-to-all time drops by about that ratio at EP = 2 (where
+    one rank's worth of rows stays home either way) and the transient buffers shrink."""
+    hw = replace(HW, gpus_per_node=2, intra_gbs=1.0)  # slow enough that bytes dominate
+    a = Assumptions()
+    lay = Layout(tp=1, ep=2, dispatcher="pft", micro_batch=8)  # the exchange's buffers count
+    plain, dedup = load_config("small"), load_config("small", ["moe.dedup_ep=true"])
+    t_plain = time_estimate(plain, lay, hw, 2, a)["all_to_all"]
+    t_dedup = time_estimate(dedup, lay, hw, 2, a)["all_to_all"]
+    e = plain.moe
+    ratio = expected_unique_nodes(e.num_experts, e.top_k, 2) / e.top_k
+    assert t_dedup / t_plain == pytest.approx(ratio, rel=0.02)
+    # a shape whose exchange buffers, not the LM head's loss, are the largest transient
+    small = [*SMALL_SHAPE, "moe.num_experts=8", "moe.top_k=4", "moe.dispatcher=pft"]
+    m_plain = memory_estimate(load_config("tiny", small), lay, hw, 2, a)["transient"]
+    m_dedup = load_config("tiny", [*small, "moe.dedup_ep=true"])
+    assert memory_estimate(m_dedup, lay, hw, 2, a)["transient"] < m_plain
+    # other dispatchers and one rank are unaffected
+    for other in (replace(lay, dispatcher="rbd"), replace(lay, ep=1)):
+        assert time_estimate(dedup, other, hw, 2, a) == time_estimate(plain, other, hw, 2, a)
+
+
 def frontier(hbm: float | None = None):
     site = S.load("frontier")
     if hbm is not None:

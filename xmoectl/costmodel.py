@@ -163,6 +163,11 @@ def expected_unique_nodes(num_experts: int, top_k: int, nodes: int) -> float:
     return nodes * (1.0 - miss)
 
 
+def _dedup(cfg: Any, layout: Layout) -> bool:
+    """`moe.dedup_ep`: PFT with EP sends one row per (token, destination rank)."""
+    return layout.dispatcher == "pft" and layout.ep > 1 and cfg.moe.dedup_ep
+
+
 def local_params(cfg: Any, layout: Layout) -> tuple[float, float]:
     """(dense, expert) parameters held by one GPU.
 
@@ -321,6 +326,10 @@ def memory_estimate(
     moe_tokens = T / layout.tp if layout.ssmb else T
     r = rows_factor(cfg, layout, a.imbalance)
     a2a = 2 * e.top_k * r * ACT_BYTES * m.hidden * moe_tokens if moe_layers else 0.0
+    if _dedup(cfg, layout):
+        # pilots travel (sent and received), the expert rows are made from them on arrival
+        pilots = expected_unique_nodes(e.num_experts, e.top_k, layout.ep)
+        a2a *= (e.top_k + pilots) / (2 * e.top_k)
     if layout.dispatcher == "rbd":
         a2a *= 1.5  # pilot rows are staged once more between the two exchanges
     if per_tok["loss_chunk"]:  # one chunk of logits, or all of them if fewer
@@ -495,6 +504,8 @@ def _all_to_all_s(
     local = min(ep, gpn)  # EP ranks on one node (EP blocks are consecutive ranks)
     ep_nodes = max(1, ep // gpn)
     rows = moe_tokens * k * r  # padded dispatchers: r is the capacity factor, buffers travel whole
+    if _dedup(cfg, layout):  # one pilot per (token, destination rank), not per (token, k)
+        rows = moe_tokens * expected_unique_nodes(e.num_experts, k, ep) * r
     intra_bytes = rows * (local - 1) / ep * row
     inter_bytes = rows * (ep - local) / ep * row
     count_exchange = a.latency_inter_s if ep_nodes > 1 else a.latency_intra_s
