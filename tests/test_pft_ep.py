@@ -182,6 +182,16 @@ def _overlap_order(rank, W):
         ("start", other), ("start", other), ("hidden", own), ("wait",), ("experts", recv),
         ("start", recv), ("project", own), ("wait",),
     ], (log, st_rows)  # fmt: skip
+    # what the node keeps for backward holds the own rows' bytes, not the send buffer's
+    node, todo = None, [y.grad_fn]
+    while todo and node is None:
+        fn = todo.pop()
+        if type(fn).__name__ == "_OverlappedExpertsBackward":
+            node = fn
+        todo += [f for f, _ in fn.next_functions if f is not None]
+    x_own = node.own[0]
+    assert x_own.shape[0] == own
+    assert x_own.untyped_storage().nbytes() == x_own.numel() * x_own.element_size()
     log.clear()
     y.sum().backward()
     # backward: the same, in reverse, with the own halves' backward inside each exchange

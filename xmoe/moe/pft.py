@@ -618,7 +618,9 @@ class _OverlappedExperts(torch.autograd.Function):
         y_SD = x_SD.new_empty(x_SD.shape[0], experts.w2_EDF.shape[1])
         own, rem = st.own_part, st.rem_part
         with torch.set_grad_enabled(grad):
-            x_own, w_own = _leaf(x_SD[n_other:], gx), _leaf(w_own, gw)
+            # a copy: a view would keep the whole send buffer (the dispatch's gather into
+            # room for every row that can be kept) alive until backward
+            x_own, w_own = _leaf(x_SD[n_other:].clone(), gx), _leaf(w_own, gw)
             xe_own, we_own = own.expand(x_own, w_own)
             a_own = experts.hidden(xe_own, own.counts, we_own)
             plan.wait()
