@@ -46,3 +46,25 @@ def test_counts_per_rank_and_large_block_count(interpreter):
         int(ref.counts_E[:2].sum()),
         int(ref.counts_E[2:].sum()),
     ]
+
+
+@pytest.mark.parametrize("first", [0, 3, 5])
+def test_routing_metadata_window_of_experts(interpreter, first):
+    """`first`: only ids in [first, first + E) are routed (as id - first); the others,
+    -1 (dropped upstream) included, are not kept, exactly as if the keep mask said so."""
+    T, K, E, G = 37, 3, 4, 12  # E local experts out of G global ones
+    g = torch.Generator().manual_seed(first)
+    ids_TK = torch.stack([torch.randperm(G, generator=g)[:K] for _ in range(T)])
+    ids_TK[::5, 0] = -1
+    local = ids_TK - first
+    inside = (local >= 0) & (local < E)
+    counts, dest, slots = _expected(torch.where(inside, local, 0), inside, E)
+    for fn in (routing_metadata, routing_metadata_torch):
+        meta = fn(ids_TK, None, E, first)
+        assert meta.counts_E.tolist() == counts
+        assert meta.dest_row_TK.reshape(-1).tolist() == dest
+        assert meta.src_slot_N[: len(slots)].tolist() == slots
+    keep = torch.rand(T, K, generator=g) < 0.7  # and a keep mask on top
+    counts, dest, _ = _expected(torch.where(inside, local, 0), inside & keep, E)
+    meta = routing_metadata(ids_TK, keep, E, first)
+    assert meta.counts_E.tolist() == counts and meta.dest_row_TK.reshape(-1).tolist() == dest

@@ -38,6 +38,7 @@ if HAVE_TRITON:
         N,
         E,
         NB,
+        FIRST,
         HAS_KEEP: tl.constexpr,
         BLOCK: tl.constexpr,
         E_PAD: tl.constexpr,
@@ -45,7 +46,8 @@ if HAVE_TRITON:
         b = tl.program_id(0)
         i = b * BLOCK + tl.arange(0, BLOCK)
         m = i < N
-        ids = tl.load(ids_ptr + i, mask=m, other=-1)
+        ids = tl.load(ids_ptr + i, mask=m, other=-1) - FIRST
+        ids = tl.where((ids >= 0) & (ids < E), ids, -1)  # outside the window: not kept
         if HAS_KEEP:
             keep = tl.load(keep_ptr + i, mask=m, other=0)
             ids = tl.where(keep != 0, ids, -1)
@@ -63,6 +65,7 @@ if HAVE_TRITON:
         N,
         E,
         NB,
+        FIRST,
         HAS_KEEP: tl.constexpr,
         BLOCK: tl.constexpr,
         E_PAD: tl.constexpr,
@@ -70,7 +73,8 @@ if HAVE_TRITON:
         b = tl.program_id(0)
         i = b * BLOCK + tl.arange(0, BLOCK)
         m = i < N
-        ids = tl.load(ids_ptr + i, mask=m, other=-1)
+        ids = tl.load(ids_ptr + i, mask=m, other=-1) - FIRST
+        ids = tl.where((ids >= 0) & (ids < E), ids, -1)  # outside the window: not kept
         if HAS_KEEP:
             keep = tl.load(keep_ptr + i, mask=m, other=0)
             ids = tl.where(keep != 0, ids, -1)
@@ -110,11 +114,12 @@ class RoutingMeta:
 
 
 def routing_metadata_torch(
-    topk_ids_TK: torch.Tensor, keep_TK: torch.Tensor | None, num_experts: int
+    topk_ids_TK: torch.Tensor, keep_TK: torch.Tensor | None, num_experts: int, first: int = 0
 ) -> RoutingMeta:
     """Reference: stable argsort of expert ids (dropped assignments sort last) and bincount."""
     T, K = topk_ids_TK.shape
-    key_N = topk_ids_TK.reshape(-1).long()
+    key_N = topk_ids_TK.reshape(-1).long() - first
+    key_N = torch.where((key_N >= 0) & (key_N < num_experts), key_N, num_experts)
     if keep_TK is not None:
         key_N = torch.where(keep_TK.reshape(-1), key_N, num_experts)
     order_N = torch.sort(key_N, stable=True).indices
@@ -126,7 +131,7 @@ def routing_metadata_torch(
 
 
 def routing_metadata_triton(
-    topk_ids_TK: torch.Tensor, keep_TK: torch.Tensor | None, num_experts: int
+    topk_ids_TK: torch.Tensor, keep_TK: torch.Tensor | None, num_experts: int, first: int = 0
 ) -> RoutingMeta:
     T, K = topk_ids_TK.shape
     N, E = T * K, num_experts
@@ -146,23 +151,26 @@ def routing_metadata_triton(
     # kept assignments per (expert, block), expert-major: every entry is written
     hist_EB = torch.empty(E, nb, dtype=torch.int64, device=dev)
     _block_histogram_kernel[(nb,)](
-        ids_N, keep_N, hist_EB, N, E, nb, HAS_KEEP=has_keep, BLOCK=block, E_PAD=e_pad
+        ids_N, keep_N, hist_EB, N, E, nb, first, HAS_KEEP=has_keep, BLOCK=block, E_PAD=e_pad
     )
     # rows are grouped by expert, then by block: the first row of block b's assignments to
     # expert e is the exclusive prefix sum of the histogram in that order (one scan)
     flat = hist_EB.view(-1)
     base_EB = torch.cumsum(flat, 0) - flat
     _positions_kernel[(nb,)](
-        ids_N, keep_N, base_EB, dest_N, slot_N, N, E, nb,
+        ids_N, keep_N, base_EB, dest_N, slot_N, N, E, nb, first,
         HAS_KEEP=has_keep, BLOCK=block, E_PAD=e_pad,
     )  # fmt: skip
     return RoutingMeta(hist_EB.sum(1), dest_N.view(T, K), slot_N, K)
 
 
 def routing_metadata(
-    topk_ids_TK: torch.Tensor, keep_TK: torch.Tensor | None, num_experts: int
+    topk_ids_TK: torch.Tensor, keep_TK: torch.Tensor | None, num_experts: int, first: int = 0
 ) -> RoutingMeta:
-    """Counts per expert and each kept assignment's row in the expert-grouped buffer."""
+    """Counts per expert and each kept assignment's row in the expert-grouped buffer.
+
+    `first`: the experts are ids first .. first + num_experts - 1 (one rank's window of
+    the global ids); an id outside the window, -1 included, counts as not kept."""
     if use_triton(topk_ids_TK):
-        return routing_metadata_triton(topk_ids_TK, keep_TK, num_experts)
-    return routing_metadata_torch(topk_ids_TK, keep_TK, num_experts)
+        return routing_metadata_triton(topk_ids_TK, keep_TK, num_experts, first)
+    return routing_metadata_torch(topk_ids_TK, keep_TK, num_experts, first)

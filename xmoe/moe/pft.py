@@ -440,9 +440,7 @@ class _Part:
 def _held_part(ids_PK: torch.Tensor, me: int, El: int, counts: list[int], fold: bool) -> _Part:
     """Pilots with their tokens' global expert ids (-1: dropped) -> the part that copies
     each to the experts it chose on rank `me` (PFT's routing over the pilots)."""
-    local_PK = ids_PK - me * El
-    mine_PK = (ids_PK >= 0) & (local_PK >= 0) & (local_PK < El)
-    held = routing_metadata(torch.where(mine_PK, local_PK, 0), mine_PK, El)
+    held = routing_metadata(ids_PK, None, El, first=me * El)  # other ranks' ids: not kept
     offsets = torch.cumsum(held.counts_E, 0).to(torch.int32)
     slot_R = held.src_slot_N[: sum(counts)]
     return _Part(CountsWithOffsets(counts, offsets), None, slot_R, held.dest_row_TK, fold)
