@@ -448,6 +448,8 @@ def _held_part(ids_PK: torch.Tensor, me: int, El: int, counts: list[int], fold: 
 
 @dataclass
 class _Pilots:
+    """The sender's pilots after the host sync (`_plan_pilots`)."""
+
     x_SD: torch.Tensor  # one row per (token, destination rank), grouped by rank
     ids_SK: torch.Tensor  # each pilot's token's expert ids (-1: dropped)
     w_SK: torch.Tensor  # and combine weights
@@ -616,9 +618,10 @@ class _OverlappedExperts(torch.autograd.Function):
         y_SD = x_SD.new_empty(x_SD.shape[0], experts.w2_EDF.shape[1])
         own, rem = st.own_part, st.rem_part
         with torch.set_grad_enabled(grad):
-            # a copy: a view would keep the whole send buffer (the dispatch's gather into
-            # room for every row that can be kept) alive until backward
-            x_own, w_own = _leaf(x_SD[n_other:].clone(), gx), _leaf(w_own, gw)
+            # kept for backward as a copy: a view would keep the whole send buffer (the
+            # dispatch's gather into room for every row that can be kept) alive with it
+            x_own = x_SD[n_other:].clone() if grad else x_SD[n_other:]
+            x_own, w_own = _leaf(x_own, gx), _leaf(w_own, gw)
             xe_own, we_own = own.expand(x_own, w_own)
             a_own = experts.hidden(xe_own, own.counts, we_own)
             plan.wait()
