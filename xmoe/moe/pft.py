@@ -359,6 +359,10 @@ class PFTDispatcher(Dispatcher):
         counts_E = meta.counts_E.index_select(0, pos_E)  # back to global expert order
         recv_WEl = exchange_counts(counts_E, self.group)
         counts_to_host = _to_host_async(torch.cat([counts_E, recv_WEl.reshape(-1)]))
+        # the grouped GEMMs' offsets of both halves, made on the device before the sync
+        own_El = recv_WEl[me]
+        offsets = torch.cumsum(torch.stack([own_El, recv_WEl.sum(0) - own_El]), 1)
+        offsets = offsets.to(torch.int32)
         rows_ND = gather_rows(
             x_TD.detach(), meta.src_slot_N, meta.top_k, n_rows=meta.counts_E.sum()
         )
@@ -374,10 +378,11 @@ class PFTDispatcher(Dispatcher):
         regroup = None
         if W > 2 and El > 1:
             regroup = _chunk_permutation(others, x_TD.device)
-        rem = _Part([sum(c[e] for c in others) for e in range(El)], regroup)
+        rem_El = [sum(c[e] for c in others) for e in range(El)]
+        rem = _Part(CountsWithOffsets(rem_El, offsets[1]), regroup)
         st = _OverlapState(
             meta.dest_row_TK, slot_S, None if w_S is not None else routing.topk_weights_TK,
-            plan, own, _Part(counts_WEl[me]), rem,
+            plan, own, _Part(CountsWithOffsets(counts_WEl[me], offsets[0])), rem,
         )  # fmt: skip
         row_bytes = x_TD.shape[1] * x_TD.element_size()
         stats = {
@@ -474,11 +479,15 @@ def _plan_pilots(
         ids_TK = torch.where(routing.keep_TK, ids_TK, -1)
     to_rank_TK = torch.where(ids_TK >= 0, ids_TK // El, W)
     hits_TW = ids_TK.new_zeros(T, W + 1).scatter_add_(1, to_rank_TK, torch.ones_like(ids_TK))
-    order = [w for w in range(W) if w != me] + [me] if self_last else list(range(W))
-    visits_TW = hits_TW[:, order] > 0  # by rank position
+    visits_TW = hits_TW[:, :W] > 0
+    if self_last:  # by rank position: the own rank's column last (a roll, no index tensor)
+        visits_TW = torch.cat(
+            [visits_TW[:, :me], visits_TW[:, me + 1 :], visits_TW[:, me : me + 1]], 1
+        )
     pil = routing_metadata(torch.arange(W, device=dev).expand(T, W), visits_TW, W)
-    pos_W = host_to_device([order.index(w) for w in range(W)], dev)
-    pilots_W = pil.counts_E.index_select(0, pos_W)  # by rank
+    pilots_W = pil.counts_E  # by rank
+    if self_last:
+        pilots_W = torch.cat([pilots_W[:me], pilots_W[W - 1 :], pilots_W[me : W - 1]])
     counts_E = count_ids(torch.where(ids_TK >= 0, ids_TK, W * El), W * El + 1)[:-1]
     msg_WC = torch.cat([counts_E.view(W, El), pilots_W.view(W, 1)], 1)
     recv_WC = exchange_counts(msg_WC.reshape(-1), group)
