@@ -22,6 +22,7 @@ from xmoe.kernels import (
 )
 from xmoe.kernels.grouped_gemm import grouped_mm, torch_grouped_mm_supported
 from xmoe.model.transformer import rope_tables
+from xmoe.moe.router import router_logits
 
 
 def check_kernels(dev) -> None:
@@ -84,6 +85,17 @@ def check_kernels(dev) -> None:
         if i in (0, 1, 4):  # per-row outputs: selected probs, weights, logits' gradient
             u, v = u[same], v[same]
         torch.testing.assert_close(u, v, rtol=1e-4, atol=1e-5)
+    # the router's logits and their gradients, bf16 operands (no fp32 copy of x)
+    xr = torch.randn(16384, 2048, generator=g).to(dev, torch.bfloat16).requires_grad_()
+    wg = (torch.randn(64, 2048, generator=g) / 45).to(dev, torch.bfloat16).requires_grad_()
+    gl = torch.randn(16384, 64, generator=g).to(dev)
+    got = [router_logits(xr, wg), *torch.autograd.grad(router_logits(xr, wg), [xr, wg], gl)]
+    xd, wd = xr.detach().double(), wg.detach().double()
+    want = [xd @ wd.t(), gl.double() @ wd, gl.double().t() @ xd]
+    for name, u, v in zip(("logits", "dx", "dw"), got, want):
+        err = ((u.double() - v).norm() / v.norm()).item()
+        print(f"router {name}: relative error {err:.2e}")
+        assert err < (1e-5 if name == "logits" else 4e-3), (name, err)
     # the model's RMSNorm and RoPE kernels, bf16 at the small preset's widths
     xn = (3 * torch.randn(4099, 2048, generator=g)).to(dev, torch.bfloat16)
     wn = (1 + torch.randn(2048, generator=g)).to(dev, torch.bfloat16)

@@ -79,12 +79,13 @@ if HAVE_TRITON:
             keep = tl.load(keep_ptr + i, mask=m, other=0)
             ids = tl.where(keep != 0, ids, -1)
         e = tl.arange(0, E_PAD)
-        onehot = (ids[:, None] == e[None, :]).to(tl.int64)
-        rank = tl.cumsum(onehot, axis=0) - 1
-        base = tl.load(base_ptr + e * NB + b, mask=e < E, other=0)
-        pos = tl.sum(onehot * (rank + base[None, :]), axis=1)
+        # rank inside the block among the same expert's assignments: int32 (a block is
+        # small), the expert's base row for this block gathered as int64
+        onehot = (ids[:, None] == e[None, :]).to(tl.int32)
+        rank = tl.sum(onehot * tl.cumsum(onehot, axis=0), axis=1) - 1
         valid = m & (ids >= 0)
-        pos = tl.where(valid, pos, -1)
+        base = tl.load(base_ptr + tl.where(valid, ids, 0).to(tl.int64) * NB + b, mask=valid)
+        pos = tl.where(valid, base + rank.to(tl.int64), -1)
         tl.store(dest_ptr + i, pos, mask=m)
         tl.store(slot_ptr + pos, i.to(tl.int64), mask=valid)
 

@@ -7,7 +7,8 @@ compared exactly against the reference. Shape legend as in `xmoe.moe.dispatch`.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import functools
+from collections.abc import Callable
 
 import torch
 from torch import nn
@@ -19,29 +20,101 @@ from xmoe.moe.dispatch import Routing
 from xmoe.moe.rbd_plan import node_limited_topk
 
 
-@dataclass
 class RouterOutput:
-    """The routing decision plus what the loss and the metrics need."""
+    """The routing decision plus what the loss and the metrics need.
 
-    routing: Routing
-    aux_loss: torch.Tensor  # Switch/GShard load-balancing loss (unscaled, fp32 scalar)
-    z_loss: torch.Tensor  # mean squared log-partition of the logits (unscaled)
-    tokens_per_expert_E: torch.Tensor  # int64 routed assignments per expert, before dropping
-    # share of (token, k) assignments removed by capacity: a 0-dim fp64 tensor on the
-    # router's device, read on the host only when logged (no host sync in the step)
-    dropped_fraction: torch.Tensor
+    The losses and the dropped share are made on first use, not in `Router.forward`:
+    the layer reads them after its dispatch, so the host queues the experts' first GEMM
+    a few operations sooner (the GPU waits for the host at the start of a layer)."""
+
+    def __init__(
+        self,
+        routing: Routing,
+        tokens_per_expert_E: torch.Tensor,
+        losses: Callable[[], tuple[torch.Tensor, torch.Tensor]],
+    ) -> None:
+        self.routing = routing
+        # int64 routed assignments per expert, before dropping
+        self.tokens_per_expert_E = tokens_per_expert_E
+        self._losses = losses
+
+    @functools.cached_property
+    def _loss_pair(self) -> tuple[torch.Tensor, torch.Tensor]:
+        return self._losses()
+
+    @property
+    def aux_loss(self) -> torch.Tensor:
+        """Switch/GShard load-balancing loss (unscaled, fp32 scalar)."""
+        return self._loss_pair[0]
+
+    @property
+    def z_loss(self) -> torch.Tensor:
+        """Mean squared log-partition of the logits (unscaled)."""
+        return self._loss_pair[1]
+
+    @functools.cached_property
+    def dropped_fraction(self) -> torch.Tensor:
+        """Share of (token, k) assignments removed by capacity: a 0-dim fp64 tensor on
+        the router's device, read on the host only when logged (no host sync in the step)."""
+        keep_TK = self.routing.keep_TK
+        if keep_TK is None or keep_TK.numel() == 0:
+            return torch.zeros((), dtype=torch.float64, device=self.tokens_per_expert_E.device)
+        return (~keep_TK).sum().double() / keep_TK.numel()
+
+
+# aten's `mm` with an fp32 result from bf16 operands (fp32 accumulation), where this
+# torch has it: the router then never copies its input to fp32
+_MM_OUT_DTYPE = hasattr(torch.ops.aten.mm, "dtype")
+
+
+def _mm_fp32_acc(a: torch.Tensor, b: torch.Tensor, out_dtype: torch.dtype) -> torch.Tensor:
+    """a @ b of bf16 operands with fp32 accumulation, the result in `out_dtype`. Off the
+    GPU (the tests) the same products and sums in fp32, then rounded."""
+    if a.is_cuda:
+        return a @ b if out_dtype == a.dtype else torch.mm(a, b, out_dtype=out_dtype)
+    return (a.float() @ b.float()).to(out_dtype)
+
+
+def split_bf16(g: torch.Tensor) -> torch.Tensor:
+    """fp32 [T, E] as two bf16 halves side by side, [T, 2E] = [hi | lo], hi + lo = g to
+    about 16 significant bits: g @ w == [hi | lo] @ [w ; w] in one bf16 GEMM."""
+    hi = g.to(torch.bfloat16)
+    return torch.cat([hi, (g - hi.float()).to(torch.bfloat16)], dim=1)
+
+
+def logits_bf16_grads(
+    g_TE: torch.Tensor, x_TD: torch.Tensor, w_ED: torch.Tensor, need_x: bool, need_w: bool
+) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+    """The gradients of x_TD @ w_ED.T (bf16 operands) from the fp32 gradient of the
+    logits, without an fp32 copy of x: the gradient split in two bf16 halves
+    (`split_bf16`), bf16 GEMMs accumulating in fp32."""
+    g2 = split_bf16(g_TE.float())
+    gx = gw = None
+    if need_x:
+        gx = _mm_fp32_acc(g2, torch.cat([w_ED, w_ED]), torch.bfloat16)
+    if need_w:
+        E = w_ED.shape[0]
+        gw2 = _mm_fp32_acc(g2.t(), x_TD, torch.float32)
+        gw = (gw2[:E] + gw2[E:]).to(w_ED.dtype)
+    return gx, gw
 
 
 class _Fp32Logits(torch.autograd.Function):
     """logits_TE = x_TD @ w_ED.T computed in fp32, saving x and w as they are (no fp32 copy
     of the activations kept for backward).
 
-    For bf16/fp16 operands on a GPU the matmuls run in TF32: a bf16 or fp16 value is exact
-    in TF32, so every product is exact and only the fp32 accumulation order differs from
-    an IEEE fp32 GEMM, at a fraction of its cost (fp32 GEMMs are not tensor-core work).
-    In backward the fp32 gradient is rounded to TF32 (10 mantissa bits) before the
-    matmuls. fp32/fp64 operands (the CPU tests) take the plain fp32 path.
+    bf16 operands on a GPU: bf16 GEMMs with fp32 accumulation and an fp32 result, every
+    product exact (as an fp32 GEMM of the same values gives, up to the order of the
+    sums), and no fp32 copy of x even for a moment. Backward splits the fp32 gradient in
+    two bf16 halves (about 16 significant bits, more than TF32's 11; `logits_bf16_grads`).
+    fp16 operands on a GPU run the fp32 matmuls in TF32 (an fp16 value is exact in TF32;
+    in backward the gradient is rounded to TF32). fp32/fp64 operands (the CPU tests) take
+    the plain fp32 path.
     """
+
+    @staticmethod
+    def _bf16(x: torch.Tensor) -> bool:
+        return x.is_cuda and x.dtype == torch.bfloat16 and _MM_OUT_DTYPE
 
     @staticmethod
     def _tf32(x: torch.Tensor) -> bool:
@@ -61,17 +134,22 @@ class _Fp32Logits(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x_TD: torch.Tensor, w_ED: torch.Tensor) -> torch.Tensor:
         ctx.save_for_backward(x_TD, w_ED)
+        if _Fp32Logits._bf16(x_TD) and w_ED.dtype == torch.bfloat16:
+            return _mm_fp32_acc(x_TD, w_ED.t(), torch.float32)
         return _Fp32Logits._matmul(x_TD.float(), w_ED.float().t(), _Fp32Logits._tf32(x_TD))
 
     @staticmethod
     def backward(ctx, g_TE: torch.Tensor):
         x_TD, w_ED = ctx.saved_tensors
+        need_x, need_w = ctx.needs_input_grad[:2]
+        if _Fp32Logits._bf16(x_TD) and w_ED.dtype == torch.bfloat16:
+            return logits_bf16_grads(g_TE, x_TD, w_ED, need_x, need_w)
         tf32 = _Fp32Logits._tf32(x_TD)
         g_TE = g_TE.float()
         gx = gw = None
-        if ctx.needs_input_grad[0]:
+        if need_x:
             gx = _Fp32Logits._matmul(g_TE, w_ED.float(), tf32).to(x_TD.dtype)
-        if ctx.needs_input_grad[1]:
+        if need_w:
             gw = _Fp32Logits._matmul(g_TE.t(), x_TD.float(), tf32).to(w_ED.dtype)
         return gx, gw
 
@@ -160,21 +238,18 @@ class Router(nn.Module):
             )
 
         keep_TK = None
-        dropped = torch.zeros((), dtype=torch.float64, device=x_TD.device)
         if not cfg.dropless and T > 0:
             keep_TK = capacity_keep_mask(
                 topk_ids_TK, topk_probs_TK, self.num_experts, capacity(T, cfg)
             )
-            dropped = (~keep_TK).sum().double() / keep_TK.numel()
-
-        aux_loss, z_loss = self._losses(probs_sum_E, lse_sq_sum, tokens_per_expert_E, T)
         routing = Routing(
             topk_ids_TK=topk_ids_TK,
             topk_weights_TK=weights_TK.to(x_TD.dtype),
             keep_TK=keep_TK,
             num_experts=self.num_experts,
         )
-        return RouterOutput(routing, aux_loss, z_loss, tokens_per_expert_E, dropped)
+        losses = functools.partial(self._losses, probs_sum_E, lse_sq_sum, tokens_per_expert_E, T)
+        return RouterOutput(routing, tokens_per_expert_E, losses)
 
     def reduce_load(self, load_E: torch.Tensor, tokens: int) -> tuple[torch.Tensor, int]:
         """The routed load and token count the balance losses are normalised by.
