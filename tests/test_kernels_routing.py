@@ -68,3 +68,25 @@ def test_routing_metadata_window_of_experts(interpreter, first):
     counts, dest, _ = _expected(torch.where(inside, local, 0), inside & keep, E)
     meta = routing_metadata(ids_TK, keep, E, first)
     assert meta.counts_E.tolist() == counts and meta.dest_row_TK.reshape(-1).tolist() == dest
+
+
+@pytest.mark.parametrize("name,T,K,E", CASES)
+def test_all_kept_writes_every_slot(interpreter, name, T, K, E):
+    """`all_kept` skips the slot buffer's zero fill: with uninitialised memory filled
+    with a poison value, every slot still equals the brute-force answer."""
+    ids_TK, _ = make_routing(T, K, E, seed=T * K + E, drop=False)
+    counts, dest, slots = _expected(ids_TK, None, E)
+    fill = torch.utils.deterministic.fill_uninitialized_memory
+    was_on = torch.are_deterministic_algorithms_enabled()
+    was_warn = torch.is_deterministic_algorithms_warn_only_enabled()
+    torch.use_deterministic_algorithms(True, warn_only=True)
+    torch.utils.deterministic.fill_uninitialized_memory = True
+    try:
+        assert (torch.empty(3, dtype=torch.int64) != 0).all()  # the poison is on
+        meta = routing_metadata(ids_TK, None, E, all_kept=True)
+    finally:
+        torch.utils.deterministic.fill_uninitialized_memory = fill
+        torch.use_deterministic_algorithms(was_on, warn_only=was_warn)
+    assert meta.counts_E.tolist() == counts
+    assert meta.dest_row_TK.reshape(-1).tolist() == dest
+    assert meta.src_slot_N.tolist() == slots

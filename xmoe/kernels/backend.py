@@ -9,6 +9,7 @@ the same code path works with or without a GPU.
 from __future__ import annotations
 
 import contextlib
+import functools
 import os
 from collections.abc import Iterator
 
@@ -119,12 +120,30 @@ def split_rows(n: int, device: torch.device, granule: int = 1) -> tuple[int, int
     whose programs add their rows into per-program partial sums (summed afterwards in a
     fixed order, so the result is deterministic). The interpreter counts 4
     multiprocessors: a few programs, several rows each."""
-    sms = 4
-    if device.type == "cuda":
-        sms = torch.cuda.get_device_properties(device).multi_processor_count
+    sms = multiprocessors(device) if device.type == "cuda" else 4
     programs = max(1, min(cdiv(n, granule), 4 * sms))
     rows = cdiv(cdiv(n, programs), granule) * granule
     return cdiv(n, rows), rows
+
+
+@functools.cache
+def _device_facts(index: int) -> tuple[int, tuple[int, int]]:
+    props = torch.cuda.get_device_properties(index)
+    return props.multi_processor_count, (props.major, props.minor)
+
+
+def multiprocessors(device: torch.device) -> int:
+    """The GPU's multiprocessor count, read once per device (launch paths ask per call)."""
+    return _device_facts(_index(device))[0]
+
+
+def capability(device: torch.device) -> tuple[int, int]:
+    """The GPU's compute capability, read once per device."""
+    return _device_facts(_index(device))[1]
+
+
+def _index(device: torch.device) -> int:
+    return device.index if device.index is not None else torch.cuda.current_device()
 
 
 def cdiv(a: int, b: int) -> int:

@@ -19,7 +19,7 @@ import torch
 from torch.autograd.function import once_differentiable
 
 from xmoe.kernels import grouped_gemm_triton as T
-from xmoe.kernels.backend import host_to_device, use_triton
+from xmoe.kernels.backend import capability, host_to_device, use_triton
 
 IMPLS = ("auto", "torch", "triton", "loop")
 
@@ -205,7 +205,7 @@ def torch_grouped_mm_supported(x_RK: torch.Tensor, w_EKN: torch.Tensor) -> bool:
     if x_RK.is_cuda:
         if x_RK.dtype != torch.bfloat16 or torch.version.hip is not None:
             return False
-        if torch.cuda.get_device_capability(x_RK.device)[0] < 9:
+        if capability(x_RK.device)[0] < 9:
             return False
     elif x_RK.dtype != torch.float32:
         return False

@@ -199,6 +199,7 @@ class _SoftmaxTopK(torch.autograd.Function):
         )  # fmt: skip
         ctx.save_for_backward(logits_TE, lse, ids, w)
         ctx.renormalize = renormalize
+        ctx.set_materialize_grads(False)  # unused outputs' gradients stay None: no zero fills
         counts = cnt.sum(0, dtype=torch.int64)
         ctx.mark_non_differentiable(ids, topp, counts)
         return ids, topp, w, psum.sum(0), zsq.sum(), counts

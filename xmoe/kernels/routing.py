@@ -132,7 +132,11 @@ def routing_metadata_torch(
 
 
 def routing_metadata_triton(
-    topk_ids_TK: torch.Tensor, keep_TK: torch.Tensor | None, num_experts: int, first: int = 0
+    topk_ids_TK: torch.Tensor,
+    keep_TK: torch.Tensor | None,
+    num_experts: int,
+    first: int = 0,
+    all_kept: bool = False,
 ) -> RoutingMeta:
     T, K = topk_ids_TK.shape
     N, E = T * K, num_experts
@@ -143,7 +147,8 @@ def routing_metadata_triton(
     block = max(16, min(1024, 16384 // e_pad))
     nb = max(1, triton.cdiv(N, block))
     dest_N = torch.empty(N, dtype=torch.int64, device=dev)
-    slot_N = torch.zeros(N, dtype=torch.int64, device=dev)
+    # all kept: every slot is written, no zero fill (else the unwritten tail stays valid)
+    slot_N = (torch.empty if all_kept else torch.zeros)(N, dtype=torch.int64, device=dev)
     if N == 0:
         return RoutingMeta(
             torch.zeros(E, dtype=torch.int64, device=dev), dest_N.view(T, K), slot_N, K
@@ -166,12 +171,20 @@ def routing_metadata_triton(
 
 
 def routing_metadata(
-    topk_ids_TK: torch.Tensor, keep_TK: torch.Tensor | None, num_experts: int, first: int = 0
+    topk_ids_TK: torch.Tensor,
+    keep_TK: torch.Tensor | None,
+    num_experts: int,
+    first: int = 0,
+    all_kept: bool = False,
 ) -> RoutingMeta:
     """Counts per expert and each kept assignment's row in the expert-grouped buffer.
 
     `first`: the experts are ids first .. first + num_experts - 1 (one rank's window of
-    the global ids); an id outside the window, -1 included, counts as not kept."""
+    the global ids); an id outside the window, -1 included, counts as not kept.
+    `all_kept`: the caller knows no assignment is dropped nor outside the window, so
+    every entry of `src_slot_N` gets written (it is then not zero-filled first)."""
     if use_triton(topk_ids_TK):
-        return routing_metadata_triton(topk_ids_TK, keep_TK, num_experts, first)
+        if all_kept and keep_TK is not None:
+            raise ValueError("routing_metadata: all_kept with a keep mask")
+        return routing_metadata_triton(topk_ids_TK, keep_TK, num_experts, first, all_kept)
     return routing_metadata_torch(topk_ids_TK, keep_TK, num_experts, first)

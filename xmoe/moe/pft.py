@@ -177,7 +177,9 @@ class PFTDispatcher(Dispatcher):
             return self._dispatch_dedup(x_TD, routing)
         if self.overlap:
             return self._dispatch_overlapped(x_TD, routing)
-        meta = routing_metadata(routing.topk_ids_TK, routing.keep_TK, E)
+        meta = routing_metadata(
+            routing.topk_ids_TK, routing.keep_TK, E, all_kept=routing.keep_TK is None
+        )
         if W == 1 and routing.keep_TK is None:
             return self._dispatch_static(x_TD, routing, meta)
         if W == 1:
@@ -355,7 +357,9 @@ class PFTDispatcher(Dispatcher):
         E, W, me = self.num_experts, self.ep, self._rank()
         El = E // W
         pos_E = self._self_last(routing.topk_ids_TK.device)
-        meta = routing_metadata(pos_E[routing.topk_ids_TK], routing.keep_TK, E)
+        meta = routing_metadata(
+            pos_E[routing.topk_ids_TK], routing.keep_TK, E, all_kept=routing.keep_TK is None
+        )
         counts_E = meta.counts_E.index_select(0, pos_E)  # back to global expert order
         recv_WEl = exchange_counts(counts_E, self.group)
         counts_to_host = _to_host_async(torch.cat([counts_E, recv_WEl.reshape(-1)]))
