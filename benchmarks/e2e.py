@@ -49,7 +49,7 @@ from typing import Any
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from xmoe.config import Config, ConfigError, load_config  # noqa: E402
+from xmoe.config import Config, ConfigError, dedup_ep_active, load_config  # noqa: E402
 from xmoe.flops import flops_per_token  # noqa: E402
 from xmoe.parallel.topology import close_distributed  # noqa: E402
 
@@ -326,7 +326,7 @@ def measure(trainer: BenchTrainer, args: argparse.Namespace) -> dict[str, Any]:
         "fused_lm_loss": cfg.model.fused_lm_loss,
         "recompute_permute": cfg.moe.recompute_permute,
         "overlap_ep": cfg.moe.overlap_ep,
-        "dedup_ep": cfg.moe.dedup_ep,
+        "dedup_ep": dedup_ep_active(cfg.moe, cfg.moe.dispatcher, cfg.parallel.ep),
         "dropped_fraction": round(dropped, 4),
         "load_max_mean": round(max(balance), 3) if balance else None,
         "data": cfg.data.source,

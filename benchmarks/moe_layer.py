@@ -5,7 +5,9 @@ tokens per GPU, bf16, random inputs. Routing balanced, or skewed (Zipf-like expe
 popularity: the same logit bias for every implementation, through the inputs and the
 gate weights, so DeepSpeed's own gate skews alike). Implementations (`impl` in the JSON):
 
-  pft                  our MoELayer with the PFT dispatcher (dropless)
+  pft                  our MoELayer with the PFT dispatcher (dropless), as configured by
+                       default: under EP that includes moe.dedup_ep
+  pft_plain            pft with moe.dedup_ep=false: one row per (token, k) crosses (EP > 1)
   pft_weighted_combine the same with moe.fold_combine_weights=false: the combine applies
                        the weights (and keeps the expert outputs), not the activation
   pft_recompute        pft with moe.recompute_permute=true: backward gathers the experts'
@@ -15,8 +17,9 @@ gate weights, so DeepSpeed's own gate skews alike). Implementations (`impl` in t
                        host sync there): the layer's time without the host's launches
   pft_overlap          pft with moe.overlap_ep=true: the own rows' experts run while the
                        other ranks' rows are exchanged (EP > 1 only)
-  pft_dedup            pft with moe.dedup_ep=true: one row per (token, destination rank)
-                       crosses; the receiver copies it to each of its experts (EP > 1 only)
+  pft_dedup            pft with moe.dedup_ep=true (pft's default under EP): one row per
+                       (token, destination rank) crosses; the receiver copies it to each
+                       of its experts (EP > 1 only)
   pft_dedup_overlap    both: the own pilots' experts run beside the pilots' exchanges
   rbd_rank             the RBD dispatcher with every rank its own virtual node
                        (parallel.node_size=1): one row per (token, destination rank)
@@ -98,6 +101,7 @@ SINGLE = [
 ]
 EP_IMPLS = [
     "pft",
+    "pft_plain",
     "pft_overlap",
     "pft_weighted_combine",
     "padded",
@@ -164,6 +168,7 @@ def build_layer(impl: str, s: dict, ps, dev, dtype, w_gate) -> MoELayer:
         "pft_recompute": ("pft", None, ("moe.recompute_permute=true",)),
         "pft_graphed": ("pft", None, ()),
         "pft_overlap": ("pft", None, ("moe.overlap_ep=true",)),
+        "pft_plain": ("pft", None, ("moe.dedup_ep=false",)),
         "pft_dedup": ("pft", None, ("moe.dedup_ep=true",)),
         "pft_dedup_overlap": ("pft", None, ("moe.dedup_ep=true", "moe.overlap_ep=true")),
         "rbd_rank": ("rbd", None, ("parallel.node_size=1",)),
@@ -329,13 +334,15 @@ def run_impl(impl: str, routing: str, s: dict, ps, dev, dtype, args) -> dict:
         "pft_weighted_combine",
         "pft_recompute",
         "rbd_rank",
+        "pft_plain",
         "pft_dedup",
         "pft_dedup_overlap",
         "padded",
     ):
         # (not pft_graphed: its stats are those of the captured step)
         case["rows"] = int(max_over_ranks(layer.last_stats["dispatcher"].get("rows", 0.0), dev))
-    if layer is not None and impl == "pft" and ps.world > 1:
+    if layer is not None and impl == "pft_plain" and ps.world > 1:
+        # (the exchange of PFT rows without dedup: the sizes plain all_to_all_single gets)
         case.update({k: round(v, 3) for k, v in a2a_bandwidth(s, ps, x, layer, dev, args).items()})
     return case
 
@@ -431,8 +438,18 @@ def profile_impl(impl: str, s: dict, ps, dev, dtype, args) -> None:
         key = "self_cuda_time_total" if dev.type == "cuda" else "self_cpu_time_total"
         print(f"== {impl}: {n} steps, by kernel", flush=True)
         print(prof.key_averages().table(sort_by=key, row_limit=40, max_name_column_width=90))
-        if dev.type == "cuda":
-            print(profile_gaps(prof, n, keep=args.trace))
+    if dev.type == "cuda":
+        # every rank's timeline: under EP a late rank makes the others wait in the exchange
+        trace = args.trace
+        if trace and ps.world > 1:
+            path = Path(trace)
+            trace = str(path.with_name(f"{path.stem}.rank{ps.rank}{path.suffix}"))
+        for r in range(ps.world):
+            if r == ps.rank:
+                print(f"== rank {r}", flush=True)
+                print(profile_gaps(prof, n, keep=trace), flush=True)
+            if dist.is_initialized():
+                dist.barrier()
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -5,7 +5,7 @@ from click.testing import CliRunner
 from helpers import run_xmoe
 
 from xmoe.cli import main
-from xmoe.config import load_config
+from xmoe.config import ConfigError, dedup_ep_active, load_config, validate
 
 
 @pytest.mark.parametrize(
@@ -65,3 +65,28 @@ def test_presets_load_and_overrides_apply():
         assert cfg.preset == name
     cfg = load_config("tiny", ["moe.top_k=3", "train.lr=1e-3", "moe.capacity_factor=null"])
     assert cfg.moe.top_k == 3 and cfg.train.lr == 1e-3 and cfg.moe.dropless
+
+
+@pytest.mark.parametrize(
+    "overrides,active",
+    [
+        ([], True),  # dropless pft with EP: on by default
+        (["moe.capacity_factor=1.25"], False),  # capacity dropping: off unless set
+        (["moe.capacity_factor=1.25", "moe.dedup_ep=true"], True),
+        (["moe.dedup_ep=false"], False),
+        (["moe.overlap_ep=true"], False),  # the two together measured slower
+        (["moe.overlap_ep=true", "moe.dedup_ep=true"], True),
+        (["parallel.ep=1"], False),
+        (["moe.dispatcher=rbd"], False),
+    ],
+)
+def test_dedup_ep_default_follows_the_dispatch(overrides, active):
+    base = ["moe.dispatcher=pft", "parallel.ep=2", "moe.capacity_factor=null"]
+    cfg = load_config("tiny", [*base, *overrides])
+    assert dedup_ep_active(cfg.moe, cfg.moe.dispatcher, cfg.parallel.ep) is active
+
+
+def test_dedup_ep_set_true_needs_pft():
+    with pytest.raises(ConfigError, match="moe.dedup_ep=true needs moe.dispatcher=pft"):
+        load_config("tiny", ["moe.dispatcher=rbd", "moe.dedup_ep=true"])
+    validate(load_config("tiny", ["moe.dispatcher=rbd"]))  # left null: no complaint

@@ -52,7 +52,8 @@ HW = Hardware(
 
 
 def test_memory_of_a_small_shape_by_hand():
-    cfg = load_config("tiny", SMALL_SHAPE)
+    # the plain exchange (one row per (token, k)); dedup_ep's buffers are tested below
+    cfg = load_config("tiny", [*SMALL_SHAPE, "moe.dedup_ep=false"])
     lay = Layout(tp=1, ep=2, dispatcher="pft", micro_batch=2, zero_stage=1)
     a = Assumptions(imbalance=1.5, fragmentation=1.0, context_gib=0.0)
     mem = memory_estimate(cfg, lay, HW, 4, a)
@@ -171,12 +172,24 @@ def test_dedup_ep_sends_one_row_per_rank():
     plain, dedup = load_config("small"), load_config("small", ["moe.dedup_ep=true"])
     t_plain = time_estimate(plain, lay, hw, 2, a)["all_to_all"]
     t_dedup = time_estimate(dedup, lay, hw, 2, a)["all_to_all"]
+    # the default (null): dedup for dropless pft with EP (the small preset drops at
+    # cf 1.25), unless moe.overlap_ep is set
+    dropless = load_config("small", ["moe.capacity_factor=null"])
+    for on in (True, False):
+        cfg = load_config("small", ["moe.capacity_factor=null", f"moe.dedup_ep={on}".lower()])
+        assert (time_estimate(dropless, lay, hw, 2, a) == time_estimate(cfg, lay, hw, 2, a)) is on
+    overlap = load_config("small", ["moe.capacity_factor=null", "moe.overlap_ep=true"])
+    assert time_estimate(overlap, lay, hw, 2, a)["all_to_all"] == (
+        time_estimate(load_config("small", ["moe.capacity_factor=null", "moe.dedup_ep=false"]),
+                      lay, hw, 2, a)["all_to_all"]
+    )  # fmt: skip
     e = plain.moe
     ratio = expected_unique_nodes(e.num_experts, e.top_k, 2) / e.top_k
     assert t_dedup / t_plain == pytest.approx(ratio, rel=0.02)
     # a shape whose exchange buffers, not the LM head's loss, are the largest transient
     small = [*SMALL_SHAPE, "moe.num_experts=8", "moe.top_k=4", "moe.dispatcher=pft"]
-    m_plain = memory_estimate(load_config("tiny", small), lay, hw, 2, a)["transient"]
+    m_plain = load_config("tiny", [*small, "moe.dedup_ep=false"])
+    m_plain = memory_estimate(m_plain, lay, hw, 2, a)["transient"]
     m_dedup = load_config("tiny", [*small, "moe.dedup_ep=true"])
     assert memory_estimate(m_dedup, lay, hw, 2, a)["transient"] < m_plain
     # other dispatchers and one rank are unaffected

@@ -24,6 +24,8 @@ import math
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
+from xmoe.config import dedup_ep_active
+
 GIB = 2**30
 ACT_BYTES = 2  # bf16 activations
 F32 = 4
@@ -164,8 +166,9 @@ def expected_unique_nodes(num_experts: int, top_k: int, nodes: int) -> float:
 
 
 def _dedup(cfg: Any, layout: Layout) -> bool:
-    """`moe.dedup_ep`: PFT with EP sends one row per (token, destination rank)."""
-    return layout.dispatcher == "pft" and layout.ep > 1 and cfg.moe.dedup_ep
+    """`moe.dedup_ep` (on by default for PFT with EP): one row per (token, destination
+    rank) crosses."""
+    return dedup_ep_active(cfg.moe, layout.dispatcher, layout.ep)
 
 
 def local_params(cfg: Any, layout: Layout) -> tuple[float, float]:

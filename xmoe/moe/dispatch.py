@@ -28,6 +28,9 @@ class Routing:
         torch.Tensor | None
     )  # bool, False where capacity dropped the assignment; None = dropless
     num_experts: int
+    # int64 assignments per expert before capacity, when the router counted them (its
+    # balance loss needs them anyway); None: not known
+    routed_E: torch.Tensor | None = None
 
     @property
     def top_k(self) -> int:

@@ -48,7 +48,7 @@ from typing import Any
 import torch
 from torch.autograd.graph import get_gradient_edge
 
-from xmoe.config import Config
+from xmoe.config import Config, dedup_ep_active
 from xmoe.kernels.backend import host_to_device
 from xmoe.kernels.combine import combine
 from xmoe.kernels.grouped_gemm import CountsWithOffsets, DeviceCounts, RowSource
@@ -162,7 +162,8 @@ class PFTDispatcher(Dispatcher):
         self.group = None if parallel_state is None else parallel_state.ep_group
         self.ep = 1 if parallel_state is None else parallel_state.ep
         self.overlap = cfg.moe.overlap_ep and self.ep > 1
-        self.dedup = cfg.moe.dedup_ep and self.ep > 1
+        # (as the RBD dispatcher's one-node fallback, with moe.dispatcher=rbd: plain)
+        self.dedup = dedup_ep_active(cfg.moe, cfg.moe.dispatcher, self.ep)
         self._positions: dict[Any, torch.Tensor] = {}
         if self.ep > 1 and group_size(self.group) != self.ep:
             raise ValueError(
@@ -321,14 +322,11 @@ class PFTDispatcher(Dispatcher):
             )  # fmt: skip
             return Dispatched(x_SD, st.own_part.counts, st, stats, w_SK, None)
         x_PD = all_to_all_uneven(x_SD, pl.send, pl.recv, self.group)
-        # ids travel with the weights, as floats (exact below 2**24 experts): one exchange
         K = ids_SK.shape[1]
-        meta_PC = all_to_all_uneven(
-            torch.cat([w_SK.float(), ids_SK.float()], 1), pl.send, pl.recv, self.group
-        )
+        meta_PC = all_to_all_uneven(pl.meta_SC, pl.send, pl.recv, self.group)
         w_PK, ids_PK = meta_PC[:, :K].to(w_SK.dtype), meta_PC[:, K:].long()
         counts_El = [sum(c[e] for c in pl.counts_WC) for e in range(El)]
-        part = _held_part(ids_PK, me, El, counts_El, self.fold_weights)
+        part = _held_part(ids_PK, me, El, counts_El, self.fold_weights, pl.held_offsets_El)
         x_RD, w_R = part.expand(x_PD, w_PK)
         state = _DedupState(
             pl.slot_S, pl.dest_TW, part, None if self.fold_weights else w_PK, pl.send, pl.recv
@@ -446,11 +444,20 @@ class _Part:
         return y
 
 
-def _held_part(ids_PK: torch.Tensor, me: int, El: int, counts: list[int], fold: bool) -> _Part:
+def _held_part(
+    ids_PK: torch.Tensor,
+    me: int,
+    El: int,
+    counts: list[int],
+    fold: bool,
+    offsets: torch.Tensor | None = None,
+) -> _Part:
     """Pilots with their tokens' global expert ids (-1: dropped) -> the part that copies
-    each to the experts it chose on rank `me` (PFT's routing over the pilots)."""
+    each to the experts it chose on rank `me` (PFT's routing over the pilots). `offsets`:
+    the int32 end row of each local expert, when already made (else from the routing)."""
     held = routing_metadata(ids_PK, None, El, first=me * El)  # other ranks' ids: not kept
-    offsets = torch.cumsum(held.counts_E, 0).to(torch.int32)
+    if offsets is None:
+        offsets = torch.cumsum(held.counts_E, 0).to(torch.int32)
     slot_R = held.src_slot_N[: sum(counts)]
     return _Part(CountsWithOffsets(counts, offsets), None, slot_R, held.dest_row_TK, fold)
 
@@ -462,6 +469,10 @@ class _Pilots:
     x_SD: torch.Tensor  # one row per (token, destination rank), grouped by rank
     ids_SK: torch.Tensor  # each pilot's token's expert ids (-1: dropped)
     w_SK: torch.Tensor  # and combine weights
+    # without `self_last`: [weights | ids] as fp32 columns (one exchange carries both),
+    # and the int32 end row of each local expert over the pilots this rank will hold
+    meta_SC: torch.Tensor | None
+    held_offsets_El: torch.Tensor | None
     slot_S: torch.Tensor  # pilot -> (token * W + rank position)
     dest_TW: torch.Tensor  # (token, rank position) -> pilot, -1 where none
     send: list[int]  # pilots to each rank
@@ -481,18 +492,22 @@ def _plan_pilots(
     ids_TK = routing.topk_ids_TK.long()
     if routing.keep_TK is not None:
         ids_TK = torch.where(routing.keep_TK, ids_TK, -1)
-    to_rank_TK = torch.where(ids_TK >= 0, ids_TK // El, W)
-    hits_TW = ids_TK.new_zeros(T, W + 1).scatter_add_(1, to_rank_TK, torch.ones_like(ids_TK))
-    visits_TW = hits_TW[:, :W] > 0
+    # (token, rank) visited: one of the token's kept experts lives there (-1 // El = -1
+    # matches no rank)
+    ranks_W = torch.arange(W, device=dev)
+    visits_TW = (ids_TK.div(El, rounding_mode="floor")[:, :, None] == ranks_W).any(1)
     if self_last:  # by rank position: the own rank's column last (a roll, no index tensor)
         visits_TW = torch.cat(
             [visits_TW[:, :me], visits_TW[:, me + 1 :], visits_TW[:, me : me + 1]], 1
         )
-    pil = routing_metadata(torch.arange(W, device=dev).expand(T, W), visits_TW, W)
+    pil = routing_metadata(ranks_W.expand(T, W), visits_TW, W)
     pilots_W = pil.counts_E  # by rank
     if self_last:
         pilots_W = torch.cat([pilots_W[:me], pilots_W[W - 1 :], pilots_W[me : W - 1]])
-    counts_E = count_ids(torch.where(ids_TK >= 0, ids_TK, W * El), W * El + 1)[:-1]
+    if routing.keep_TK is None and routing.routed_E is not None:
+        counts_E = routing.routed_E  # dropless: the router's count is the kept count
+    else:
+        counts_E = count_ids(torch.where(ids_TK >= 0, ids_TK, W * El), W * El + 1)[:-1]
     msg_WC = torch.cat([counts_E.view(W, El), pilots_W.view(W, 1)], 1)
     recv_WC = exchange_counts(msg_WC.reshape(-1), group)
     counts_to_host = _to_host_async(torch.cat([pilots_W, recv_WC.reshape(-1)]))
@@ -504,6 +519,14 @@ def _plan_pilots(
     token_B = slot_B // W  # (entries past the count index token 0: valid, never read)
     ids_BK = ids_TK.index_select(0, token_B)
     w_BK = routing.topk_weights_TK.index_select(0, token_B)
+    meta_BC = held_offsets = None
+    if not self_last:  # (the overlap exchanges the ids alone, and splits the experts' rows)
+        # ids travel with the weights, as floats (exact below 2**24 experts): one exchange
+        meta_BC = torch.cat([w_BK.float(), ids_BK.float()], 1)
+        # the grouped GEMMs' offsets over the pilots this rank will hold, from the counts
+        # every rank sent (rows per local expert), made before the host has them
+        held_El = recv_WC.view(W, El + 1)[:, :El].sum(0)
+        held_offsets = torch.cumsum(held_El, 0).to(torch.int32)
     host = counts_to_host()  # the one host sync
     C = El + 1
     counts_WC = [host[W + w * C : W + (w + 1) * C] for w in range(W)]
@@ -511,6 +534,7 @@ def _plan_pilots(
     S = sum(send)
     return _Pilots(
         attach_gathered(x_TD, rows_ND[:S], pil.dest_row_TK), ids_BK[:S], w_BK[:S],
+        None if meta_BC is None else meta_BC[:S], held_offsets,
         slot_B[:S], pil.dest_row_TK, send, recv, counts_WC,
     )  # fmt: skip
 

@@ -247,6 +247,7 @@ class Router(nn.Module):
             topk_weights_TK=weights_TK.to(x_TD.dtype),
             keep_TK=keep_TK,
             num_experts=self.num_experts,
+            routed_E=tokens_per_expert_E,
         )
         losses = functools.partial(self._losses, probs_sum_E, lse_sq_sum, tokens_per_expert_E, T)
         return RouterOutput(routing, tokens_per_expert_E, losses)
