@@ -183,8 +183,8 @@ def routing_metadata(
     the global ids); an id outside the window, -1 included, counts as not kept.
     `all_kept`: the caller knows no assignment is dropped nor outside the window, so
     every entry of `src_slot_N` gets written (it is then not zero-filled first)."""
+    if all_kept and keep_TK is not None:
+        raise ValueError("routing_metadata: all_kept=True with a keep mask")
     if use_triton(topk_ids_TK):
-        if all_kept and keep_TK is not None:
-            raise ValueError("routing_metadata: all_kept with a keep mask")
         return routing_metadata_triton(topk_ids_TK, keep_TK, num_experts, first, all_kept)
     return routing_metadata_torch(topk_ids_TK, keep_TK, num_experts, first)
