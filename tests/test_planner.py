@@ -169,20 +169,20 @@ def test_dedup_ep_sends_one_row_per_rank():
     hw = replace(HW, gpus_per_node=2, intra_gbs=1.0)  # slow enough that bytes dominate
     a = Assumptions()
     lay = Layout(tp=1, ep=2, dispatcher="pft", micro_batch=8)  # the exchange's buffers count
-    plain, dedup = load_config("small"), load_config("small", ["moe.dedup_ep=true"])
+    plain = load_config("small", ["moe.dedup_ep=false"])
+    dedup = load_config("small", ["moe.dedup_ep=true"])
     t_plain = time_estimate(plain, lay, hw, 2, a)["all_to_all"]
     t_dedup = time_estimate(dedup, lay, hw, 2, a)["all_to_all"]
-    # the default (null): dedup for dropless pft with EP (the small preset drops at
-    # cf 1.25), unless moe.overlap_ep is set
-    dropless = load_config("small", ["moe.capacity_factor=null"])
-    for on in (True, False):
-        cfg = load_config("small", ["moe.capacity_factor=null", f"moe.dedup_ep={on}".lower()])
-        assert (time_estimate(dropless, lay, hw, 2, a) == time_estimate(cfg, lay, hw, 2, a)) is on
-    overlap = load_config("small", ["moe.capacity_factor=null", "moe.overlap_ep=true"])
-    assert time_estimate(overlap, lay, hw, 2, a)["all_to_all"] == (
-        time_estimate(load_config("small", ["moe.capacity_factor=null", "moe.dedup_ep=false"]),
-                      lay, hw, 2, a)["all_to_all"]
-    )  # fmt: skip
+    # the default (null): dedup for dropless pft with EP, unless moe.overlap_ep is set.
+    # The layout's capacity factor decides dropless, as in the job it becomes: this
+    # dropless layout replaces the small preset's cf 1.25, a dropping one does not.
+    default = load_config("small")
+    assert time_estimate(default, lay, hw, 2, a) == time_estimate(dedup, lay, hw, 2, a)
+    dropping = replace(lay, capacity_factor=1.25)
+    assert time_estimate(default, dropping, hw, 2, a) == time_estimate(plain, dropping, hw, 2, a)
+    assert time_estimate(default, dropping, hw, 2, a) != time_estimate(dedup, dropping, hw, 2, a)
+    overlap = load_config("small", ["moe.overlap_ep=true"])
+    assert time_estimate(overlap, lay, hw, 2, a)["all_to_all"] == t_plain
     e = plain.moe
     ratio = expected_unique_nodes(e.num_experts, e.top_k, 2) / e.top_k
     assert t_dedup / t_plain == pytest.approx(ratio, rel=0.02)

@@ -21,7 +21,7 @@ Step time (no overlap assumed between compute and communication, as the trainer 
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from typing import Any
 
 from xmoe.config import dedup_ep_active
@@ -166,9 +166,11 @@ def expected_unique_nodes(num_experts: int, top_k: int, nodes: int) -> float:
 
 
 def _dedup(cfg: Any, layout: Layout) -> bool:
-    """`moe.dedup_ep` (on by default for PFT with EP): one row per (token, destination
-    rank) crosses."""
-    return dedup_ep_active(cfg.moe, layout.dispatcher, layout.ep)
+    """`moe.dedup_ep` in effect for this layout (as set, else on for dropless PFT with EP
+    unless `moe.overlap_ep`): one row per (token, destination rank) crosses. The layout's
+    own capacity factor decides dropless, as it does in the job it becomes."""
+    moe = replace(cfg.moe, capacity_factor=layout.capacity_factor)
+    return dedup_ep_active(moe, layout.dispatcher, layout.ep)
 
 
 def local_params(cfg: Any, layout: Layout) -> tuple[float, float]:
