@@ -122,6 +122,12 @@ def _split_counts(host: list[int], W: int) -> tuple[list[int], list[list[int]], 
     return send, counts_WEl, [sum(c) for c in counts_WEl]
 
 
+def _rows_per_expert(counts_W: list[list[int]], El: int) -> list[int]:
+    """Rows each local expert receives, summed over the source ranks' count lists (the
+    first El entries of each: a list may carry more, e.g. its pilots)."""
+    return [sum(c[e] for c in counts_W) for e in range(El)]
+
+
 def _to_host_async(counts: torch.Tensor) -> Callable[[], list[int]]:
     """Start copying small device counts to the host; the returned function waits for that
     copy alone (not for work queued after it) and gives the list."""
@@ -211,7 +217,7 @@ class PFTDispatcher(Dispatcher):
             counts_WEl = [counts_El]
         else:
             send, counts_WEl, recv = _split_counts(host, W)
-            counts_El = [sum(counts_WEl[w][e] for w in range(W)) for e in range(El)]
+            counts_El = _rows_per_expert(counts_WEl, El)
 
         slot_S = meta.src_slot_N[: sum(send)]
         if rows_ND is not None:
@@ -312,9 +318,7 @@ class PFTDispatcher(Dispatcher):
             send_o = [0 if w == me else n for w, n in enumerate(pl.send)]
             recv_o = [0 if w == me else n for w, n in enumerate(pl.recv)]
             ids_PK, _ = exchange_rows(ids_SK[: S - own], send_o, recv_o, self.group)
-            counts_other = [
-                sum(c[e] for w, c in enumerate(pl.counts_WC) if w != me) for e in range(El)
-            ]
+            counts_other = _rows_per_expert(pl.counts_WC[:me] + pl.counts_WC[me + 1 :], El)
             st = _OverlapState(
                 pl.dest_TW, pl.slot_S, None, _Exchange(send_o, recv_o, self.group), own,
                 _held_part(ids_SK[S - own :], me, El, pl.counts_WC[me][:El], self.fold_weights),
@@ -325,7 +329,7 @@ class PFTDispatcher(Dispatcher):
         K = ids_SK.shape[1]
         meta_PC = all_to_all_uneven(pl.meta_SC, pl.send, pl.recv, self.group)
         w_PK, ids_PK = meta_PC[:, :K].to(w_SK.dtype), meta_PC[:, K:].long()
-        counts_El = [sum(c[e] for c in pl.counts_WC) for e in range(El)]
+        counts_El = _rows_per_expert(pl.counts_WC, El)
         part = _held_part(ids_PK, me, El, counts_El, self.fold_weights, pl.held_offsets_El)
         x_RD, w_R = part.expand(x_PD, w_PK)
         state = _DedupState(
@@ -380,7 +384,7 @@ class PFTDispatcher(Dispatcher):
         regroup = None
         if W > 2 and El > 1:
             regroup = _chunk_permutation(others, x_TD.device)
-        rem_El = [sum(c[e] for c in others) for e in range(El)]
+        rem_El = _rows_per_expert(others, El)
         rem = _Part(CountsWithOffsets(rem_El, offsets[1]), regroup)
         st = _OverlapState(
             meta.dest_row_TK, slot_S, None if w_S is not None else routing.topk_weights_TK,
