@@ -57,7 +57,7 @@ class RouterOutput:
         """Share of (token, k) assignments removed by capacity: a 0-dim fp64 tensor on
         the router's device, read on the host only when logged (no host sync in the step)."""
         keep_TK = self.routing.keep_TK
-        if keep_TK is None or keep_TK.numel() == 0:
+        if keep_TK is None:
             return torch.zeros((), dtype=torch.float64, device=self.tokens_per_expert_E.device)
         return (~keep_TK).sum().double() / keep_TK.numel()
 
@@ -113,8 +113,8 @@ class _Fp32Logits(torch.autograd.Function):
     """
 
     @staticmethod
-    def _bf16(x: torch.Tensor) -> bool:
-        return x.is_cuda and x.dtype == torch.bfloat16 and _MM_OUT_DTYPE
+    def _bf16(x: torch.Tensor, w: torch.Tensor) -> bool:
+        return x.is_cuda and x.dtype == w.dtype == torch.bfloat16 and _MM_OUT_DTYPE
 
     @staticmethod
     def _tf32(x: torch.Tensor) -> bool:
@@ -134,7 +134,7 @@ class _Fp32Logits(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x_TD: torch.Tensor, w_ED: torch.Tensor) -> torch.Tensor:
         ctx.save_for_backward(x_TD, w_ED)
-        if _Fp32Logits._bf16(x_TD) and w_ED.dtype == torch.bfloat16:
+        if _Fp32Logits._bf16(x_TD, w_ED):
             return _mm_fp32_acc(x_TD, w_ED.t(), torch.float32)
         return _Fp32Logits._matmul(x_TD.float(), w_ED.float().t(), _Fp32Logits._tf32(x_TD))
 
@@ -142,7 +142,7 @@ class _Fp32Logits(torch.autograd.Function):
     def backward(ctx, g_TE: torch.Tensor):
         x_TD, w_ED = ctx.saved_tensors
         need_x, need_w = ctx.needs_input_grad[:2]
-        if _Fp32Logits._bf16(x_TD) and w_ED.dtype == torch.bfloat16:
+        if _Fp32Logits._bf16(x_TD, w_ED):
             return logits_bf16_grads(g_TE, x_TD, w_ED, need_x, need_w)
         tf32 = _Fp32Logits._tf32(x_TD)
         g_TE = g_TE.float()
