@@ -21,6 +21,8 @@ gate weights, so DeepSpeed's own gate skews alike). Implementations (`impl` in t
                        (token, destination rank) crosses; the receiver copies it to each
                        of its experts (EP > 1 only)
   pft_dedup_overlap    both: the own pilots' experts run beside the pilots' exchanges
+  pft_shared           pft with two shared experts of the routed experts' width (the
+                       DeepSeekMoE-16B layer: one GELU MLP of 2 x 1408 on every token)
   rbd_rank             the RBD dispatcher with every rank its own virtual node
                        (parallel.node_size=1): one row per (token, destination rank)
                        crosses, and the receiver copies it to each expert (EP > 1 only)
@@ -91,6 +93,7 @@ SINGLE = [
     "pft_weighted_combine",
     "pft_recompute",
     "pft_graphed",
+    "pft_shared",
     "padded",
     "deepspeed",
     "deepspeed_dropless",
@@ -104,6 +107,7 @@ EP_IMPLS = [
     "pft_plain",
     "pft_overlap",
     "pft_weighted_combine",
+    "pft_shared",
     "padded",
     "deepspeed",
     "deepspeed_dropless",
@@ -171,6 +175,7 @@ def build_layer(impl: str, s: dict, ps, dev, dtype, w_gate) -> MoELayer:
         "pft_plain": ("pft", None, ("moe.dedup_ep=false",)),
         "pft_dedup": ("pft", None, ("moe.dedup_ep=true",)),
         "pft_dedup_overlap": ("pft", None, ("moe.dedup_ep=true", "moe.overlap_ep=true")),
+        "pft_shared": ("pft", None, ("moe.num_shared_experts=2",)),
         "rbd_rank": ("rbd", None, ("parallel.node_size=1",)),
         "padded": ("padded", 1.25, ()),
         "deepspeed": ("deepspeed", 1.25, ()),
@@ -337,6 +342,7 @@ def run_impl(impl: str, routing: str, s: dict, ps, dev, dtype, args) -> dict:
         "pft_plain",
         "pft_dedup",
         "pft_dedup_overlap",
+        "pft_shared",
         "padded",
     ):
         # (not pft_graphed: its stats are those of the captured step)

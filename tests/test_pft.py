@@ -92,12 +92,32 @@ def test_pft_with_triton_kernels(monkeypatch, grouped_gemm, case):
     )
 
 
-def test_overlap_shared_flag_is_exact_on_cpu():
-    """moe.overlap_shared only moves the shared experts to a side stream on a GPU."""
-    ref, pft = _pair(["moe.num_shared_experts=2"], torch.float64)
-    pft.cfg.moe.overlap_shared = True
+@pytest.mark.parametrize("case", ["dropless", "dropping"])
+def test_shared_experts_are_issued_before_the_host_wait(case, monkeypatch):
+    """The dispatch issues the shared experts once, before it blocks on the counts
+    (dropping on one rank: a host sync) or, with nothing to wait for (dropless), before
+    its permute; the output is unchanged."""
+    import xmoe.moe.pft as pft_mod
+
+    events = []
+    real_to_host, real_permute = pft_mod._to_host_async, pft_mod.permute
+
+    def to_host(counts):
+        wait = real_to_host(counts)
+        return lambda: events.append("host wait") or wait()
+
+    monkeypatch.setattr(pft_mod, "_to_host_async", to_host)
+    monkeypatch.setattr(
+        pft_mod, "permute", lambda *a, **k: events.append("permute") or real_permute(*a, **k)
+    )
+    cf = "0.6" if case == "dropping" else "null"
+    ref, pft = _pair(["moe.num_shared_experts=2", f"moe.capacity_factor={cf}"], torch.float64)
+    shared_forward = pft.shared.forward
+    pft.shared.forward = lambda x: events.append("shared") or shared_forward(x)
     x = torch.randn(12, 32, dtype=torch.float64)
     torch.testing.assert_close(pft(x), ref(x), rtol=1e-10, atol=1e-12)
+    expected = ["shared", "host wait", "permute"] if case == "dropping" else ["shared", "permute"]
+    assert events == expected
 
 
 def _saved_row_buffers(layer, x, g) -> int:

@@ -70,8 +70,6 @@ class MoEConfig:
     grouped_gemm: str = "auto"
     # DeepSeek-V3 node-limited routing: each token's experts on at most this many nodes (0 = off)
     max_nodes_per_token: int = 0
-    # overlap shared experts with the all-to-all on a side stream (GPU only)
-    overlap_shared: bool = False
     # pft: scale each row by its combine weight inside the experts' activation, so the
     # combine is a plain sum and does not keep the expert outputs (xmoe.kernels.activation)
     fold_combine_weights: bool = True

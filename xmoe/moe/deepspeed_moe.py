@@ -159,7 +159,7 @@ class DeepSpeedDispatcher(Dispatcher):
         }
         return out_TD, aux.float(), aux.new_zeros((), dtype=torch.float32), stats
 
-    def dispatch(self, x_TD: torch.Tensor, routing: Routing) -> Dispatched:
+    def dispatch(self, x_TD: torch.Tensor, routing: Routing, meanwhile=None) -> Dispatched:
         raise RuntimeError("DeepSpeedDispatcher owns routing: call forward_routed (MoELayer does)")
 
     def combine(self, y_RD: torch.Tensor, dispatched: Dispatched) -> torch.Tensor:

@@ -12,7 +12,7 @@ exactly the same assignments and can be compared bit for bit against the referen
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -63,7 +63,13 @@ class Dispatcher(nn.Module):
     `Routing.topk_weights_TK`.
     """
 
-    def dispatch(self, x_TD: torch.Tensor, routing: Routing) -> Dispatched:
+    def dispatch(
+        self, x_TD: torch.Tensor, routing: Routing, meanwhile: Callable[[], Any] | None = None
+    ) -> Dispatched:
+        """`meanwhile`: work that does not depend on the dispatch (the shared experts). A
+        dispatcher that waits for the host calls it once, just before it blocks, so the
+        GPU has that work queued while the host waits and then issues the exchange; one
+        that does not call it leaves it to the caller."""
         raise NotImplementedError
 
     def run_experts(self, experts: nn.Module, dispatched: Dispatched) -> torch.Tensor:

@@ -8,6 +8,7 @@ router losses in `last_aux_loss` / `last_z_loss`) for the model to sum and the l
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -51,6 +52,18 @@ def make_dispatcher(cfg: Config, parallel_state: Any = None) -> Dispatcher:
             f"moe.dispatcher={name} is not available yet: use moe.dispatcher=reference"
         ) from None
     return cls(cfg, parallel_state)
+
+
+class _Once:
+    """`fn(*args)`, computed on the first call; later calls give the same result."""
+
+    def __init__(self, fn: Callable[..., Any], *args: Any) -> None:
+        self.fn, self.args, self.done, self.value = fn, args, False, None
+
+    def __call__(self) -> Any:
+        if not self.done:
+            self.value, self.done = self.fn(*self.args), True
+        return self.value
 
 
 class MoELayer(nn.Module):
@@ -103,8 +116,6 @@ class MoELayer(nn.Module):
             self.shared = DenseMLP(
                 m.hidden, e.num_shared_experts * e.expert_hidden, e.activation, m.init_std
             )
-        self._streams: dict[Any, Any] = {}
-        self._side_stream = None
         self.last_stats: dict[str, Any] = {}
         self.last_aux_loss: torch.Tensor | None = None
         self.last_z_loss: torch.Tensor | None = None
@@ -119,14 +130,16 @@ class MoELayer(nn.Module):
     def _forward_tokens(self, x: torch.Tensor) -> torch.Tensor:
         shape = x.shape
         x_TD = x.reshape(-1, shape[-1])
-        shared_TD = self._shared_forward(x_TD) if self.shared is not None else None
+        shared = None if self.shared is None else _Once(self.shared, x_TD)
         if getattr(self.dispatcher, "owns_routing", False):
             # DeepSpeed's MoE layer brings its own gate and experts (xmoe.moe.deepspeed_moe)
             out_TD, aux, z, stats = self.dispatcher.forward_routed(x_TD)
             self.last_aux_loss, self.last_z_loss, self.last_stats = aux, z, stats
         else:
             r = self.router(x_TD)
-            dispatched = self.dispatcher.dispatch(x_TD, r.routing)
+            # the dispatch queues the shared experts just before it waits for the host, so
+            # the GPU runs them while the host blocks and then issues the exchange
+            dispatched = self.dispatcher.dispatch(x_TD, r.routing, meanwhile=shared)
             y_RD = self.dispatcher.run_experts(self.experts, dispatched)
             out_TD = self.dispatcher.combine(y_RD, dispatched)
             self.last_aux_loss, self.last_z_loss = r.aux_loss, r.z_loss
@@ -135,26 +148,6 @@ class MoELayer(nn.Module):
                 "dropped_fraction": r.dropped_fraction,
                 "dispatcher": dict(dispatched.stats),
             }
-        if shared_TD is not None:
-            if self._side_stream is not None:
-                torch.cuda.current_stream().wait_stream(self._side_stream)
-            out_TD = out_TD + shared_TD
+        if shared is not None:
+            out_TD = out_TD + shared()
         return out_TD.reshape(shape)
-
-    def _shared_forward(self, x_TD: torch.Tensor) -> torch.Tensor:
-        """Shared experts; with moe.overlap_shared on a GPU, on a side stream so they run
-        while the dispatch waits for its host sync and all-to-all (autograd replays the
-        backward on the same stream)."""
-        self._side_stream = None
-        if not (self.cfg.moe.overlap_shared and x_TD.is_cuda):
-            return self.shared(x_TD)
-        main = torch.cuda.current_stream()
-        side = self._streams.get(x_TD.device)
-        if side is None:
-            side = self._streams[x_TD.device] = torch.cuda.Stream(x_TD.device)
-        side.wait_stream(main)
-        with torch.cuda.stream(side):
-            shared_TD = self.shared(x_TD)
-        shared_TD.record_stream(main)
-        self._side_stream = side
-        return shared_TD

@@ -61,7 +61,7 @@ class PaddedDispatcher(Dispatcher):
             dist.all_reduce(cap, op=dist.ReduceOp.MAX, group=self.group)
         return slot_TK, kept_TK, max(1, int(cap))  # the host sync
 
-    def dispatch(self, x_TD: torch.Tensor, routing: Routing) -> Dispatched:
+    def dispatch(self, x_TD: torch.Tensor, routing: Routing, meanwhile=None) -> Dispatched:
         E, W = self.num_experts, self.ep
         El = E // W
         slot_TK, kept_TK, C = self._slots(routing)

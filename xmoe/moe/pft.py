@@ -177,18 +177,18 @@ class PFTDispatcher(Dispatcher):
                 f"{group_size(self.group)} ranks; create the parallel state after init_process_group"
             )
 
-    def dispatch(self, x_TD: torch.Tensor, routing: Routing) -> Dispatched:
+    def dispatch(self, x_TD: torch.Tensor, routing: Routing, meanwhile=None) -> Dispatched:
         E, W = self.num_experts, self.ep
         El = E // W
         if self.dedup:
-            return self._dispatch_dedup(x_TD, routing)
+            return self._dispatch_dedup(x_TD, routing, meanwhile)
         if self.overlap:
-            return self._dispatch_overlapped(x_TD, routing)
+            return self._dispatch_overlapped(x_TD, routing, meanwhile)
         meta = routing_metadata(
             routing.topk_ids_TK, routing.keep_TK, E, all_kept=routing.keep_TK is None
         )
         if W == 1 and routing.keep_TK is None:
-            return self._dispatch_static(x_TD, routing, meta)
+            return self._dispatch_static(x_TD, routing, meta, meanwhile)
         if W == 1:
             counts_dev = meta.counts_E
             local_E = meta.counts_E
@@ -210,6 +210,8 @@ class PFTDispatcher(Dispatcher):
             rows_ND = gather_rows(
                 x_TD.detach(), meta.src_slot_N, meta.top_k, n_rows=meta.counts_E.sum()
             )
+        if meanwhile is not None:
+            meanwhile()
         host = counts_to_host()  # the one host sync
         if W == 1:
             counts_El = host
@@ -247,11 +249,15 @@ class PFTDispatcher(Dispatcher):
             x_RD, counts, state, stats, w_R, self._source(x_TD, slot_S, meta.top_k, W)
         )
 
-    def _dispatch_static(self, x_TD: torch.Tensor, routing: Routing, meta) -> Dispatched:
+    def _dispatch_static(self, x_TD: torch.Tensor, routing: Routing, meta, meanwhile) -> Dispatched:
         """Dropless on one rank: every (token, k) row is kept, so every buffer size is
         known without the counts and nothing waits for them: the host can queue the
         rest of the step while the GPU works. Only a grouped GEMM that plans its tiles
-        on the host (the loop, Triton) reads the counts, and waits for them then."""
+        on the host (the loop, Triton) reads the counts, and waits for them then.
+        `meanwhile` (the shared experts) is queued first, behind the router: with nothing
+        to wait for, it keeps the GPU busy while the host issues the dispatch."""
+        if meanwhile is not None:
+            meanwhile()
         n = routing.topk_ids_TK.numel()
         x_SD = permute(x_TD, meta.src_slot_N, meta.dest_row_TK)
         counts = DeviceCounts(torch.cumsum(meta.counts_E, 0).to(torch.int32), meta.counts_E.tolist)
@@ -294,7 +300,7 @@ class PFTDispatcher(Dispatcher):
 
     # ------------------------------------------------------------------ moe.dedup_ep
 
-    def _dispatch_dedup(self, x_TD: torch.Tensor, routing: Routing) -> Dispatched:
+    def _dispatch_dedup(self, x_TD: torch.Tensor, routing: Routing, meanwhile) -> Dispatched:
         """One *pilot* row per (token, destination rank) crosses, with the token's expert
         ids and combine weights; the receiver copies each pilot to the experts it chose
         there (PFT's permute over the pilots, ids outside this rank's experts dropped) and
@@ -304,7 +310,7 @@ class PFTDispatcher(Dispatcher):
         PFT's order (local expert, source rank, token). With `overlap_ep` the own pilots
         come last and stay out of the exchanges."""
         W, me, El = self.ep, self._rank(), self.num_experts // self.ep
-        pl = _plan_pilots(x_TD, routing, W, me, El, self.group, self.overlap)
+        pl = _plan_pilots(x_TD, routing, W, me, El, self.group, self.overlap, meanwhile)
         x_SD, ids_SK, w_SK = pl.x_SD, pl.ids_SK, pl.w_SK
         S = x_SD.shape[0]
         row_bytes = x_TD.shape[1] * x_TD.element_size()
@@ -354,7 +360,7 @@ class PFTDispatcher(Dispatcher):
             pos_E = self._positions[device] = host_to_device(pos, device)
         return pos_E
 
-    def _dispatch_overlapped(self, x_TD: torch.Tensor, routing: Routing) -> Dispatched:
+    def _dispatch_overlapped(self, x_TD: torch.Tensor, routing: Routing, meanwhile) -> Dispatched:
         """Counts, the one host sync and the send buffer; no rows move yet (`run_experts`)."""
         E, W, me = self.num_experts, self.ep, self._rank()
         El = E // W
@@ -372,6 +378,8 @@ class PFTDispatcher(Dispatcher):
         rows_ND = gather_rows(
             x_TD.detach(), meta.src_slot_N, meta.top_k, n_rows=meta.counts_E.sum()
         )
+        if meanwhile is not None:
+            meanwhile()
         send, counts_WEl, recv = _split_counts(counts_to_host(), W)  # the one host sync
         S, own = sum(send), send[me]
         slot_S = meta.src_slot_N[:S]
@@ -485,7 +493,14 @@ class _Pilots:
 
 
 def _plan_pilots(
-    x_TD: torch.Tensor, routing: Routing, W: int, me: int, El: int, group: Any, self_last: bool
+    x_TD: torch.Tensor,
+    routing: Routing,
+    W: int,
+    me: int,
+    El: int,
+    group: Any,
+    self_last: bool,
+    meanwhile: Callable[[], Any] | None = None,
 ) -> _Pilots:
     """The sender's half of `moe.dedup_ep`: route each token to the ranks of its kept
     experts (PFT's routing metadata with the ranks as experts and K = W), exchange the
@@ -531,6 +546,8 @@ def _plan_pilots(
         # every rank sent (rows per local expert), made before the host has them
         held_El = recv_WC.view(W, El + 1)[:, :El].sum(0)
         held_offsets = torch.cumsum(held_El, 0).to(torch.int32)
+    if meanwhile is not None:
+        meanwhile()
     host = counts_to_host()  # the one host sync
     C = El + 1
     counts_WC = [host[W + w * C : W + (w + 1) * C] for w in range(W)]

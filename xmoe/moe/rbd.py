@@ -131,9 +131,9 @@ class RBDDispatcher(Dispatcher):
 
             self.fallback = PFTDispatcher(cfg, parallel_state)
 
-    def dispatch(self, x_TD: torch.Tensor, routing: Routing) -> Dispatched:
+    def dispatch(self, x_TD: torch.Tensor, routing: Routing, meanwhile=None) -> Dispatched:
         if self.fallback is not None:
-            d = self.fallback.dispatch(x_TD, routing)
+            d = self.fallback.dispatch(x_TD, routing, meanwhile)
             if self.groups is not None:
                 d.stats.update(_one_node_stats(d.stats, x_TD))
             return d
@@ -142,6 +142,8 @@ class RBDDispatcher(Dispatcher):
         K = routing.top_k
         plan = plan_sender(routing.topk_ids_TK, routing.keep_TK, lay)
         recv_msg_WC = exchange_counts(plan.msg_WC.view(-1), g.ep_group)
+        if meanwhile is not None:
+            meanwhile()
         sent_WC, recv_WC = torch.stack([plan.msg_WC, recv_msg_WC]).tolist()  # the one host sync
         sp = host_splits(sent_WC, recv_WC, lay)
 

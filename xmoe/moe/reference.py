@@ -20,7 +20,7 @@ class ReferenceDispatcher(Dispatcher):
         super().__init__()
         self.num_experts = num_experts
 
-    def dispatch(self, x_TD: torch.Tensor, routing: Routing) -> Dispatched:
+    def dispatch(self, x_TD: torch.Tensor, routing: Routing, meanwhile=None) -> Dispatched:
         T, K = routing.topk_ids_TK.shape
         ids_N = routing.topk_ids_TK.reshape(-1)
         kept_N = torch.ones_like(ids_N, dtype=torch.bool)
