@@ -68,6 +68,14 @@ def check_kernels(dev) -> None:
         for u, v in zip(got, want):
             if v is not None:
                 torch.testing.assert_close(u.float(), v.float(), rtol=2e-2, atol=2e-2)
+    # fp32 GELU over its whole range, tails included (the fitted erfc and the GPU's exp)
+    hf = torch.linspace(-13.0, 13.0, 26001).reshape(-1, 81)
+    phi = 0.5 * torch.special.erfc(-hf.double() / 2**0.5)
+    a = activation.scaled_act_fwd(hf.to(dev), None, torch.ones(hf.shape[0], device=dev))
+    keep = hf.abs() >= 1e-3
+    rel = ((a.cpu().double() / hf.double() - phi) / phi)[keep].abs().max().item()
+    print(f"fp32 GELU: Phi's relative error {rel:.1e}")
+    assert rel < 1e-4, rel
     # the fused router (softmax, top-k, loss sums) and its backward, fp32 logits
     lg = (2 * torch.randn(16384, 64, generator=g)).to(dev)
     gr = (torch.randn(16384, 6, generator=g).to(dev), torch.randn(64, generator=g).to(dev))
