@@ -24,8 +24,8 @@ below 1e-7, so erfc's relative error is too), and Phi(h) = erfc / 2 for h < 0 an
 the exact function Phi's error is at most 3e-7 absolute and 3e-5 relative, in the far
 negative tail as well, where 1 + erf(h / sqrt 2) cancels (there F.gelu's fp32 result is
 off by more than 1 % on outputs below 8e-6 in magnitude, and by 100 % below 1e-7). Written this way, the erf's branches and its
-extra exp are gone: the H200's forward and backward take 0.21 and 0.29 ms at
-[98304, 1408] bf16 against 0.26 and 0.36 ms with `erf` (docs/PERFORMANCE.md).
+extra exp are gone: on the H200 the forward and backward take about 0.215 and 0.29 ms at
+[98304, 1408] bf16, against 0.24-0.27 and 0.35-0.38 ms with `erf` (docs/PERFORMANCE.md).
 """
 
 from __future__ import annotations
@@ -183,7 +183,9 @@ def scaled_act_bwd_torch(h_RF, h3_RF, w_R, g_RF):
 # (rows, BLOCK_F, warps) of the forward and of the backward kernel on a GPU; the backward
 # program walks its rows' whole width in BLOCK_F steps (it sums each row's dw). The best of
 # the H200 sweep at [98304, 1408] bf16 (`moe_layer.py --sweep-act`, docs/PERFORMANCE.md)
-GPU_CONFIG = ((32, 128, 8), (32, 128, 8))
+# (two sweeps and a probe on 2026-11-29, after the fitted erfc: forward 0.215 ms, backward
+# 0.29 ms)
+GPU_CONFIG = ((16, 128, 4), (8, 128, 4))
 
 
 def act_config(F: int, gpu: bool) -> tuple[tuple[int, int, int], tuple[int, int, int]]:
