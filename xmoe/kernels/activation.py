@@ -16,16 +16,17 @@ Computed in fp32 (fp64 for fp64 inputs), stored in h's dtype. The torch referenc
 runs where Triton does not (`backend.use_triton`).
 
 GELU's Phi(h) = erfc(-h / sqrt 2) / 2, as the torch reference computes it. In fp64 the
-kernels take it from `erf` (exact to 1e-16 absolute). In fp32 they evaluate erfc(x), x = |h| / sqrt 2, branch-free as
-t * exp(P(t) - x^2) with t = 1 / (1 + x / 2) and P a degree-9 polynomial fitted to
-log(erfcx(x) / t) over all x >= 0 (minimax-weighted least squares in fp64; its error is
-below 1e-7, so erfc's relative error is too), and Phi(h) = erfc / 2 for h < 0 and
-1 - erfc / 2 otherwise. The backward's density exp(-x^2) / sqrt(2 pi) shares x^2. Against
-the exact function Phi's error is at most 3e-7 absolute and 3e-5 relative, in the far
-negative tail as well, where 1 + erf(h / sqrt 2) cancels (there F.gelu's fp32 result is
-off by more than 1 % on outputs below 8e-6 in magnitude, and by 100 % below 1e-7). Written this way, the erf's branches and its
-extra exp are gone: on the H200 the forward and backward take about 0.215 and 0.29 ms at
-[98304, 1408] bf16, against 0.24-0.27 and 0.35-0.38 ms with `erf` (docs/PERFORMANCE.md).
+kernels take it from `erf` (exact to 1e-16 absolute). In fp32 they evaluate erfc(x), x =
+|h| / sqrt 2, branch-free as t * exp(P(t) - x^2) with t = 1 / (1 + x / 2) and P a
+degree-9 polynomial fitted to log(erfcx(x) / t) over all x >= 0 (minimax-weighted least
+squares in fp64; its error is below 1e-7, so erfc's relative error is too), and Phi(h) =
+erfc / 2 for h < 0 and 1 - erfc / 2 otherwise. The backward's density exp(-x^2) / sqrt(2
+pi) shares x^2. Against the exact function Phi's error is at most 3e-7 absolute and 3e-5
+relative, in the far negative tail as well, where 1 + erf(h / sqrt 2) cancels (there
+F.gelu's fp32 result is off by more than 1 % on outputs below 8e-6 in magnitude, and by
+100 % below 1e-7). Written this way, the erf's branches and its extra exp are gone: on
+the H200 the forward and backward take about 0.215 and 0.29 ms at [98304, 1408] bf16,
+against 0.24-0.27 and 0.35-0.38 ms with `erf` (docs/PERFORMANCE.md).
 """
 
 from __future__ import annotations
