@@ -182,10 +182,9 @@ def scaled_act_bwd_torch(h_RF, h3_RF, w_R, g_RF):
 
 
 # (rows, BLOCK_F, warps) of the forward and of the backward kernel on a GPU; the backward
-# program walks its rows' whole width in BLOCK_F steps (it sums each row's dw). The best of
-# the H200 sweep at [98304, 1408] bf16 (`moe_layer.py --sweep-act`, docs/PERFORMANCE.md)
-# (two sweeps and a probe on 2026-11-29, after the fitted erfc: forward 0.215 ms, backward
-# 0.29 ms)
+# program walks its rows' whole width in BLOCK_F steps (it sums each row's dw). The best
+# on the H200 at [98304, 1408] bf16 in a sweep (`moe_layer.py --sweep-act`) and a probe
+# after the fitted erfc (docs/PERFORMANCE.md): forward 0.215 ms, backward 0.29 ms
 GPU_CONFIG = ((16, 128, 4), (8, 128, 4))
 
 
