@@ -54,7 +54,8 @@ def test_act_config_override_and_widths():
     from xmoe.kernels.activation import GPU_CONFIG, act_config
 
     assert act_config(1408, True) == GPU_CONFIG
-    assert act_config(40, True) == ((32, 64, 4), (16, 64, 4))  # no block wider than the row
+    (fr, _, fw), (br, _, bw) = GPU_CONFIG
+    assert act_config(40, True) == ((fr, 64, fw), (br, 64, bw))  # no block wider than the row
     os.environ["XMOE_ACT_CONFIG"] = "8,256,8;4,512,4"
     try:
         assert act_config(4096, True) == ((8, 256, 8), (4, 512, 4))
