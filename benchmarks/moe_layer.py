@@ -45,7 +45,9 @@ all-to-all bandwidth of PFT's exchange against plain all_to_all_single of the sa
 includes the host's head start before the GPU has work; `ms_back_to_back` the time per
 step of `--iters` steps queued back to back with one wait at the end (median of 3), the
 steady state of a layer inside a training step; `peak_gib` the peak allocated memory
-during the timed steps (parameters, gradients and activations; max over ranks).
+during the timed steps (parameters, gradients and activations; max over ranks). At the
+end rank 0 prints a "goal:" line per routing and goal of the issue (`goal_lines`); an EP
+run appended to a file holding the one-GPU pft case also compares against that case.
 
   python benchmarks/moe_layer.py --out benchmarks/results/moe_layer.json
   torchrun --nproc_per_node 2 benchmarks/moe_layer.py --out ... --append
@@ -56,6 +58,7 @@ from __future__ import annotations
 
 import argparse
 import gc
+import json
 import math
 import shlex
 import sys
@@ -353,6 +356,56 @@ def run_impl(impl: str, routing: str, s: dict, ps, dev, dtype, args) -> dict:
     return case
 
 
+def goal_lines(cases: list[dict], earlier: list[dict] = ()) -> list[str]:
+    """The issue's goals, read off this run's cases (and, for EP, the one-GPU pft case of
+    the same routing from `earlier`, the file being appended to): one line per routing
+    and goal, "waited for / back to back" where both are timed. Goals: pft within 1.25x
+    of the ceiling, >= 1.5x faster than torch_native, about 4x faster than DeepSpeed's
+    layer; peak memory <= 1.2x the ceiling's and <= 0.6x DeepSpeed's; the Triton grouped
+    GEMM >= 80 % of torch._grouped_mm; under EP, pft within 1.3x of its one-GPU time."""
+    lines = []
+    one_gpu = {
+        c["routing"]: c for c in [*earlier, *cases] if c.get("gpus") == 1 and c["impl"] == "pft"
+    }
+    for routing in dict.fromkeys(c["routing"] for c in cases):
+        by = {c["impl"]: c for c in cases if c["routing"] == routing and "ms" in c}
+        pft = by.get("pft")
+
+        def ratio(a: dict, b: dict) -> str:  # a's time over b's, waited for / back to back
+            r = [a[k] / b[k] for k in ("ms", "ms_back_to_back") if a.get(k) and b.get(k)]
+            return " / ".join(f"{v:.2f}x" for v in r)
+
+        if pft is not None:
+            gpus = pft["gpus"]
+            for impl, goal, slower in (
+                ("ceiling", "<= 1.25x", False),
+                ("torch_native", ">= 1.5x", True),
+                ("deepspeed", "about 4x", True),
+            ):
+                if impl in by:
+                    a, b = (by[impl], pft) if slower else (pft, by[impl])
+                    what = f"{impl} / pft" if slower else "pft / ceiling"
+                    lines.append(f"{routing}, {gpus} GPU(s): {what} {ratio(a, b)} (goal {goal})")
+            for impl, goal in (("ceiling", "<= 1.2x"), ("deepspeed", "<= 0.6x")):
+                if impl in by and by[impl].get("peak_gib") and pft.get("peak_gib"):
+                    m = pft["peak_gib"] / by[impl]["peak_gib"]
+                    lines.append(
+                        f"{routing}, {gpus} GPU(s): pft's peak memory {m:.2f}x {impl}'s (goal {goal})"
+                    )
+            if gpus > 1 and routing in one_gpu:
+                lines.append(
+                    f"{routing}, EP = {gpus}: pft / its one-GPU time "
+                    f"{ratio(pft, one_gpu[routing])} (goal <= 1.3x; one GPU measured "
+                    f"{one_gpu[routing].get('date', 'now')})"
+                )
+        if "triton_grouped_gemm" in by and "torch_grouped_mm" in by:
+            r = ratio(by["torch_grouped_mm"], by["triton_grouped_gemm"])
+            lines.append(
+                f"{routing}: triton grouped GEMM at {r} of _grouped_mm's speed (goal >= 0.80x)"
+            )
+    return lines
+
+
 def sweep_gemm(s: dict, dev, dtype, args) -> list[dict]:
     """Time the Triton grouped GEMM (fwd + bwd) under several tile configs."""
     import os
@@ -526,7 +579,11 @@ def main(argv: list[str] | None = None) -> int:
         cmd = " ".join(["python", "benchmarks/moe_layer.py", *map(shlex.quote, sys.argv[1:])])
         if world > 1:
             cmd = f"torchrun --nproc_per_node {world} " + cmd[len("python ") :]
+        out = Path(args.out)
+        earlier = json.loads(out.read_text()).get("cases", []) if out.exists() else []
         write_results(args.out, machine_name(dev, world), cmd, cases, args.append)
+        for line in goal_lines(cases, earlier if args.append else []):
+            print("goal:", line, flush=True)
     if dist.is_initialized():
         dist.destroy_process_group()
     return 0

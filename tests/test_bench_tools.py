@@ -62,3 +62,52 @@ def test_act_config_override_and_widths():
         assert act_config(4096, False)[0][1] == 128  # the interpreter keeps its small blocks
     finally:
         del os.environ["XMOE_ACT_CONFIG"]
+
+
+def test_moe_layer_goal_lines():
+    """The goal summary divides the right times: pft over the ceiling, the peers over pft,
+    memory over the peers', _grouped_mm's time over Triton's, EP over the one-GPU run."""
+    sys.path.insert(0, str(ROOT))
+    from benchmarks.moe_layer import goal_lines
+
+    def case(impl, ms, b2b, peak, gpus=1):
+        return {"gpus": gpus, "routing": "skewed", "impl": impl, "ms": ms,
+                "ms_back_to_back": b2b, "peak_gib": peak}  # fmt: skip
+
+    one = [
+        case("pft", 8.0, 7.0, 2.0),
+        case("ceiling", 6.4, 6.4, 4.0),
+        case("torch_native", 12.0, 10.5, 3.0),
+        case("deepspeed", 32.0, 28.0, 5.0),
+        case("torch_grouped_mm", 6.0, 6.0, 4.0),
+        case("triton_grouped_gemm", 7.5, 8.0, 4.0),
+    ]
+    lines = goal_lines(one)
+    assert "skewed, 1 GPU(s): pft / ceiling 1.25x / 1.09x (goal <= 1.25x)" in lines
+    assert "skewed, 1 GPU(s): torch_native / pft 1.50x / 1.50x (goal >= 1.5x)" in lines
+    assert "skewed, 1 GPU(s): deepspeed / pft 4.00x / 4.00x (goal about 4x)" in lines
+    assert "skewed, 1 GPU(s): pft's peak memory 0.50x ceiling's (goal <= 1.2x)" in lines
+    assert "skewed, 1 GPU(s): pft's peak memory 0.40x deepspeed's (goal <= 0.6x)" in lines
+    assert (
+        "skewed: triton grouped GEMM at 0.80x / 0.75x of _grouped_mm's speed (goal >= 0.80x)"
+        in lines
+    )
+    ep = goal_lines([case("pft", 10.0, 9.1, 2.0, gpus=2)], [{**one[0], "date": "2026-11-29"}])
+    assert ep == [
+        "skewed, EP = 2: pft / its one-GPU time 1.25x / 1.30x (goal <= 1.3x; one GPU measured 2026-11-29)"
+    ]
+
+
+def test_moe_layer_runs_and_prints_its_goals(tmp_path):
+    out = tmp_path / "m.json"
+    proc = _run(
+        ["benchmarks/moe_layer.py", "--device", "cpu", "--tiny", "--quick", "--out", str(out),
+         "--impls", "pft,torch_native,ceiling", "--routing", "balanced"],
+        tmp_path,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    doc = json.loads(out.read_text())
+    assert [c["impl"] for c in doc["cases"]] == ["pft", "torch_native", "ceiling"]
+    goals = [ln for ln in proc.stdout.splitlines() if ln.startswith("goal: ")]
+    # (no memory lines: a CPU run records no peak)
+    assert len(goals) == 2 and "pft / ceiling" in goals[0] and "torch_native / pft" in goals[1]
