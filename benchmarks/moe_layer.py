@@ -580,9 +580,11 @@ def main(argv: list[str] | None = None) -> int:
         if world > 1:
             cmd = f"torchrun --nproc_per_node {world} " + cmd[len("python ") :]
         out = Path(args.out)
-        earlier = json.loads(out.read_text()).get("cases", []) if out.exists() else []
+        earlier = []  # the appended-to file's cases, read before this run replaces any
+        if args.append and out.exists():
+            earlier = json.loads(out.read_text()).get("cases", [])
         write_results(args.out, machine_name(dev, world), cmd, cases, args.append)
-        for line in goal_lines(cases, earlier if args.append else []):
+        for line in goal_lines(cases, earlier):
             print("goal:", line, flush=True)
     if dist.is_initialized():
         dist.destroy_process_group()

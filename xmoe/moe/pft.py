@@ -254,8 +254,9 @@ class PFTDispatcher(Dispatcher):
         known without the counts and nothing waits for them: the host can queue the
         rest of the step while the GPU works. Only a grouped GEMM that plans its tiles
         on the host (the loop, Triton) reads the counts, and waits for them then.
-        `meanwhile` (the shared experts) is queued first, behind the router: with nothing
-        to wait for, it keeps the GPU busy while the host issues the dispatch."""
+        `meanwhile` (the shared experts) is queued before the permute, behind the router
+        and the routing metadata: with nothing to wait for, it keeps the GPU busy while
+        the host issues the rest of the dispatch."""
         if meanwhile is not None:
             meanwhile()
         n = routing.topk_ids_TK.numel()
