@@ -62,7 +62,7 @@ def cases(dev: torch.device, dtype: torch.dtype) -> dict:
     from xmoe.config import load_config
     from xmoe.kernels.activation import scaled_act_fwd
     from xmoe.kernels.grouped_gemm import grouped_mm
-    from xmoe.kernels.permute import gather_rows, unpermute
+    from xmoe.kernels.permute import scatter_rows, unpermute
     from xmoe.kernels.router_topk import softmax_topk
     from xmoe.kernels.routing import routing_metadata
     from xmoe.moe.layer import MoELayer
@@ -74,7 +74,7 @@ def cases(dev: torch.device, dtype: torch.dtype) -> dict:
     logits = torch.randn(T, E, generator=g).to(dev)
     ids = torch.stack([torch.randperm(E, generator=g)[:K] for _ in range(T)]).to(dev)
     meta = routing_metadata(ids, None, E)
-    rows = gather_rows(x, meta.src_slot_N, K)
+    rows = scatter_rows(x, meta.dest_row_TK, T * K)
     h = torch.randn(T * K, F, generator=g).to(dev, dtype)
     w_R = torch.rand(T * K, generator=g).to(dev, dtype)
     w1 = torch.randn(E, F, D, generator=g).to(dev, dtype)
@@ -102,7 +102,7 @@ def cases(dev: torch.device, dtype: torch.dtype) -> dict:
     out = {
         "aten add_ (yardstick)": lambda: buf.add_(1.0),
         "routing_metadata": lambda: routing_metadata(ids, None, E),
-        "gather_rows (permute)": lambda: gather_rows(x, meta.src_slot_N, K),
+        "scatter_rows (permute)": lambda: scatter_rows(x, meta.dest_row_TK, T * K),
         "unpermute (combine sum)": lambda: unpermute(rows, meta.dest_row_TK),
         "scaled_act_fwd": lambda: scaled_act_fwd(h, None, w_R),
         "softmax_topk fwd": lambda: softmax_topk(logits, K, True),

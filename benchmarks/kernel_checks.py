@@ -47,6 +47,10 @@ def check_kernels(dev) -> None:
             permute.gather_rows_torch(x, slot, K, w.reshape(-1)),
         ),
         (
+            permute.scatter_rows(x, b.dest_row_TK, R, w),
+            permute.gather_rows_torch(x, slot, K, w.reshape(-1)),
+        ),
+        (
             permute.unpermute(rows, b.dest_row_TK, w),
             permute.unpermute_torch(rows, b.dest_row_TK, w),
         ),

@@ -77,7 +77,9 @@ def _exercise_wrappers() -> None:
     w_TK = torch.rand(T, K, generator=g).to(bf)
     slot = meta.src_slot_N
     permute.gather_rows(x, slot, K)
-    permute.gather_rows(x, slot, K, w_TK.reshape(-1), n_rows=torch.tensor(R))
+    permute.gather_rows(x, slot, K, w_TK.reshape(-1))
+    permute.scatter_rows(x, meta.dest_row_TK, R)
+    permute.scatter_rows(x, meta.dest_row_TK, R, w_TK)
     rows = torch.randn(R, D, generator=g).to(bf)
     permute.unpermute(rows, meta.dest_row_TK)
     permute.unpermute(rows, meta.dest_row_TK, w_TK)
@@ -123,6 +125,12 @@ def _gpu_settings(key: str, constexprs: dict, options: dict, vendor: str):
         fwd, bwd = act_config(1408, True)  # the small preset's expert width
         rows, block_f, warps = fwd if "_fwd_" in key else bwd
         constexprs = {**constexprs, "BLOCK_R": rows, "BLOCK_F": block_f}
+        options = {"num_warps": warps}
+    elif key in ("permute._scatter_rows_kernel", "permute._unpermute_kernel"):
+        from xmoe.kernels.permute import _token_tiles
+
+        tokens, block_d, warps = _token_tiles(2048, True)  # the small preset's hidden size
+        constexprs = {**constexprs, "BLOCK_T": tokens, "BLOCK_D": block_d}
         options = {"num_warps": warps}
     elif key == "cross_entropy._ce_rows_kernel":
         from xmoe.kernels.cross_entropy import ce_config

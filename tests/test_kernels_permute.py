@@ -5,13 +5,14 @@ import torch
 import triton_interp
 from kernel_cases import CASES, make_routing
 
-from xmoe.kernels.backend import use_triton
 from xmoe.kernels.combine import combine, row_dot, row_dot_torch
 from xmoe.kernels.permute import (
     attach_gathered,
     gather_rows,
     gather_rows_torch,
     permute,
+    scatter_rows,
+    scatter_rows_torch,
     unpermute,
     unpermute_torch,
 )
@@ -43,6 +44,12 @@ def test_kernels_match_references(interpreter, name, T, K, E, drop):
     torch.testing.assert_close(
         gather_rows(x_TD, slot_R, K, w_N), gather_rows_torch(x_TD, slot_R, K, w_N)
     )
+    # the scatter writes the rows the gather reads (every row below R is some assignment's)
+    for w in (None, w_TK):
+        wn = None if w is None else w.reshape(-1)
+        want = gather_rows_torch(x_TD, slot_R, K, wn)
+        torch.testing.assert_close(scatter_rows(x_TD, meta.dest_row_TK, R, w), want)
+        torch.testing.assert_close(scatter_rows_torch(x_TD, meta.dest_row_TK, R, w), want)
     for w in (None, w_TK):
         torch.testing.assert_close(
             unpermute(rows_RD, meta.dest_row_TK, w), unpermute_torch(rows_RD, meta.dest_row_TK, w)
@@ -54,9 +61,10 @@ def test_kernels_match_references(interpreter, name, T, K, E, drop):
 
 @pytest.mark.parametrize("drop", [False, True])
 @pytest.mark.parametrize("name,T,K,E", CASES)
-def test_gather_with_device_row_count(interpreter, name, T, K, E, drop):
-    """Gathering all T*K slots with the kept count on the device writes exactly the first
-    n rows (the rest keep their NaN poison), and `attach_gathered` has permute's grads."""
+def test_scatter_into_a_buffer_for_every_assignment(interpreter, name, T, K, E, drop):
+    """Copying into a [T*K, D] buffer before the host knows the kept count writes exactly
+    the first n rows (the rest keep their NaN poison), and `attach_gathered` has
+    permute's grads."""
     meta, R, slot_R, x_TD, _ = _setup(T, K, E, drop, seed=5)
     torch.manual_seed(0)
     empty = torch.empty
@@ -66,18 +74,17 @@ def test_gather_with_device_row_count(interpreter, name, T, K, E, drop):
 
     torch.empty = poisoned
     try:
-        rows_ND = gather_rows(x_TD, meta.src_slot_N, K, n_rows=meta.counts_E.sum())
+        rows_ND = scatter_rows(x_TD, meta.dest_row_TK, T * K)
     finally:
         torch.empty = empty
     assert rows_ND.shape == (T * K, D)
     torch.testing.assert_close(rows_ND[:R], gather_rows_torch(x_TD, slot_R, K))
-    if use_triton(x_TD):  # the torch reference gathers every slot
-        assert rows_ND[R:].isnan().all()
+    assert rows_ND[R:].isnan().all()
     x1 = x_TD.clone().requires_grad_()
     x2 = x_TD.clone().requires_grad_()
     gy = torch.randn(R, D)
     attach_gathered(x1, rows_ND[:R], meta.dest_row_TK).backward(gy)
-    permute(x2, slot_R, meta.dest_row_TK).backward(gy)
+    permute(x2, meta.dest_row_TK, R).backward(gy)
     torch.testing.assert_close(x1.grad, x2.grad)
 
 
@@ -110,14 +117,14 @@ def test_permute_combine_autograd(interpreter, monkeypatch, use_kernels, name, T
     scale_ED = torch.randn(E, D, generator=g, requires_grad=True)
 
     slot_R = meta.src_slot_N[:R]
-    rows_RD = permute(x_TD, slot_R, meta.dest_row_TK)
+    rows_RD = permute(x_TD, meta.dest_row_TK, R)
     expert_R = torch.repeat_interleave(torch.arange(E), meta.counts_E, output_size=R)
     out_RD = torch.tanh(rows_RD * scale_ED[expert_R])
     if fold:
         out_RD = out_RD * w_TK.reshape(-1)[slot_R][:, None]
-        y_TD = combine(out_RD, None, slot_R, meta.dest_row_TK)
+        y_TD = combine(out_RD, None, meta.dest_row_TK)
     else:
-        y_TD = combine(out_RD, w_TK, slot_R, meta.dest_row_TK)
+        y_TD = combine(out_RD, w_TK, meta.dest_row_TK)
 
     x2 = x_TD.detach().clone().requires_grad_()
     w2 = w_TK.detach().clone().requires_grad_()
@@ -149,20 +156,20 @@ def test_combine_keeps_no_input_copy(interpreter):
     out_RD = torch.randn(R, D, requires_grad=True)
     saved, _ = _saved_shapes(
         lambda: (
-            combine(out_RD, w_TK.requires_grad_(), slot_R, meta.dest_row_TK),
-            permute(x_TD.requires_grad_(), slot_R, meta.dest_row_TK),
+            combine(out_RD, w_TK.requires_grad_(), meta.dest_row_TK),
+            permute(x_TD.requires_grad_(), meta.dest_row_TK, R),
         )
     )
     big = [s for s in saved if s.numel() >= R * D]
     assert big == [torch.Size([R, D])]  # the expert outputs, needed for the weight gradient
 
 
-def test_unweighted_combine_keeps_only_the_slots(interpreter):
+def test_unweighted_combine_keeps_only_the_rows_index(interpreter):
     """With the weights already in the rows, the combine keeps no [R, D] tensor."""
     meta, R, slot_R, x_TD, w_TK = _setup(16, 2, 4, drop=False)
     out_RD = torch.randn(R, D, requires_grad=True)
-    saved, y_TD = _saved_shapes(lambda: combine(out_RD, None, slot_R, meta.dest_row_TK))
-    assert saved == [slot_R.shape]
+    saved, y_TD = _saved_shapes(lambda: combine(out_RD, None, meta.dest_row_TK))
+    assert saved == [meta.dest_row_TK.shape]
     gy = torch.randn_like(y_TD)
     (y_TD * gy).sum().backward()
     # each row's gradient is its token's

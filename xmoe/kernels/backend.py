@@ -85,6 +85,30 @@ def kernel(fn=None, *, rows: tuple[str, ...] = ()):
     return Kernel(fn, rows)
 
 
+if HAVE_TRITON:
+    from triton.runtime.jit import JITFunction
+
+    class DeviceFunction(JITFunction):
+        """A Triton function that kernels call (`triton.jit` on a helper), run the way the
+        calling kernel runs: compiled into it, or by the interpreter when the caller is
+        interpreted. `triton.jit` fixes that choice at import, and a compiled helper
+        refuses calls from an interpreted kernel, so helpers are made with `device`."""
+
+        def __call__(self, *args, **kwargs):
+            if not interpreting():
+                return super().__call__(*args, **kwargs)
+            if getattr(self, "_interpreted", None) is None:
+                from triton.runtime.interpreter import InterpretedFunction
+
+                self._interpreted = InterpretedFunction(self.fn)
+            return self._interpreted(*args, **kwargs)
+
+
+def device(fn):
+    """Decorator used instead of `triton.jit` for the helper functions kernels call."""
+    return DeviceFunction(fn)
+
+
 @contextlib.contextmanager
 def record_launches() -> Iterator[list]:
     """Collect (kernel, args, kwargs) of every kernel the interpreter runs inside the

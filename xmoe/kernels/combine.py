@@ -1,7 +1,7 @@
 """Weighted unpermute-combine: y_TD[t] = sum_k w_TK[t, k] * out_RD[dest_row_TK[t, k]].
 
 Forward is `permute.unpermute` with weights. Backward gives both gradients the router
-needs: the expert outputs' (grad_y of the token, scaled by its weight, gathered per row)
+needs: the expert outputs' (grad_y of the token, scaled by its weight, copied to its rows)
 and the combine weights' (row-wise dot of grad_y with the expert output row, `row_dot`).
 Dropped assignments (dest_row = -1) contribute nothing and get a zero weight gradient.
 """
@@ -11,7 +11,7 @@ from __future__ import annotations
 import torch
 
 from xmoe.kernels.backend import HAVE_TRITON, acc_dtype, kernel, next_pow2, use_triton
-from xmoe.kernels.permute import gather_rows, unpermute
+from xmoe.kernels.permute import scatter_rows, unpermute
 
 if HAVE_TRITON:
     import triton
@@ -102,46 +102,43 @@ def row_dot(a_TD: torch.Tensor, rows_RD: torch.Tensor, dest_row_TK: torch.Tensor
 
 class _Combine(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, out_RD, w_TK, src_slot_R, dest_row_TK):
-        ctx.save_for_backward(out_RD, w_TK, src_slot_R, dest_row_TK)
+    def forward(ctx, out_RD, w_TK, dest_row_TK):
+        ctx.save_for_backward(out_RD, w_TK, dest_row_TK)
         return unpermute(out_RD, dest_row_TK, w_TK)
 
     @staticmethod
     def backward(ctx, grad_TD):
-        out_RD, w_TK, src_slot_R, dest_row_TK = ctx.saved_tensors
+        out_RD, w_TK, dest_row_TK = ctx.saved_tensors
         grad_TD = grad_TD.contiguous()
         grad_out = grad_w = None
         if ctx.needs_input_grad[0]:
-            grad_out = gather_rows(grad_TD, src_slot_R, dest_row_TK.shape[1], w_TK.reshape(-1))
+            grad_out = scatter_rows(grad_TD, dest_row_TK, out_RD.shape[0], w_TK)
             grad_out = grad_out.to(out_RD.dtype)
         if ctx.needs_input_grad[1]:
             grad_w = row_dot(grad_TD, out_RD, dest_row_TK).to(w_TK.dtype)
-        return grad_out, grad_w, None, None
+        return grad_out, grad_w, None
 
 
 class _Sum(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, out_RD, src_slot_R, dest_row_TK):
-        ctx.save_for_backward(src_slot_R)
-        ctx.top_k = dest_row_TK.shape[1]
+    def forward(ctx, out_RD, dest_row_TK):
+        ctx.save_for_backward(dest_row_TK)
+        ctx.rows = out_RD.shape[0]
         return unpermute(out_RD, dest_row_TK)
 
     @staticmethod
     def backward(ctx, grad_TD):
-        (src_slot_R,) = ctx.saved_tensors
-        return gather_rows(grad_TD.contiguous(), src_slot_R, ctx.top_k), None, None
+        (dest_row_TK,) = ctx.saved_tensors
+        return scatter_rows(grad_TD.contiguous(), dest_row_TK, ctx.rows), None
 
 
 def combine(
-    out_RD: torch.Tensor,
-    w_TK: torch.Tensor | None,
-    src_slot_R: torch.Tensor,
-    dest_row_TK: torch.Tensor,
+    out_RD: torch.Tensor, w_TK: torch.Tensor | None, dest_row_TK: torch.Tensor
 ) -> torch.Tensor:
     """Sum each token's k expert outputs weighted by its combine weights (differentiable
     in both `out_RD` and `w_TK`). Keeps the expert outputs and weights for backward, never
     a [T, K, D] buffer. `w_TK=None`: the rows already carry their weights (the experts
-    applied them), so the plain sum keeps only the slots for backward."""
+    applied them), so the plain sum keeps only the rows' index for backward."""
     if w_TK is None:
-        return _Sum.apply(out_RD, src_slot_R, dest_row_TK)
-    return _Combine.apply(out_RD, w_TK, src_slot_R, dest_row_TK)
+        return _Sum.apply(out_RD, dest_row_TK)
+    return _Combine.apply(out_RD, w_TK, dest_row_TK)

@@ -35,19 +35,23 @@ class CountsWithOffsets(list):
 
 
 class DeviceCounts(Sequence):
-    """Counts per expert that live on the device: `offsets` (their int32 cumulative sum)
-    is all `_grouped_mm` needs, so a dispatcher whose buffer sizes are known without the
-    counts (dropless on one rank) makes no host sync. Reading the values (the loop and
-    Triton kernels do, to plan their tiles) waits for `fetch` once and keeps the list."""
+    """Counts per expert that live on the device as `offsets` (their int32 cumulative
+    sum): all `_grouped_mm` needs, so a dispatcher whose buffer sizes are known without
+    the counts (dropless on one rank) makes no host sync. Reading the values (the loop
+    and Triton kernels do, to plan their tiles) copies the offsets to the host once."""
 
-    def __init__(self, offsets: torch.Tensor, fetch: Callable[[], list[int]]) -> None:
+    def __init__(self, offsets: torch.Tensor) -> None:
         self.offsets = offsets
-        self._fetch: Callable[[], list[int]] | None = fetch
-        self._host: list[int] = []
+        self._host: list[int] | None = None
+
+    @property
+    def fetched(self) -> bool:
+        return self._host is not None
 
     def host(self) -> list[int]:
-        if self._fetch is not None:
-            self._host, self._fetch = [int(c) for c in self._fetch()], None
+        if self._host is None:
+            ends = [int(c) for c in self.offsets.tolist()]
+            self._host = [b - a for a, b in zip([0, *ends[:-1]], ends)]
         return self._host
 
     def __len__(self) -> int:
@@ -60,7 +64,7 @@ class DeviceCounts(Sequence):
         return list(self.host()) == list(other)
 
     def __repr__(self) -> str:
-        return f"DeviceCounts({self.host() if self._fetch is None else 'not fetched'})"
+        return f"DeviceCounts({self.host() if self.fetched else 'not fetched'})"
 
 
 def _counts_list(counts_E) -> list[int]:

@@ -1,11 +1,18 @@
 """Permute token rows into the expert-grouped buffer, and its adjoint (unpermute-sum).
 
+  scatter_rows: out_RD[dest_row_TK[t, k]] = x_TD[t] (* w_TK[t, k])   (skips -1)
+                reads each token's row once and writes it to its k rows: each routed
+                row is copied once, no [T*K, D] repeat. Rows no assignment names are
+                not written.
   gather_rows:  out_RD[r] = x_TD[src_slot_R[r] // K] (* w_N[src_slot_R[r]])
-                reads x_TD by index: each routed row is copied once, no [T*K, D] repeat.
+                the same rows read by index; what the dispatchers use for a plain row
+                permutation (K = 1). For K > 1 it reads a token's row K times, where
+                the scatter reads it once: 0.135 against 0.121 ms a pass in the
+                benchmark's step ([98304, 2048] bf16, one H200; docs/PERFORMANCE.md).
   unpermute:    y_TD[t] = sum_k (w_TK[t, k] *) rows_RD[dest_row_TK[t, k]]   (skips -1)
                 a gather per token, so no atomics and a deterministic sum order.
 
-`permute` is the differentiable wrapper the dispatchers call: forward gathers the kept
+`permute` is the differentiable wrapper the dispatchers call: forward scatters the kept
 rows, backward sums each token's row gradients with `unpermute`. Each kernel has a torch
 reference below it; `backend.use_triton` picks one.
 """
@@ -26,22 +33,18 @@ if HAVE_TRITON:
         out_ptr,
         slot_ptr,
         w_ptr,
-        n_ptr,
         R,
         D,
         K,
         s_src,
         s_out,
         HAS_W: tl.constexpr,
-        HAS_N: tl.constexpr,
         ACC_FP64: tl.constexpr,
         BLOCK_R: tl.constexpr,
         BLOCK_D: tl.constexpr,
     ):
         r = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
         d = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)
-        if HAS_N:  # the row count lives on the device (launched before the host knows it)
-            R = tl.minimum(R, tl.load(n_ptr))
         mr = r < R
         m = mr[:, None] & (d < D)[None, :]
         slot = tl.load(slot_ptr + r, mask=mr, other=0)
@@ -56,6 +59,45 @@ if HAVE_TRITON:
             v.to(out_ptr.dtype.element_ty),
             mask=m,
         )
+
+    @kernel(rows=("T",))
+    def _scatter_rows_kernel(
+        src_ptr,
+        out_ptr,
+        dest_ptr,
+        w_ptr,
+        T,
+        D,
+        K,
+        s_src,
+        s_out,
+        HAS_W: tl.constexpr,
+        ACC_FP64: tl.constexpr,
+        BLOCK_T: tl.constexpr,
+        BLOCK_D: tl.constexpr,
+    ):
+        t = tl.program_id(0) * BLOCK_T + tl.arange(0, BLOCK_T)
+        d = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)
+        mt = t < T
+        md = d < D
+        v = tl.load(
+            src_ptr + t[:, None].to(tl.int64) * s_src + d[None, :],
+            mask=mt[:, None] & md[None, :],
+            other=0.0,
+        )
+        for k in range(0, K):
+            idx = tl.load(dest_ptr + t * K + k, mask=mt, other=-1)
+            valid = mt & (idx >= 0)
+            out = v
+            if HAS_W:
+                acc_ty = tl.float64 if ACC_FP64 else tl.float32
+                w = tl.load(w_ptr + t * K + k, mask=valid, other=0.0).to(acc_ty)
+                out = v.to(acc_ty) * w[:, None]
+            tl.store(
+                out_ptr + idx[:, None] * s_out + d[None, :],
+                out.to(out_ptr.dtype.element_ty),
+                mask=valid[:, None] & md[None, :],
+            )
 
     @kernel(rows=("T",))
     def _unpermute_kernel(
@@ -99,22 +141,30 @@ if HAVE_TRITON:
 
 
 def _tiles(D: int) -> tuple[int, int]:
+    """(rows, BLOCK_D) of `gather_rows`: 4096 values a program."""
     block_d = min(256, max(16, next_pow2(D)))
     return max(1, 4096 // block_d), block_d
+
+
+def _token_tiles(D: int, gpu: bool) -> tuple[int, int, int]:
+    """(tokens, BLOCK_D, warps) of the kernels that walk tokens (`scatter_rows`,
+    `unpermute`): on a GPU a program takes a whole row of up to 2048 values, the best of
+    a sweep at D = 2048 on the H200 (one token and 8 warps; with 16 tokens of 256 columns
+    `unpermute` took 0.126 ms a pass in the benchmark's step, now 0.114). The
+    interpreter takes several tokens of narrow blocks, so the tests cover both masks."""
+    if not gpu:
+        block_d = min(256, max(16, next_pow2(D)))
+        return max(1, 4096 // block_d), block_d, 4
+    block_d = min(2048, max(16, next_pow2(D)))
+    return max(1, 2048 // block_d), block_d, 8 if block_d >= 1024 else 4
 
 
 # --------------------------------------------------------------------------- gather_rows
 
 
 def gather_rows_torch(
-    x_TD: torch.Tensor,
-    src_slot_R: torch.Tensor,
-    top_k: int,
-    w_N: torch.Tensor | None = None,
-    n_rows: torch.Tensor | None = None,
+    x_TD: torch.Tensor, src_slot_R: torch.Tensor, top_k: int, w_N: torch.Tensor | None = None
 ) -> torch.Tensor:
-    # rows past n_rows are left as any values: every row is gathered (the slots there are
-    # valid indices), which on the CPU costs no host sync
     out_RD = x_TD.index_select(0, src_slot_R // top_k)
     if w_N is not None:
         acc = acc_dtype(x_TD.dtype)
@@ -123,19 +173,11 @@ def gather_rows_torch(
 
 
 def gather_rows(
-    x_TD: torch.Tensor,
-    src_slot_R: torch.Tensor,
-    top_k: int,
-    w_N: torch.Tensor | None = None,
-    n_rows: torch.Tensor | None = None,
+    x_TD: torch.Tensor, src_slot_R: torch.Tensor, top_k: int, w_N: torch.Tensor | None = None
 ) -> torch.Tensor:
-    """Row r of the result is token src_slot_R[r] // top_k of x_TD, scaled by w_N[slot].
-
-    `n_rows` (a 0-dim device tensor): only the first n_rows rows are written, the rest of
-    the [len(src_slot_R), D] result is left uninitialised; the count never reaches the host.
-    """
+    """Row r of the result is token src_slot_R[r] // top_k of x_TD, scaled by w_N[slot]."""
     if not use_triton(x_TD):
-        return gather_rows_torch(x_TD, src_slot_R, top_k, w_N, n_rows)
+        return gather_rows_torch(x_TD, src_slot_R, top_k, w_N)
     x_TD = x_TD.contiguous()
     R, D = src_slot_R.numel(), x_TD.shape[1]
     out_RD = torch.empty(R, D, dtype=x_TD.dtype, device=x_TD.device)
@@ -149,18 +191,59 @@ def gather_rows(
         out_RD,
         src_slot_R.contiguous(),
         w,
-        n_rows if n_rows is not None else src_slot_R,
         R,
         D,
         top_k,
         x_TD.stride(0),
         out_RD.stride(0),
         HAS_W=w_N is not None,
-        HAS_N=n_rows is not None,
         ACC_FP64=acc_dtype(x_TD.dtype) == torch.float64,
         BLOCK_R=br,
         BLOCK_D=bd,
     )
+    return out_RD
+
+
+# --------------------------------------------------------------------------- scatter_rows
+
+
+def scatter_rows_torch(
+    x_TD: torch.Tensor, dest_row_TK: torch.Tensor, n_rows: int, w_TK: torch.Tensor | None = None
+) -> torch.Tensor:
+    T, K = dest_row_TK.shape
+    dest_N = dest_row_TK.reshape(-1)
+    slot_M = (dest_N >= 0).nonzero().squeeze(1)
+    vals_MD = x_TD.index_select(0, slot_M // K)
+    if w_TK is not None:
+        acc = acc_dtype(x_TD.dtype)
+        vals_MD = (vals_MD.to(acc) * w_TK.reshape(-1)[slot_M].to(acc)[:, None]).to(x_TD.dtype)
+    out_RD = torch.empty(n_rows, x_TD.shape[1], dtype=x_TD.dtype, device=x_TD.device)
+    return out_RD.index_copy_(0, dest_N[slot_M], vals_MD)
+
+
+def scatter_rows(
+    x_TD: torch.Tensor, dest_row_TK: torch.Tensor, n_rows: int, w_TK: torch.Tensor | None = None
+) -> torch.Tensor:
+    """[n_rows, D] with row dest_row_TK[t, k] = x_TD[t] (* w_TK[t, k]) for every kept
+    assignment (dest >= 0). Kept rows are distinct and below n_rows; rows that no
+    assignment names are left uninitialised (e.g. past the kept count in a buffer sized
+    for every assignment, filled before the host knows that count)."""
+    if not use_triton(x_TD):
+        return scatter_rows_torch(x_TD, dest_row_TK, n_rows, w_TK)
+    x_TD = x_TD.contiguous()
+    T, K = dest_row_TK.shape
+    D = x_TD.shape[1]
+    out_RD = torch.empty(n_rows, D, dtype=x_TD.dtype, device=x_TD.device)
+    if T * K == 0 or n_rows == 0 or D == 0:
+        return out_RD
+    bt, bd, warps = _token_tiles(D, x_TD.is_cuda)
+    dest = dest_row_TK.contiguous()
+    _scatter_rows_kernel[(triton.cdiv(T, bt), triton.cdiv(D, bd))](
+        x_TD, out_RD, dest, w_TK.contiguous() if w_TK is not None else dest,
+        T, D, K, x_TD.stride(0), out_RD.stride(0),
+        HAS_W=w_TK is not None, ACC_FP64=acc_dtype(x_TD.dtype) == torch.float64,
+        BLOCK_T=bt, BLOCK_D=bd, num_warps=warps,
+    )  # fmt: skip
     return out_RD
 
 
@@ -196,7 +279,7 @@ def unpermute(
     y_TD = torch.empty(T, D, dtype=rows_RD.dtype, device=rows_RD.device)
     if T == 0 or D == 0:
         return y_TD
-    bt, bd = _tiles(D)
+    bt, bd, warps = _token_tiles(D, rows_RD.is_cuda)
     dest = dest_row_TK.contiguous()
     w = w_TK.contiguous() if w_TK is not None else dest
     grid = (triton.cdiv(T, bt), triton.cdiv(D, bd))
@@ -214,6 +297,7 @@ def unpermute(
         ACC_FP64=acc_dtype(rows_RD.dtype) == torch.float64,
         BLOCK_T=bt,
         BLOCK_D=bd,
+        num_warps=warps,
     )
     return y_TD
 
@@ -223,9 +307,9 @@ def unpermute(
 
 class _Permute(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x_TD, src_slot_R, dest_row_TK):
+    def forward(ctx, x_TD, n_rows, dest_row_TK):
         ctx.save_for_backward(dest_row_TK)
-        return gather_rows(x_TD, src_slot_R, dest_row_TK.shape[1])
+        return scatter_rows(x_TD, dest_row_TK, n_rows)
 
     @staticmethod
     def backward(ctx, grad_RD):
@@ -234,7 +318,7 @@ class _Permute(torch.autograd.Function):
 
 
 class _Gathered(torch.autograd.Function):
-    """Rows gathered from x_TD earlier, outside autograd (`gather_rows` into `rows[0]`),
+    """Rows copied from x_TD earlier, outside autograd (`scatter_rows` into `rows[0]`),
     joined to the graph now: backward sums each token's row gradients."""
 
     @staticmethod
@@ -251,17 +335,15 @@ class _Gathered(torch.autograd.Function):
 def attach_gathered(
     x_TD: torch.Tensor, rows_RD: torch.Tensor, dest_row_TK: torch.Tensor
 ) -> torch.Tensor:
-    """`rows_RD` (gathered from x_TD.detach() by `gather_rows` with `routing_metadata`'s
-    slots) as if `permute` had made it: gradients flow back to x_TD."""
+    """`rows_RD` (copied from x_TD.detach() by `scatter_rows` with `routing_metadata`'s
+    rows) as if `permute` had made it: gradients flow back to x_TD."""
     return _Gathered.apply(x_TD, dest_row_TK, [rows_RD])
 
 
-def permute(
-    x_TD: torch.Tensor, src_slot_R: torch.Tensor, dest_row_TK: torch.Tensor
-) -> torch.Tensor:
-    """Copy each kept (token, k) row of x_TD into the expert-grouped buffer [R, D].
+def permute(x_TD: torch.Tensor, dest_row_TK: torch.Tensor, n_rows: int) -> torch.Tensor:
+    """Copy each kept (token, k) row of x_TD into the expert-grouped buffer [n_rows, D].
 
-    `src_slot_R` and `dest_row_TK` come from `routing_metadata` (src_slot sliced to R rows).
-    Only the index tensors are kept for backward.
+    `dest_row_TK` comes from `routing_metadata`; n_rows is the kept count (every row
+    below it is some assignment's). Only `dest_row_TK` is kept for backward.
     """
-    return _Permute.apply(x_TD, src_slot_R, dest_row_TK)
+    return _Permute.apply(x_TD, n_rows, dest_row_TK)

@@ -1,15 +1,17 @@
 """Routing metadata: where each routed (token, k) assignment goes in the expert-grouped buffer.
 
 From the router's top-k expert ids (and the capacity keep-mask, if dropping) this computes
-  counts_E        kept assignments per expert,
+  ends_E          the end row of each expert's rows (the inclusive sum of the kept
+                  assignments per expert, `counts_E`),
   dest_row_TK     the row of each assignment in the expert-grouped buffer (-1 = dropped),
   src_slot_R      the inverse: for each row, the flat assignment index t * K + k.
 Rows are ordered by expert, and inside an expert by flat assignment index (a stable order),
 so every backend produces bit-identical metadata.
 
 The Triton path needs no sort: a per-block one-hot histogram gives counts, a tiny torch
-cumsum over the [blocks, E] histogram gives each block's base row per expert, and a second
-pass ranks each assignment inside its block with a cumsum over the one-hot tile. Exact for
+cumsum over the [E, blocks] histogram gives each block's end row per expert (each
+expert's last block's is the expert's end row), and a second pass ranks each assignment
+inside its block with a cumsum over the one-hot tile. Exact for
 any token count (int64 positions, no floating-point ranking). The torch reference uses a
 stable argsort and bincount.
 
@@ -20,6 +22,7 @@ counts are on the host (the one sync per layer).
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 
 import torch
@@ -59,7 +62,8 @@ if HAVE_TRITON:
     def _positions_kernel(
         ids_ptr,
         keep_ptr,
-        base_ptr,
+        hist_ptr,
+        ends_ptr,
         dest_ptr,
         slot_ptr,
         N,
@@ -84,7 +88,8 @@ if HAVE_TRITON:
         onehot = (ids[:, None] == e[None, :]).to(tl.int32)
         rank = tl.sum(onehot * tl.cumsum(onehot, axis=0), axis=1) - 1
         valid = m & (ids >= 0)
-        base = tl.load(base_ptr + tl.where(valid, ids, 0).to(tl.int64) * NB + b, mask=valid)
+        eb = tl.where(valid, ids, 0).to(tl.int64) * NB + b
+        base = tl.load(ends_ptr + eb, mask=valid) - tl.load(hist_ptr + eb, mask=valid)
         pos = tl.where(valid, base + rank.to(tl.int64), -1)
         tl.store(dest_ptr + i, pos, mask=m)
         tl.store(slot_ptr + pos, i.to(tl.int64), mask=valid)
@@ -104,10 +109,17 @@ def count_ids(ids_N: torch.Tensor, size: int) -> torch.Tensor:
 
 @dataclass
 class RoutingMeta:
-    counts_E: torch.Tensor  # int64, kept assignments per expert
+    ends_E: torch.Tensor  # int64, end row of each expert's rows (inclusive sum of counts_E)
     dest_row_TK: torch.Tensor  # int64, row in the expert-grouped buffer, -1 where dropped
     src_slot_N: torch.Tensor  # int64 [T*K], first counts_E.sum() entries: flat (t*K+k) per row
     top_k: int
+
+    @functools.cached_property
+    def counts_E(self) -> torch.Tensor:
+        """int64 kept assignments per expert (made on first use: the grouped GEMM's
+        offsets are `ends_E`, so dropless on one rank nothing needs it)."""
+        ends = self.ends_E
+        return torch.diff(ends, prepend=ends.new_zeros(1))
 
     def counts_per_rank(self, world: int) -> torch.Tensor:
         """Rows destined to each of `world` expert-parallel ranks (experts split evenly)."""
@@ -128,7 +140,7 @@ def routing_metadata_torch(
     dest_N = torch.empty_like(order_N)
     dest_N[order_N] = torch.arange(order_N.numel(), device=order_N.device)
     dest_N = torch.where(key_N < num_experts, dest_N, -1)
-    return RoutingMeta(counts_E, dest_N.view(T, K), order_N, K)
+    return RoutingMeta(torch.cumsum(counts_E, 0), dest_N.view(T, K), order_N, K)
 
 
 def routing_metadata_triton(
@@ -159,15 +171,15 @@ def routing_metadata_triton(
     _block_histogram_kernel[(nb,)](
         ids_N, keep_N, hist_EB, N, E, nb, first, HAS_KEEP=has_keep, BLOCK=block, E_PAD=e_pad
     )
-    # rows are grouped by expert, then by block: the first row of block b's assignments to
-    # expert e is the exclusive prefix sum of the histogram in that order (one scan)
-    flat = hist_EB.view(-1)
-    base_EB = torch.cumsum(flat, 0) - flat
+    # rows are grouped by expert, then by block: block b's rows for expert e end at the
+    # inclusive prefix sum of the histogram in that order (one scan), and start its own
+    # count before that
+    ends_EB = torch.cumsum(hist_EB.view(-1), 0).view(E, nb)
     _positions_kernel[(nb,)](
-        ids_N, keep_N, base_EB, dest_N, slot_N, N, E, nb, first,
+        ids_N, keep_N, hist_EB, ends_EB, dest_N, slot_N, N, E, nb, first,
         HAS_KEEP=has_keep, BLOCK=block, E_PAD=e_pad,
     )  # fmt: skip
-    return RoutingMeta(hist_EB.sum(1), dest_N.view(T, K), slot_N, K)
+    return RoutingMeta(ends_EB[:, -1], dest_N.view(T, K), slot_N, K)
 
 
 def routing_metadata(

@@ -52,7 +52,7 @@ from xmoe.config import Config, dedup_ep_active
 from xmoe.kernels.backend import host_to_device
 from xmoe.kernels.combine import combine
 from xmoe.kernels.grouped_gemm import CountsWithOffsets, DeviceCounts, RowSource
-from xmoe.kernels.permute import attach_gathered, gather_rows, permute
+from xmoe.kernels.permute import attach_gathered, gather_rows, permute, scatter_rows
 from xmoe.kernels.routing import count_ids, routing_metadata
 from xmoe.moe.dispatch import Dispatched, Dispatcher, Routing
 from xmoe.parallel.collectives import (
@@ -150,7 +150,6 @@ class PFTState:
     """What combine needs to send the expert outputs home and sum them per token."""
 
     dest_row_TK: torch.Tensor
-    src_slot_S: torch.Tensor  # kept assignment (t*K+k) of each sent row
     weights_TK: torch.Tensor | None  # None: the experts applied the weights
     send_splits: list[int]
     recv_splits: list[int]
@@ -189,27 +188,25 @@ class PFTDispatcher(Dispatcher):
         )
         if W == 1 and routing.keep_TK is None:
             return self._dispatch_static(x_TD, routing, meta, meanwhile)
+        # the grouped GEMM's offsets, made on the device before the host knows the counts
         if W == 1:
             counts_dev = meta.counts_E
-            local_E = meta.counts_E
+            offsets_El = meta.ends_E.to(torch.int32)
         else:
             recv_WEl = exchange_counts(meta.counts_E, self.group)
             counts_dev = torch.cat([meta.counts_E, recv_WEl.reshape(-1)])
-            local_E = recv_WEl.sum(0)  # rows each local expert receives, over source ranks
-        # the grouped GEMM's offsets, made on the device before the host knows the counts
-        offsets_El = torch.cumsum(local_E, 0).to(torch.int32)
+            # rows each local expert receives, over source ranks
+            offsets_El = torch.cumsum(recv_WEl.sum(0), 0).to(torch.int32)
         counts_to_host = _to_host_async(counts_dev)
-        # With EP, gather the kept rows now, into a buffer of the most rows that can be
+        # With EP, copy the kept rows now, into a buffer of the most rows that can be
         # kept (T*K), so the GPU copies them while the host waits for the counts; rows past
         # the kept count are never written nor read, and the buffer only feeds the
         # all-to-all, whose output is exact. On one rank (dropping: dropless takes
         # `_dispatch_static`) the experts would keep that whole buffer alive until
-        # backward, so it gathers after the sync, into a buffer of the exact size.
+        # backward, so it copies after the sync, into a buffer of the exact size.
         rows_ND = None
         if W > 1:
-            rows_ND = gather_rows(
-                x_TD.detach(), meta.src_slot_N, meta.top_k, n_rows=meta.counts_E.sum()
-            )
+            rows_ND = scatter_rows(x_TD.detach(), meta.dest_row_TK, meta.src_slot_N.numel())
         if meanwhile is not None:
             meanwhile()
         host = counts_to_host()  # the one host sync
@@ -225,7 +222,7 @@ class PFTDispatcher(Dispatcher):
         if rows_ND is not None:
             x_SD = attach_gathered(x_TD, rows_ND[: sum(send)], meta.dest_row_TK)
         else:
-            x_SD = permute(x_TD, slot_S, meta.dest_row_TK)
+            x_SD = permute(x_TD, meta.dest_row_TK, sum(send))
         x_RD = all_to_all_uneven(x_SD, send, recv, self.group)
         w_R = self._row_weights(routing, slot_S)
         if w_R is not None:
@@ -237,7 +234,7 @@ class PFTDispatcher(Dispatcher):
             if w_R is not None:
                 w_R = w_R.index_select(0, regroup[0])
         weights_TK = None if w_R is not None else routing.topk_weights_TK
-        state = PFTState(meta.dest_row_TK, slot_S, weights_TK, send, recv, regroup)
+        state = PFTState(meta.dest_row_TK, weights_TK, send, recv, regroup)
         row_bytes = x_TD.shape[1] * x_TD.element_size()
         stats = {
             "rows": float(sum(counts_El)),
@@ -246,7 +243,7 @@ class PFTDispatcher(Dispatcher):
         }
         counts = CountsWithOffsets(counts_El, offsets_El)
         return Dispatched(
-            x_RD, counts, state, stats, w_R, self._source(x_TD, slot_S, meta.top_k, W)
+            x_RD, counts, state, stats, w_R, self._source(x_TD, meta.dest_row_TK, sum(send), W)
         )
 
     def _dispatch_static(self, x_TD: torch.Tensor, routing: Routing, meta, meanwhile) -> Dispatched:
@@ -260,22 +257,25 @@ class PFTDispatcher(Dispatcher):
         if meanwhile is not None:
             meanwhile()
         n = routing.topk_ids_TK.numel()
-        x_SD = permute(x_TD, meta.src_slot_N, meta.dest_row_TK)
-        counts = DeviceCounts(torch.cumsum(meta.counts_E, 0).to(torch.int32), meta.counts_E.tolist)
+        x_SD = permute(x_TD, meta.dest_row_TK, n)
+        counts = DeviceCounts(meta.ends_E.to(torch.int32))
         w_R = self._row_weights(routing, meta.src_slot_N)
         weights_TK = None if w_R is not None else routing.topk_weights_TK
-        state = PFTState(meta.dest_row_TK, meta.src_slot_N, weights_TK, [n], [n], None)
+        state = PFTState(meta.dest_row_TK, weights_TK, [n], [n], None)
         stats = {"rows": float(n), "sent_rows": float(n), "a2a_bytes": 0.0}
         return Dispatched(
-            x_SD, counts, state, stats, w_R, self._source(x_TD, meta.src_slot_N, meta.top_k, 1)
+            x_SD, counts, state, stats, w_R, self._source(x_TD, meta.dest_row_TK, n, 1)
         )
 
-    def _source(self, x_TD: torch.Tensor, slot_S: torch.Tensor, K: int, W: int) -> RowSource | None:
+    def _source(
+        self, x_TD: torch.Tensor, dest_row_TK: torch.Tensor, R: int, W: int
+    ) -> RowSource | None:
         """With `moe.recompute_permute` on one rank: the experts' input rows are the
-        gather of x_TD by `slot_S`, redone in backward (x_TD is kept by the router)."""
+        copy of x_TD to `dest_row_TK`'s R rows, redone in backward (x_TD is kept by the
+        router)."""
         if not self.recompute or W > 1:
             return None
-        return RowSource((x_TD.detach(), slot_S), functools.partial(gather_rows, top_k=K))
+        return RowSource((x_TD.detach(), dest_row_TK), functools.partial(scatter_rows, n_rows=R))
 
     def _row_weights(self, routing: Routing, slot_S: torch.Tensor) -> torch.Tensor | None:
         """Each sent row's combine weight, when the experts apply it (`fold_weights`)."""
@@ -288,16 +288,16 @@ class PFTDispatcher(Dispatcher):
             st = dispatched.state
             y_PD = st.part.reduce(y_RD, st.weights_PK)  # one row per held pilot
             y_PD = all_to_all_uneven(y_PD, st.recv_splits, st.send_splits, self.group)
-            return combine(y_PD, None, st.pilot_slot_S, st.pilot_dest_TW)  # sum over ranks
+            return combine(y_PD, None, st.pilot_dest_TW)  # sum over ranks
         if isinstance(dispatched.state, _OverlapState):
             st = dispatched.state  # y_RD is already in the send buffer's order (run_experts)
-            return combine(y_RD, st.weights_TK, st.src_slot_S, st.dest_row_TK)
+            return combine(y_RD, st.weights_TK, st.dest_row_TK)
         st: PFTState = dispatched.state
         if st.regroup is not None:
             idx_R, inv_R = st.regroup
             y_RD = _RowPermutation.apply(y_RD, inv_R, idx_R)
         y_SD = all_to_all_uneven(y_RD, st.recv_splits, st.send_splits, self.group)
-        return combine(y_SD, st.weights_TK, st.src_slot_S, st.dest_row_TK)
+        return combine(y_SD, st.weights_TK, st.dest_row_TK)
 
     # ------------------------------------------------------------------ moe.dedup_ep
 
@@ -327,7 +327,7 @@ class PFTDispatcher(Dispatcher):
             ids_PK, _ = exchange_rows(ids_SK[: S - own], send_o, recv_o, self.group)
             counts_other = _rows_per_expert(pl.counts_WC[:me] + pl.counts_WC[me + 1 :], El)
             st = _OverlapState(
-                pl.dest_TW, pl.slot_S, None, _Exchange(send_o, recv_o, self.group), own,
+                pl.dest_TW, None, _Exchange(send_o, recv_o, self.group), own,
                 _held_part(ids_SK[S - own :], me, El, pl.counts_WC[me][:El], self.fold_weights),
                 _held_part(ids_PK, me, El, counts_other, self.fold_weights),
             )  # fmt: skip
@@ -339,9 +339,7 @@ class PFTDispatcher(Dispatcher):
         counts_El = _rows_per_expert(pl.counts_WC, El)
         part = _held_part(ids_PK, me, El, counts_El, self.fold_weights, pl.held_offsets_El)
         x_RD, w_R = part.expand(x_PD, w_PK)
-        state = _DedupState(
-            pl.slot_S, pl.dest_TW, part, None if self.fold_weights else w_PK, pl.send, pl.recv
-        )
+        state = _DedupState(pl.dest_TW, part, None if self.fold_weights else w_PK, pl.send, pl.recv)
         return Dispatched(x_RD, part.counts, state, stats, w_R, None)
 
     # ------------------------------------------------------------------ moe.overlap_ep
@@ -376,9 +374,7 @@ class PFTDispatcher(Dispatcher):
         own_El = recv_WEl[me]
         offsets = torch.cumsum(torch.stack([own_El, recv_WEl.sum(0) - own_El]), 1)
         offsets = offsets.to(torch.int32)
-        rows_ND = gather_rows(
-            x_TD.detach(), meta.src_slot_N, meta.top_k, n_rows=meta.counts_E.sum()
-        )
+        rows_ND = scatter_rows(x_TD.detach(), meta.dest_row_TK, meta.src_slot_N.numel())
         if meanwhile is not None:
             meanwhile()
         send, counts_WEl, recv = _split_counts(counts_to_host(), W)  # the one host sync
@@ -396,7 +392,7 @@ class PFTDispatcher(Dispatcher):
         rem_El = _rows_per_expert(others, El)
         rem = _Part(CountsWithOffsets(rem_El, offsets[1]), regroup)
         st = _OverlapState(
-            meta.dest_row_TK, slot_S, None if w_S is not None else routing.topk_weights_TK,
+            meta.dest_row_TK, None if w_S is not None else routing.topk_weights_TK,
             plan, own, _Part(CountsWithOffsets(counts_WEl[me], offsets[0])), rem,
         )  # fmt: skip
         row_bytes = x_TD.shape[1] * x_TD.element_size()
@@ -441,7 +437,7 @@ class _Part:
         rows and, when the experts fold them in, each expert row's weight."""
         if self.slot_R is not None:
             w_R = w.reshape(-1).index_select(0, self.slot_R) if self.fold else None
-            return permute(x, self.slot_R, self.dest_row_PK), w_R
+            return permute(x, self.dest_row_PK, self.slot_R.numel()), w_R
         if self.perm is not None:
             x = _RowPermutation.apply(x, *self.perm)
             w = None if w is None else _RowPermutation.apply(w, *self.perm)
@@ -451,7 +447,7 @@ class _Part:
         """Expert outputs -> arrival order (pilots: the sum of each pilot's rows, weighted
         by `w` [P, K] unless the experts applied the weights)."""
         if self.slot_R is not None:
-            return combine(y, None if self.fold else w, self.slot_R, self.dest_row_PK)
+            return combine(y, None if self.fold else w, self.dest_row_PK)
         if self.perm is not None:
             y = _RowPermutation.apply(y, self.perm[1], self.perm[0])
         return y
@@ -470,7 +466,7 @@ def _held_part(
     the int32 end row of each local expert, when already made (else from the routing)."""
     held = routing_metadata(ids_PK, None, El, first=me * El)  # other ranks' ids: not kept
     if offsets is None:
-        offsets = torch.cumsum(held.counts_E, 0).to(torch.int32)
+        offsets = held.ends_E.to(torch.int32)
     slot_R = held.src_slot_N[: sum(counts)]
     return _Part(CountsWithOffsets(counts, offsets), None, slot_R, held.dest_row_TK, fold)
 
@@ -486,7 +482,6 @@ class _Pilots:
     # and the int32 end row of each local expert over the pilots this rank will hold
     meta_SC: torch.Tensor | None
     held_offsets_El: torch.Tensor | None
-    slot_S: torch.Tensor  # pilot -> (token * W + rank position)
     dest_TW: torch.Tensor  # (token, rank position) -> pilot, -1 where none
     send: list[int]  # pilots to each rank
     recv: list[int]  # pilots from each rank
@@ -535,7 +530,7 @@ def _plan_pilots(
     # most pilots there can be (a token has at most min(W, K)); past the count, unread
     bound = T * min(W, K)
     slot_B = pil.src_slot_N[:bound]
-    rows_ND = gather_rows(x_TD.detach(), slot_B, W, n_rows=pil.counts_E.sum())
+    rows_ND = scatter_rows(x_TD.detach(), pil.dest_row_TK, bound)
     token_B = slot_B // W  # (entries past the count index token 0: valid, never read)
     ids_BK = ids_TK.index_select(0, token_B)
     w_BK = routing.topk_weights_TK.index_select(0, token_B)
@@ -557,7 +552,7 @@ def _plan_pilots(
     return _Pilots(
         attach_gathered(x_TD, rows_ND[:S], pil.dest_row_TK), ids_BK[:S], w_BK[:S],
         None if meta_BC is None else meta_BC[:S], held_offsets,
-        slot_B[:S], pil.dest_row_TK, send, recv, counts_WC,
+        pil.dest_row_TK, send, recv, counts_WC,
     )  # fmt: skip
 
 
@@ -566,7 +561,6 @@ class _DedupState:
     """What combine needs under `moe.dedup_ep`: the receiver's sum per pilot, the way
     back, and the sender's sum over the ranks each token went to."""
 
-    pilot_slot_S: torch.Tensor  # sent pilot -> (token * W + rank)
     pilot_dest_TW: torch.Tensor  # (token, rank) -> sent pilot row, -1 where none
     part: _Part  # the held pilots -> expert rows, and back
     weights_PK: torch.Tensor | None  # the held pilots' weights; None: the experts applied them
@@ -582,7 +576,6 @@ class _OverlapState:
     """What `run_experts` and combine need when the own rows stay out of the exchanges."""
 
     dest_row_TK: torch.Tensor  # the final combine's (token, k or rank) -> send buffer row
-    src_slot_S: torch.Tensor
     weights_TK: torch.Tensor | None
     plan: _Exchange
     own: int  # this rank's own rows: the last `own` rows of the send buffer

@@ -27,7 +27,7 @@ import torch
 
 from xmoe.config import Config, ConfigError
 from xmoe.kernels.combine import combine
-from xmoe.kernels.permute import gather_rows, permute, unpermute
+from xmoe.kernels.permute import permute, scatter_rows, unpermute
 from xmoe.moe.dispatch import Dispatched, Dispatcher, Routing
 from xmoe.moe.rbd_plan import (
     HolderPlan,
@@ -92,18 +92,18 @@ def _one_node_stats(pft: dict[str, float], x_TD: torch.Tensor) -> dict[str, floa
 
 class _SumOverNodes(torch.autograd.Function):
     """out_TD[t] = sum of the rows returned for token t from each node (the adjoint of
-    sending its pilots): a gather per token forward, a gather per pilot backward."""
+    sending its pilots): a gather per token forward, a copy to each pilot backward."""
 
     @staticmethod
-    def forward(ctx, y_PD, src_slot_P, dest_row_TN):
-        ctx.save_for_backward(src_slot_P)
-        ctx.nodes = dest_row_TN.shape[1]
+    def forward(ctx, y_PD, dest_row_TN):
+        ctx.save_for_backward(dest_row_TN)
+        ctx.pilots = y_PD.shape[0]
         return unpermute(y_PD.contiguous(), dest_row_TN)
 
     @staticmethod
     def backward(ctx, grad_TD):
-        (src_slot_P,) = ctx.saved_tensors
-        return gather_rows(grad_TD.contiguous(), src_slot_P, ctx.nodes), None, None
+        (dest_row_TN,) = ctx.saved_tensors
+        return scatter_rows(grad_TD.contiguous(), dest_row_TN, ctx.pilots), None
 
 
 @dataclass
@@ -151,7 +151,7 @@ class RBDDispatcher(Dispatcher):
         T = x_TD.shape[0]
         pp = pilot_plan(plan, sp, T, K, lay.nodes)
         Q = pp.slot_Q.shape[0]
-        x_PD = permute(x_TD, pp.src_slot_P, pp.dest_row_TN)
+        x_PD = permute(x_TD, pp.dest_row_TN, pp.src_slot_P.numel())
         w_Q = routing.topk_weights_TK.reshape(-1).index_select(0, pp.slot_Q)
         pilots_PD = all_to_all_uneven(x_PD, sp.pilots_sent, sp.pilots_recv, g.cross_group)
         w_recv_Q = all_to_all_uneven(w_Q, sp.replicas_sent, sp.replicas_recv, g.cross_group)
@@ -163,14 +163,14 @@ class RBDDispatcher(Dispatcher):
         hp = holder_plan(meta_Q, recv_msg_WC, sp, lay, K)
         P_held, Kh = hp.dest_row_PK.shape
         w_PK = w_recv_Q.new_zeros(P_held * Kh).scatter(0, hp.w_slot_Q, w_recv_Q).view(P_held, Kh)
-        rep_SD = permute(pilots_PD, hp.src_slot_S, hp.dest_row_PK)
+        rep_SD = permute(pilots_PD, hp.dest_row_PK, hp.src_slot_S.numel())
         recv_RD = all_to_all_uneven(rep_SD, sp.intra_sent, sp.intra_recv, g.node_group)
 
         # expert: rows by local expert, then source rank, then token (PFT's order)
         idx_R = expert_order(recv_msg_WC, lay, sum(sp.counts_El))
         inv_R = torch.empty_like(idx_R)
         inv_R[idx_R] = torch.arange(idx_R.shape[0], device=idx_R.device)
-        x_RD = permute(recv_RD, idx_R, inv_R.view(-1, 1))
+        x_RD = permute(recv_RD, inv_R.view(-1, 1), idx_R.numel())  # row i: recv row idx_R[i]
         state = _State(pp, hp, w_PK, idx_R, inv_R, sp)
         w_bytes = routing.topk_weights_TK.element_size()
         return Dispatched(x_RD, sp.counts_El, state, self._stats(sp, x_TD, w_bytes))
@@ -180,12 +180,12 @@ class RBDDispatcher(Dispatcher):
             return self.fallback.combine(y_RD, dispatched)
         g, st = self.groups, dispatched.state
         sp = st.splits
-        y_recv_RD = permute(y_RD, st.inv_R, st.idx_R.view(-1, 1))
+        y_recv_RD = permute(y_RD, st.idx_R.view(-1, 1), st.idx_R.numel())
         y_SD = all_to_all_uneven(y_recv_RD, sp.intra_recv, sp.intra_sent, g.node_group)
         # the holder sums the node's weighted expert outputs: one row per (token, node) returns
-        node_sum_PD = combine(y_SD, st.w_PK, st.holder.src_slot_S, st.holder.dest_row_PK)
+        node_sum_PD = combine(y_SD, st.w_PK, st.holder.dest_row_PK)
         y_PD = all_to_all_uneven(node_sum_PD, sp.pilots_recv, sp.pilots_sent, g.cross_group)
-        return _SumOverNodes.apply(y_PD, st.pilots.src_slot_P, st.pilots.dest_row_TN)
+        return _SumOverNodes.apply(y_PD, st.pilots.dest_row_TN)
 
     def _stats(self, sp: Splits, x_TD: torch.Tensor, w_bytes: int) -> dict[str, float]:
         """This rank's dispatch-direction traffic; combine sends the same rows back."""

@@ -165,8 +165,8 @@ def host_splits(sent_WC: list[list[int]], recv_WC: list[list[int]], layout: Node
 class PilotPlan:
     """The sender's pilots as a (token, node) table, the shape the permute kernels take.
 
-    Pilot p stands for slot t * N + j of a [T, N] table: `permute(x_TD, src_slot_P,
-    dest_row_TN)` copies the pilots and `unpermute(y_PD, dest_row_TN)` sums a token's
+    Pilot p stands for slot t * N + j of a [T, N] table: `permute(x_TD, dest_row_TN, P)`
+    copies the pilots and `unpermute(y_PD, dest_row_TN)` sums a token's
     returning rows over its nodes, both without atomics.
     """
 
@@ -191,8 +191,8 @@ def pilot_plan(plan: SenderPlan, splits: Splits, T: int, top_k: int, nodes: int)
 class HolderPlan:
     """The holder's received pilots as a (pilot, replica slot) table of up to Kh replicas.
 
-    `permute(pilots_PD, src_slot_S, dest_row_PK)` makes the replicas in intra-node send
-    order; `combine(y_SD, w_PK, src_slot_S, dest_row_PK)` weights and sums them back into
+    `permute(pilots_PD, dest_row_PK, S)` makes the replicas in intra-node send order;
+    `combine(y_SD, w_PK, dest_row_PK)` weights and sums them back into
     their pilots, exactly as PFT combines a token's k expert outputs.
     """
 
