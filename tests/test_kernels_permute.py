@@ -88,6 +88,15 @@ def test_scatter_into_a_buffer_for_every_assignment(interpreter, name, T, K, E, 
     torch.testing.assert_close(x1.grad, x2.grad)
 
 
+def test_scatter_never_writes_past_its_buffer(interpreter):
+    """Rows named past the buffer (inconsistent metadata) are skipped, not written out
+    of bounds; the rows inside it are the assignments' as usual."""
+    meta, R, slot_R, x_TD, _ = _setup(16, 2, 4, drop=False)
+    out = scatter_rows(x_TD, meta.dest_row_TK, R - 3)
+    assert out.shape == (R - 3, D)
+    torch.testing.assert_close(out, gather_rows_torch(x_TD, slot_R, 2)[: R - 3])
+
+
 def _naive(x_TD, w_TK, ids_TK, keep_TK, expert_fn):
     """Dense formula: y_t = sum over kept k of w_tk * f_e(x_t), with autograd through it all."""
     T, K = ids_TK.shape

@@ -60,13 +60,14 @@ if HAVE_TRITON:
             mask=m,
         )
 
-    @kernel(rows=("T",))
+    @kernel(rows=("T", "R"))
     def _scatter_rows_kernel(
         src_ptr,
         out_ptr,
         dest_ptr,
         w_ptr,
         T,
+        R,
         D,
         K,
         s_src,
@@ -87,7 +88,7 @@ if HAVE_TRITON:
         )
         for k in range(0, K):
             idx = tl.load(dest_ptr + t * K + k, mask=mt, other=-1)
-            valid = mt & (idx >= 0)
+            valid = mt & (idx >= 0) & (idx < R)  # (a row past the buffer is never written)
             out = v
             if HAS_W:
                 acc_ty = tl.float64 if ACC_FP64 else tl.float32
@@ -240,7 +241,7 @@ def scatter_rows(
     dest = dest_row_TK.contiguous()
     _scatter_rows_kernel[(triton.cdiv(T, bt), triton.cdiv(D, bd))](
         x_TD, out_RD, dest, w_TK.contiguous() if w_TK is not None else dest,
-        T, D, K, x_TD.stride(0), out_RD.stride(0),
+        T, n_rows, D, K, x_TD.stride(0), out_RD.stride(0),
         HAS_W=w_TK is not None, ACC_FP64=acc_dtype(x_TD.dtype) == torch.float64,
         BLOCK_T=bt, BLOCK_D=bd, num_warps=warps,
     )  # fmt: skip

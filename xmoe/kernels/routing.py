@@ -11,9 +11,9 @@ so every backend produces bit-identical metadata.
 The Triton path needs no sort: a per-block one-hot histogram gives counts, a tiny torch
 cumsum over the [E, blocks] histogram gives each block's end row per expert (each
 expert's last block's is the expert's end row), and a second pass ranks each assignment
-inside its block with a cumsum over the one-hot tile. Exact for
-any token count (int64 positions, no floating-point ranking). The torch reference uses a
-stable argsort and bincount.
+inside its block with a cumsum over the one-hot tile. Exact for any token count (int64
+positions, no floating-point ranking). The torch reference uses a stable argsort and
+bincount.
 
 Nothing here syncs with the host: `src_slot_R` is returned with room for every assignment
 and only its first `counts_E.sum()` entries are meaningful; the caller slices it once the
