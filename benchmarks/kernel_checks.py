@@ -86,7 +86,9 @@ def check_kernels(dev) -> None:
     res = []
     for fn in (router_topk.softmax_topk, router_topk.softmax_topk_torch):
         x = lg.clone().requires_grad_()
-        ids, topp, wts, psum, zsq, cnt = fn(x, 6, True)
+        top = fn(x, 6, True)
+        ids, topp, wts, cnt = top.ids_TK, top.topk_probs_TK, top.weights_TK, top.counts_E
+        psum, zsq = top.probs_sum_E, top.lse_sq_sum
         loss = (wts * gr[0]).sum() + (psum * gr[1]).sum() + zsq * 0.5
         res.append([ids, cnt, topp, wts, psum, zsq, torch.autograd.grad(loss, [x])[0]])
     # the GPU's exp may order a near-tie differently: compare rows that chose alike

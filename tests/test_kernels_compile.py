@@ -95,8 +95,12 @@ def _exercise_wrappers() -> None:
     cos, sin = rope_tables(4, 128, 10000.0, torch.device("cpu"))
     sum(t.float().sum() for t in rope.rope_qkv(qkv, cos, sin)).backward()
     lg = torch.randn(T, E, generator=g).requires_grad_()
-    out = router_topk.softmax_topk(lg, K, True)
-    (out[2].sum() + out[3].sum() + out[4]).backward()
+    for wdt in (torch.float32, bf):  # the weights as the router takes them, and fp32
+        top = router_topk.softmax_topk(lg, K, True, wdt)
+        (top.weights_TK.float().sum() + top.probs_sum_E.sum() + top.lse_sq_sum).backward()
+        lg.grad = None
+    top = router_topk.softmax_topk(lg, K, True)
+    top.weights_TK.sum().backward()  # no gradient into the sums
     # the grouped GEMM and the loss take their GPU tiles in `_gpu_settings`: small sizes
     # keep the interpreter quick
     xr = torch.randn(12, 32, generator=g).to(bf).requires_grad_()

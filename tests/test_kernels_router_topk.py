@@ -13,33 +13,60 @@ test_in_interpreter_process = triton_interp.child_process_test(__file__)
 CASES = [(37, 12, 3), (20, 4, 4), (9, 8, 1), (300, 16, 6), (1, 64, 6)]
 
 
-def _loss(out, g):
-    """A scalar that reaches the logits through every differentiable output."""
-    _ids, _p, w, psum, zsq, _cnt = out
-    return (w * g[0]).sum() + (psum * g[1]).sum() + zsq * g[2]
+def _loss(top, g, uses=(True, True, True)):
+    """A scalar that reaches the logits through the differentiable outputs in `uses`
+    (the weights, the probability sums, the squared-lse sum)."""
+    loss = (top.weights_TK.double() * g[0]).sum() if uses[0] else 0.0
+    if uses[1]:
+        loss = loss + (top.probs_sum_E * g[1]).sum()
+    if uses[2]:
+        loss = loss + top.lse_sq_sum * g[2]
+    return loss
 
 
+def _outputs(top):
+    return [top.topk_probs_TK, top.weights_TK, top.probs_sum_E, top.lse_sq_sum]
+
+
+@pytest.mark.parametrize("uses", [(True, True, True), (True, False, False), (False, True, True)])
 @pytest.mark.parametrize("renormalize", [True, False])
 @pytest.mark.parametrize("T,E,k", CASES)
-def test_fused_router_matches_torch_ops(interpreter, T, E, k, renormalize):
+def test_fused_router_matches_torch_ops(interpreter, T, E, k, renormalize, uses):
+    """Outputs and the logits' gradient, through every subset of the differentiable
+    outputs the router uses (an unused sum sends no gradient to the kernel)."""
     gen = torch.Generator().manual_seed(T * 100 + E + k)
     logits = (2 * torch.randn(T, E, generator=gen)).requires_grad_()
     g = (torch.randn(T, k, generator=gen), torch.randn(E, generator=gen), torch.randn(()))
     got = softmax_topk(logits, k, renormalize)
-    (dl,) = torch.autograd.grad(_loss(got, g), [logits])
+    (dl,) = torch.autograd.grad(_loss(got, g, uses), [logits])
     ref_logits = logits.detach().clone().requires_grad_()
     want = softmax_topk_torch(ref_logits, k, renormalize)
-    (dl_ref,) = torch.autograd.grad(_loss(want, g), [ref_logits])
-    assert torch.equal(got[0], want[0])  # the same experts, largest first
-    assert torch.equal(got[5], want[5])  # counts
-    for a, b in zip(got[1:5], want[1:5]):
+    (dl_ref,) = torch.autograd.grad(_loss(want, g, uses), [ref_logits])
+    assert torch.equal(got.ids_TK, want.ids_TK)  # the same experts, largest first
+    assert torch.equal(got.counts_E, want.counts_E)
+    for a, b in zip(_outputs(got), _outputs(want)):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(dl, dl_ref, rtol=1e-5, atol=1e-6)
 
 
+def test_weights_in_the_routers_dtype(interpreter):
+    """The weights come out in the asked dtype, rounded from the fp32 weights, and their
+    gradient reaches the logits as the fp32 weights' would."""
+    gen = torch.Generator().manual_seed(5)
+    logits = (2 * torch.randn(50, 16, generator=gen)).requires_grad_()
+    g = torch.randn(50, 4, generator=gen).double()
+    fp32 = softmax_topk(logits, 4, True)
+    f64 = softmax_topk(logits, 4, True, torch.float64)
+    assert f64.weights_TK.dtype == torch.float64
+    torch.testing.assert_close(f64.weights_TK, fp32.weights_TK.double(), rtol=0, atol=0)
+    (d64,) = torch.autograd.grad((f64.weights_TK * g).sum(), [logits])
+    (d32,) = torch.autograd.grad((fp32.weights_TK.double() * g).sum(), [logits])
+    torch.testing.assert_close(d64, d32)
+
+
 def test_ties_go_to_the_lower_expert(interpreter):
     logits = torch.zeros(3, 8)  # every probability equal
-    ids = softmax_topk(logits, 3, True)[0]
+    ids = softmax_topk(logits, 3, True).ids_TK
     assert ids.tolist() == [[0, 1, 2]] * 3
 
 

@@ -1,8 +1,8 @@
 """Routing metadata: where each routed (token, k) assignment goes in the expert-grouped buffer.
 
 From the router's top-k expert ids (and the capacity keep-mask, if dropping) this computes
-  ends_E          the end row of each expert's rows (the inclusive sum of the kept
-                  assignments per expert, `counts_E`),
+  offsets_E       int32 end row of each expert's rows (the inclusive sum of the kept
+                  assignments per expert, `counts_E`), as the grouped GEMM takes them,
   dest_row_TK     the row of each assignment in the expert-grouped buffer (-1 = dropped),
   src_slot_R      the inverse: for each row, the flat assignment index t * K + k.
 Rows are ordered by expert, and inside an expert by flat assignment index (a stable order),
@@ -10,8 +10,9 @@ so every backend produces bit-identical metadata.
 
 The Triton path needs no sort: a per-block one-hot histogram gives counts, a tiny torch
 cumsum over the [E, blocks] histogram gives each block's end row per expert (each
-expert's last block's is the expert's end row), and a second pass ranks each assignment
-inside its block with a cumsum over the one-hot tile. Exact for any token count (int64
+expert's last block's is the expert's end row, which the last block's program writes
+out as the offsets), and a second pass ranks each assignment inside its block with a
+cumsum over the one-hot tile. Exact for any token count (int64
 positions, no floating-point ranking). The torch reference uses a stable argsort and
 bincount.
 
@@ -66,6 +67,7 @@ if HAVE_TRITON:
         ends_ptr,
         dest_ptr,
         slot_ptr,
+        offs_ptr,
         N,
         E,
         NB,
@@ -93,6 +95,9 @@ if HAVE_TRITON:
         pos = tl.where(valid, base + rank.to(tl.int64), -1)
         tl.store(dest_ptr + i, pos, mask=m)
         tl.store(slot_ptr + pos, i.to(tl.int64), mask=valid)
+        if b == NB - 1:  # each expert's end row: its last block's
+            ends = tl.load(ends_ptr + e.to(tl.int64) * NB + b, mask=e < E)
+            tl.store(offs_ptr + e, ends.to(tl.int32), mask=e < E)
 
 
 def count_ids(ids_N: torch.Tensor, size: int) -> torch.Tensor:
@@ -109,16 +114,16 @@ def count_ids(ids_N: torch.Tensor, size: int) -> torch.Tensor:
 
 @dataclass
 class RoutingMeta:
-    ends_E: torch.Tensor  # int64, end row of each expert's rows (inclusive sum of counts_E)
+    offsets_E: torch.Tensor  # int32, end row of each expert's rows (inclusive sum of counts_E)
     dest_row_TK: torch.Tensor  # int64, row in the expert-grouped buffer, -1 where dropped
     src_slot_N: torch.Tensor  # int64 [T*K], first counts_E.sum() entries: flat (t*K+k) per row
     top_k: int
 
     @functools.cached_property
     def counts_E(self) -> torch.Tensor:
-        """int64 kept assignments per expert (made on first use: the grouped GEMM's
-        offsets are `ends_E`, so dropless on one rank nothing needs it)."""
-        ends = self.ends_E
+        """int64 kept assignments per expert (made on first use: the grouped GEMM takes
+        `offsets_E`, so dropless on one rank nothing needs it)."""
+        ends = self.offsets_E.long()
         return torch.diff(ends, prepend=ends.new_zeros(1))
 
     def counts_per_rank(self, world: int) -> torch.Tensor:
@@ -140,7 +145,7 @@ def routing_metadata_torch(
     dest_N = torch.empty_like(order_N)
     dest_N[order_N] = torch.arange(order_N.numel(), device=order_N.device)
     dest_N = torch.where(key_N < num_experts, dest_N, -1)
-    return RoutingMeta(torch.cumsum(counts_E, 0), dest_N.view(T, K), order_N, K)
+    return RoutingMeta(torch.cumsum(counts_E, 0).to(torch.int32), dest_N.view(T, K), order_N, K)
 
 
 def routing_metadata_triton(
@@ -163,7 +168,7 @@ def routing_metadata_triton(
     slot_N = (torch.empty if all_kept else torch.zeros)(N, dtype=torch.int64, device=dev)
     if N == 0:
         return RoutingMeta(
-            torch.zeros(E, dtype=torch.int64, device=dev), dest_N.view(T, K), slot_N, K
+            torch.zeros(E, dtype=torch.int32, device=dev), dest_N.view(T, K), slot_N, K
         )
     has_keep = keep_TK is not None
     # kept assignments per (expert, block), expert-major: every entry is written
@@ -174,12 +179,13 @@ def routing_metadata_triton(
     # rows are grouped by expert, then by block: block b's rows for expert e end at the
     # inclusive prefix sum of the histogram in that order (one scan), and start its own
     # count before that
-    ends_EB = torch.cumsum(hist_EB.view(-1), 0).view(E, nb)
+    ends_EB = torch.cumsum(hist_EB.view(-1), 0)
+    offsets_E = torch.empty(E, dtype=torch.int32, device=dev)
     _positions_kernel[(nb,)](
-        ids_N, keep_N, hist_EB, ends_EB, dest_N, slot_N, N, E, nb, first,
+        ids_N, keep_N, hist_EB, ends_EB, dest_N, slot_N, offsets_E, N, E, nb, first,
         HAS_KEEP=has_keep, BLOCK=block, E_PAD=e_pad,
     )  # fmt: skip
-    return RoutingMeta(ends_EB[:, -1], dest_N.view(T, K), slot_N, K)
+    return RoutingMeta(offsets_E, dest_N.view(T, K), slot_N, K)
 
 
 def routing_metadata(

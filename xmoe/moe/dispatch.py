@@ -28,13 +28,17 @@ class Routing:
         torch.Tensor | None
     )  # bool, False where capacity dropped the assignment; None = dropless
     num_experts: int
-    # int64 assignments per expert before capacity, when the router counted them (its
-    # balance loss needs them anyway); None: not known
-    routed_E: torch.Tensor | None = None
+    # int64 assignments per expert before capacity, when the router counts them (its
+    # balance loss needs them anyway): made on first read (`routed_E`); None: not known
+    count_routed: Callable[[], torch.Tensor] | None = None
 
     @property
     def top_k(self) -> int:
         return self.topk_ids_TK.shape[1]
+
+    @property
+    def routed_E(self) -> torch.Tensor | None:
+        return None if self.count_routed is None else self.count_routed()
 
 
 @dataclass

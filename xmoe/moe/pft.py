@@ -191,7 +191,7 @@ class PFTDispatcher(Dispatcher):
         # the grouped GEMM's offsets, made on the device before the host knows the counts
         if W == 1:
             counts_dev = meta.counts_E
-            offsets_El = meta.ends_E.to(torch.int32)
+            offsets_El = meta.offsets_E
         else:
             recv_WEl = exchange_counts(meta.counts_E, self.group)
             counts_dev = torch.cat([meta.counts_E, recv_WEl.reshape(-1)])
@@ -258,7 +258,7 @@ class PFTDispatcher(Dispatcher):
             meanwhile()
         n = routing.topk_ids_TK.numel()
         x_SD = permute(x_TD, meta.dest_row_TK, n)
-        counts = DeviceCounts(meta.ends_E.to(torch.int32))
+        counts = DeviceCounts(meta.offsets_E)
         w_R = self._row_weights(routing, meta.src_slot_N)
         weights_TK = None if w_R is not None else routing.topk_weights_TK
         state = PFTState(meta.dest_row_TK, weights_TK, [n], [n], None)
@@ -466,7 +466,7 @@ def _held_part(
     the int32 end row of each local expert, when already made (else from the routing)."""
     held = routing_metadata(ids_PK, None, El, first=me * El)  # other ranks' ids: not kept
     if offsets is None:
-        offsets = held.ends_E.to(torch.int32)
+        offsets = held.offsets_E
     slot_R = held.src_slot_N[: sum(counts)]
     return _Part(CountsWithOffsets(counts, offsets), None, slot_R, held.dest_row_TK, fold)
 

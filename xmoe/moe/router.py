@@ -14,7 +14,7 @@ import torch
 from torch import nn
 
 from xmoe.config import MoEConfig, capacity
-from xmoe.kernels.router_topk import softmax_topk, topk_outputs
+from xmoe.kernels.router_topk import TopK, softmax_topk, topk_outputs
 from xmoe.kernels.routing import count_ids
 from xmoe.moe.dispatch import Routing
 from xmoe.moe.rbd_plan import node_limited_topk
@@ -23,20 +23,22 @@ from xmoe.moe.rbd_plan import node_limited_topk
 class RouterOutput:
     """The routing decision plus what the loss and the metrics need.
 
-    The losses and the dropped share are made on first use, not in `Router.forward`:
-    the layer reads them after its dispatch, so the host queues the experts' first GEMM
-    a few operations sooner (the GPU waits for the host at the start of a layer)."""
+    The losses, the load and the dropped share are made on first use, not in
+    `Router.forward`: the layer reads them after its dispatch, so the host queues the
+    experts' first GEMM several operations sooner (the GPU waits for the host at the
+    start of a layer, each operation about 5-50 us of the host's time)."""
 
     def __init__(
-        self,
-        routing: Routing,
-        tokens_per_expert_E: torch.Tensor,
-        losses: Callable[[], tuple[torch.Tensor, torch.Tensor]],
+        self, routing: Routing, top: TopK, losses: Callable[[], tuple[torch.Tensor, torch.Tensor]]
     ) -> None:
         self.routing = routing
-        # int64 routed assignments per expert, before dropping
-        self.tokens_per_expert_E = tokens_per_expert_E
+        self._top = top
         self._losses = losses
+
+    @property
+    def tokens_per_expert_E(self) -> torch.Tensor:
+        """int64 routed assignments per expert, before dropping."""
+        return self._top.counts_E
 
     @functools.cached_property
     def _loss_pair(self) -> tuple[torch.Tensor, torch.Tensor]:
@@ -58,7 +60,7 @@ class RouterOutput:
         the router's device, read on the host only when logged (no host sync in the step)."""
         keep_TK = self.routing.keep_TK
         if keep_TK is None:
-            return torch.zeros((), dtype=torch.float64, device=self.tokens_per_expert_E.device)
+            return torch.zeros((), dtype=torch.float64, device=self.routing.topk_ids_TK.device)
         return (~keep_TK).sum().double() / keep_TK.numel()
 
 
@@ -219,9 +221,7 @@ class Router(nn.Module):
         if not (node_limited or cfg.expert_bias):
             # plain top-k: softmax, selection, renormalisation and the balance losses' sums
             # in one kernel each way on a GPU (`xmoe.kernels.router_topk`)
-            fused = softmax_topk(logits_TE, self.top_k, cfg.renormalize)
-            topk_ids_TK, topk_probs_TK, weights_TK = fused[:3]
-            probs_sum_E, lse_sq_sum, tokens_per_expert_E = fused[3:]
+            top = softmax_topk(logits_TE, self.top_k, cfg.renormalize, x_TD.dtype)
         else:
             probs_TE = torch.softmax(logits_TE, dim=-1)
             select_TE = probs_TE.detach()
@@ -233,24 +233,22 @@ class Router(nn.Module):
                 )
             else:
                 topk_ids_TK = torch.topk(select_TE, self.top_k, dim=-1).indices
-            topk_probs_TK, weights_TK, probs_sum_E, lse_sq_sum, tokens_per_expert_E = topk_outputs(
-                logits_TE, probs_TE, topk_ids_TK, cfg.renormalize
-            )
+            top = topk_outputs(logits_TE, probs_TE, topk_ids_TK, cfg.renormalize, x_TD.dtype)
 
         keep_TK = None
         if not cfg.dropless and T > 0:
             keep_TK = capacity_keep_mask(
-                topk_ids_TK, topk_probs_TK, self.num_experts, capacity(T, cfg)
+                top.ids_TK, top.topk_probs_TK, self.num_experts, capacity(T, cfg)
             )
         routing = Routing(
-            topk_ids_TK=topk_ids_TK,
-            topk_weights_TK=weights_TK.to(x_TD.dtype),
+            topk_ids_TK=top.ids_TK,
+            topk_weights_TK=top.weights_TK,
             keep_TK=keep_TK,
             num_experts=self.num_experts,
-            routed_E=tokens_per_expert_E,
+            count_routed=lambda: top.counts_E,
         )
-        losses = functools.partial(self._losses, probs_sum_E, lse_sq_sum, tokens_per_expert_E, T)
-        return RouterOutput(routing, tokens_per_expert_E, losses)
+        losses = functools.partial(self._losses, top, T)
+        return RouterOutput(routing, top, losses)
 
     def reduce_load(self, load_E: torch.Tensor, tokens: int) -> tuple[torch.Tensor, int]:
         """The routed load and token count the balance losses are normalised by.
@@ -263,16 +261,11 @@ class Router(nn.Module):
         """
         return load_E, tokens
 
-    def _losses(
-        self,
-        probs_sum_E: torch.Tensor,
-        lse_sq_sum: torch.Tensor,
-        tokens_per_expert_E: torch.Tensor,
-        T: int,
-    ) -> tuple[torch.Tensor, torch.Tensor]:
+    def _losses(self, top: TopK, T: int) -> tuple[torch.Tensor, torch.Tensor]:
         """Balance losses from this router's sums over its tokens: the router
         probabilities per expert and the squared logsumexp of each token's logits."""
-        load_E, total = self.reduce_load(tokens_per_expert_E, T)
+        probs_sum_E, lse_sq_sum = top.probs_sum_E, top.lse_sq_sum
+        load_E, total = self.reduce_load(top.counts_E, T)
         if total == 0:
             zero = probs_sum_E.sum() * 0.0
             return zero, zero
