@@ -80,6 +80,7 @@ def _exercise_wrappers() -> None:
     permute.gather_rows(x, slot, K, w_TK.reshape(-1))
     permute.scatter_rows(x, meta.dest_row_TK, R)
     permute.scatter_rows(x, meta.dest_row_TK, R, w_TK)
+    permute.scatter_rows(x, meta.dest_row_TK, R, w_TK, weights_out=True)
     rows = torch.randn(R, D, generator=g).to(bf)
     permute.unpermute(rows, meta.dest_row_TK)
     permute.unpermute(rows, meta.dest_row_TK, w_TK)

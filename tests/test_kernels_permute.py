@@ -11,6 +11,7 @@ from xmoe.kernels.permute import (
     gather_rows,
     gather_rows_torch,
     permute,
+    permute_with_weights,
     scatter_rows,
     scatter_rows_torch,
     unpermute,
@@ -50,6 +51,11 @@ def test_kernels_match_references(interpreter, name, T, K, E, drop):
         want = gather_rows_torch(x_TD, slot_R, K, wn)
         torch.testing.assert_close(scatter_rows(x_TD, meta.dest_row_TK, R, w), want)
         torch.testing.assert_close(scatter_rows_torch(x_TD, meta.dest_row_TK, R, w), want)
+    # unscaled rows with each row's weight beside them
+    rows_w = gather_rows_torch(x_TD, slot_R, K), w_TK.reshape(-1)[slot_R]
+    for fn in (scatter_rows, scatter_rows_torch):
+        for got, want in zip(fn(x_TD, meta.dest_row_TK, R, w_TK, weights_out=True), rows_w):
+            torch.testing.assert_close(got, want, rtol=0, atol=0)
     for w in (None, w_TK):
         torch.testing.assert_close(
             unpermute(rows_RD, meta.dest_row_TK, w), unpermute_torch(rows_RD, meta.dest_row_TK, w)
@@ -86,6 +92,29 @@ def test_scatter_into_a_buffer_for_every_assignment(interpreter, name, T, K, E, 
     attach_gathered(x1, rows_ND[:R], meta.dest_row_TK).backward(gy)
     permute(x2, meta.dest_row_TK, R).backward(gy)
     torch.testing.assert_close(x1.grad, x2.grad)
+
+
+@pytest.mark.parametrize("use_kernels", [True, False])
+@pytest.mark.parametrize("drop", [False, True])
+@pytest.mark.parametrize("name,T,K,E", CASES)
+def test_permute_with_weights_has_the_gradients_of_its_parts(
+    interpreter, monkeypatch, use_kernels, name, T, K, E, drop
+):
+    """(rows, row weights) from one kernel: values and the gradients of x and of the
+    weights equal `permute` plus indexing the weights by each row's assignment."""
+    if not use_kernels:
+        monkeypatch.setenv("TRITON_INTERPRET", "0")
+    meta, R, slot_R, x_TD, w_TK = _setup(T, K, E, drop, seed=11)
+    g = torch.Generator().manual_seed(12)
+    gx, gw = torch.randn(R, D, generator=g), torch.randn(R, generator=g)
+    x1, w1 = x_TD.clone().requires_grad_(), w_TK.clone().requires_grad_()
+    rows, w_R = permute_with_weights(x1, w1, meta.dest_row_TK, R)
+    ((rows * gx).sum() + (w_R * gw).sum()).backward()
+    x2, w2 = x_TD.clone().requires_grad_(), w_TK.clone().requires_grad_()
+    rows2, w_R2 = permute(x2, meta.dest_row_TK, R), w2.reshape(-1)[slot_R]
+    ((rows2 * gx).sum() + (w_R2 * gw).sum()).backward()
+    for a, b in ((rows, rows2), (w_R, w_R2), (x1.grad, x2.grad), (w1.grad, w2.grad)):
+        torch.testing.assert_close(a, b)
 
 
 def test_scatter_never_writes_past_its_buffer(interpreter):

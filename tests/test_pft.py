@@ -100,16 +100,18 @@ def test_shared_experts_are_issued_before_the_host_wait(case, monkeypatch):
     import xmoe.moe.pft as pft_mod
 
     events = []
-    real_to_host, real_permute = pft_mod._to_host_async, pft_mod.permute
+    real_to_host = pft_mod._to_host_async
 
     def to_host(counts):
         wait = real_to_host(counts)
         return lambda: events.append("host wait") or wait()
 
     monkeypatch.setattr(pft_mod, "_to_host_async", to_host)
-    monkeypatch.setattr(
-        pft_mod, "permute", lambda *a, **k: events.append("permute") or real_permute(*a, **k)
-    )
+    for name in ("permute", "permute_with_weights"):  # (the latter: dropless, weights folded)
+        real = getattr(pft_mod, name)
+        monkeypatch.setattr(
+            pft_mod, name, lambda *a, real=real, **k: events.append("permute") or real(*a, **k)
+        )
     cf = "0.6" if case == "dropping" else "null"
     ref, pft = _pair(["moe.num_shared_experts=2", f"moe.capacity_factor={cf}"], torch.float64)
     shared_forward = pft.shared.forward

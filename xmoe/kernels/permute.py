@@ -13,7 +13,9 @@
                 a gather per token, so no atomics and a deterministic sum order.
 
 `permute` is the differentiable wrapper the dispatchers call: forward scatters the kept
-rows, backward sums each token's row gradients with `unpermute`. Each kernel has a torch
+rows, backward sums each token's row gradients with `unpermute`. `permute_with_weights`
+also brings each row's combine weight from the same kernel, for experts that fold the
+weights in. Each kernel has a torch
 reference below it; `backend.use_triton` picks one.
 """
 
@@ -66,6 +68,7 @@ if HAVE_TRITON:
         out_ptr,
         dest_ptr,
         w_ptr,
+        wout_ptr,
         T,
         R,
         D,
@@ -73,6 +76,7 @@ if HAVE_TRITON:
         s_src,
         s_out,
         HAS_W: tl.constexpr,
+        W_OUT: tl.constexpr,
         ACC_FP64: tl.constexpr,
         BLOCK_T: tl.constexpr,
         BLOCK_D: tl.constexpr,
@@ -90,15 +94,18 @@ if HAVE_TRITON:
             idx = tl.load(dest_ptr + t * K + k, mask=mt, other=-1)
             valid = mt & (idx >= 0) & (idx < R)  # (a row past the buffer is never written)
             out = v
+            if HAS_W or W_OUT:
+                w = tl.load(w_ptr + t * K + k, mask=valid, other=0.0)
             if HAS_W:
                 acc_ty = tl.float64 if ACC_FP64 else tl.float32
-                w = tl.load(w_ptr + t * K + k, mask=valid, other=0.0).to(acc_ty)
-                out = v.to(acc_ty) * w[:, None]
+                out = v.to(acc_ty) * w.to(acc_ty)[:, None]
             tl.store(
                 out_ptr + idx[:, None] * s_out + d[None, :],
                 out.to(out_ptr.dtype.element_ty),
                 mask=valid[:, None] & md[None, :],
             )
+            if W_OUT:  # each row's weight, beside it (by the first column block)
+                tl.store(wout_ptr + idx, w, mask=valid & (tl.program_id(1) == 0))
 
     @kernel(rows=("T",))
     def _unpermute_kernel(
@@ -209,43 +216,64 @@ def gather_rows(
 
 
 def scatter_rows_torch(
-    x_TD: torch.Tensor, dest_row_TK: torch.Tensor, n_rows: int, w_TK: torch.Tensor | None = None
-) -> torch.Tensor:
+    x_TD: torch.Tensor,
+    dest_row_TK: torch.Tensor,
+    n_rows: int,
+    w_TK: torch.Tensor | None = None,
+    weights_out: bool = False,
+):
     T, K = dest_row_TK.shape
     dest_N = dest_row_TK.reshape(-1)
     slot_M = (dest_N >= 0).nonzero().squeeze(1)
     vals_MD = x_TD.index_select(0, slot_M // K)
-    if w_TK is not None:
+    scale = w_TK is not None and not weights_out
+    if scale:
         acc = acc_dtype(x_TD.dtype)
         vals_MD = (vals_MD.to(acc) * w_TK.reshape(-1)[slot_M].to(acc)[:, None]).to(x_TD.dtype)
     out_RD = torch.empty(n_rows, x_TD.shape[1], dtype=x_TD.dtype, device=x_TD.device)
-    return out_RD.index_copy_(0, dest_N[slot_M], vals_MD)
+    out_RD.index_copy_(0, dest_N[slot_M], vals_MD)
+    if not weights_out:
+        return out_RD
+    w_R = torch.empty(n_rows, dtype=w_TK.dtype, device=w_TK.device)
+    return out_RD, w_R.index_copy_(0, dest_N[slot_M], w_TK.reshape(-1)[slot_M])
 
 
 def scatter_rows(
-    x_TD: torch.Tensor, dest_row_TK: torch.Tensor, n_rows: int, w_TK: torch.Tensor | None = None
-) -> torch.Tensor:
+    x_TD: torch.Tensor,
+    dest_row_TK: torch.Tensor,
+    n_rows: int,
+    w_TK: torch.Tensor | None = None,
+    weights_out: bool = False,
+):
     """[n_rows, D] with row dest_row_TK[t, k] = x_TD[t] (* w_TK[t, k]) for every kept
     assignment (dest >= 0). Kept rows are distinct and below n_rows; rows that no
     assignment names are left uninitialised (e.g. past the kept count in a buffer sized
-    for every assignment, filled before the host knows that count)."""
+    for every assignment, filled before the host knows that count).
+
+    `weights_out`: the rows are not scaled; instead each row's weight comes back beside
+    them, (rows [n_rows, D], w_R [n_rows]) with w_R[dest_row_TK[t, k]] = w_TK[t, k], from
+    the same kernel (the experts fold the weights in later)."""
+    if weights_out and w_TK is None:
+        raise ValueError("scatter_rows: weights_out needs w_TK")
     if not use_triton(x_TD):
-        return scatter_rows_torch(x_TD, dest_row_TK, n_rows, w_TK)
+        return scatter_rows_torch(x_TD, dest_row_TK, n_rows, w_TK, weights_out)
     x_TD = x_TD.contiguous()
     T, K = dest_row_TK.shape
     D = x_TD.shape[1]
     out_RD = torch.empty(n_rows, D, dtype=x_TD.dtype, device=x_TD.device)
-    if T * K == 0 or n_rows == 0 or D == 0:
-        return out_RD
-    bt, bd, warps = _token_tiles(D, x_TD.is_cuda)
-    dest = dest_row_TK.contiguous()
-    _scatter_rows_kernel[(triton.cdiv(T, bt), triton.cdiv(D, bd))](
-        x_TD, out_RD, dest, w_TK.contiguous() if w_TK is not None else dest,
-        T, n_rows, D, K, x_TD.stride(0), out_RD.stride(0),
-        HAS_W=w_TK is not None, ACC_FP64=acc_dtype(x_TD.dtype) == torch.float64,
-        BLOCK_T=bt, BLOCK_D=bd, num_warps=warps,
-    )  # fmt: skip
-    return out_RD
+    w_R = torch.empty(n_rows, dtype=w_TK.dtype, device=x_TD.device) if weights_out else None
+    if T * K > 0 and n_rows > 0 and D > 0:
+        bt, bd, warps = _token_tiles(D, x_TD.is_cuda)
+        dest = dest_row_TK.contiguous()
+        w = w_TK.contiguous() if w_TK is not None else dest
+        _scatter_rows_kernel[(triton.cdiv(T, bt), triton.cdiv(D, bd))](
+            x_TD, out_RD, dest, w, w_R if weights_out else dest,
+            T, n_rows, D, K, x_TD.stride(0), out_RD.stride(0),
+            HAS_W=w_TK is not None and not weights_out, W_OUT=weights_out,
+            ACC_FP64=acc_dtype(x_TD.dtype) == torch.float64,
+            BLOCK_T=bt, BLOCK_D=bd, num_warps=warps,
+        )  # fmt: skip
+    return (out_RD, w_R) if weights_out else out_RD
 
 
 # --------------------------------------------------------------------------- unpermute
@@ -318,6 +346,27 @@ class _Permute(torch.autograd.Function):
         return unpermute(grad_RD.contiguous(), dest_row_TK), None, None
 
 
+class _PermuteWithWeights(torch.autograd.Function):
+    """(rows, each row's weight) from one scatter; backward: the rows' gradient summed
+    per token, and each assignment's weight gradient read from its row."""
+
+    @staticmethod
+    def forward(ctx, x_TD, w_TK, n_rows, dest_row_TK):
+        ctx.save_for_backward(dest_row_TK)
+        return scatter_rows(x_TD, dest_row_TK, n_rows, w_TK, weights_out=True)
+
+    @staticmethod
+    def backward(ctx, grad_RD, grad_R):
+        (dest_row_TK,) = ctx.saved_tensors
+        dx = dw = None
+        if ctx.needs_input_grad[0]:
+            dx = unpermute(grad_RD.contiguous(), dest_row_TK)
+        if ctx.needs_input_grad[1]:
+            kept = dest_row_TK >= 0
+            dw = grad_R.take(torch.where(kept, dest_row_TK, 0)).masked_fill_(~kept, 0)
+        return dx, dw, None, None
+
+
 class _Gathered(torch.autograd.Function):
     """Rows copied from x_TD earlier, outside autograd (`scatter_rows` into `rows[0]`),
     joined to the graph now: backward sums each token's row gradients."""
@@ -339,6 +388,14 @@ def attach_gathered(
     """`rows_RD` (copied from x_TD.detach() by `scatter_rows` with `routing_metadata`'s
     rows) as if `permute` had made it: gradients flow back to x_TD."""
     return _Gathered.apply(x_TD, dest_row_TK, [rows_RD])
+
+
+def permute_with_weights(
+    x_TD: torch.Tensor, w_TK: torch.Tensor, dest_row_TK: torch.Tensor, n_rows: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """`permute`, and each row's combine weight (w_R[dest_row_TK[t, k]] = w_TK[t, k]) from
+    the same kernel; differentiable in x_TD and w_TK."""
+    return _PermuteWithWeights.apply(x_TD, w_TK, n_rows, dest_row_TK)
 
 
 def permute(x_TD: torch.Tensor, dest_row_TK: torch.Tensor, n_rows: int) -> torch.Tensor:

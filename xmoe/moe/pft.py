@@ -52,7 +52,13 @@ from xmoe.config import Config, dedup_ep_active
 from xmoe.kernels.backend import host_to_device
 from xmoe.kernels.combine import combine
 from xmoe.kernels.grouped_gemm import CountsWithOffsets, DeviceCounts, RowSource
-from xmoe.kernels.permute import attach_gathered, gather_rows, permute, scatter_rows
+from xmoe.kernels.permute import (
+    attach_gathered,
+    gather_rows,
+    permute,
+    permute_with_weights,
+    scatter_rows,
+)
 from xmoe.kernels.routing import count_ids, routing_metadata
 from xmoe.moe.dispatch import Dispatched, Dispatcher, Routing
 from xmoe.parallel.collectives import (
@@ -257,9 +263,12 @@ class PFTDispatcher(Dispatcher):
         if meanwhile is not None:
             meanwhile()
         n = routing.topk_ids_TK.numel()
-        x_SD = permute(x_TD, meta.dest_row_TK, n)
+        w_R = None
+        if self.fold_weights:  # each row's weight from the permute's own kernel
+            x_SD, w_R = permute_with_weights(x_TD, routing.topk_weights_TK, meta.dest_row_TK, n)
+        else:
+            x_SD = permute(x_TD, meta.dest_row_TK, n)
         counts = DeviceCounts(meta.offsets_E)
-        w_R = self._row_weights(routing, meta.src_slot_N)
         weights_TK = None if w_R is not None else routing.topk_weights_TK
         state = PFTState(meta.dest_row_TK, weights_TK, [n], [n], None)
         stats = {"rows": float(n), "sent_rows": float(n), "a2a_bytes": 0.0}
