@@ -26,7 +26,7 @@ class RouterOutput:
     The losses, the load and the dropped share are made on first use, not in
     `Router.forward`: the layer reads them after its dispatch, so the host queues the
     experts' first GEMM several operations sooner (the GPU waits for the host at the
-    start of a layer, each operation about 5-50 us of the host's time)."""
+    start of a layer, each operation about 5-100 us of the host's time)."""
 
     def __init__(
         self, routing: Routing, top: TopK, losses: Callable[[], tuple[torch.Tensor, torch.Tensor]]
