@@ -15,8 +15,7 @@
 `permute` is the differentiable wrapper the dispatchers call: forward scatters the kept
 rows, backward sums each token's row gradients with `unpermute`. `permute_with_weights`
 also brings each row's combine weight from the same kernel, for experts that fold the
-weights in. Each kernel has a torch
-reference below it; `backend.use_triton` picks one.
+weights in. Each kernel has a torch reference below it; `backend.use_triton` picks one.
 """
 
 from __future__ import annotations

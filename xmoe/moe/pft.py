@@ -227,10 +227,10 @@ class PFTDispatcher(Dispatcher):
         slot_S = meta.src_slot_N[: sum(send)]
         if rows_ND is not None:
             x_SD = attach_gathered(x_TD, rows_ND[: sum(send)], meta.dest_row_TK)
+            w_R = self._row_weights(routing, slot_S)
         else:
-            x_SD = permute(x_TD, meta.dest_row_TK, sum(send))
+            x_SD, w_R = self._permute(x_TD, routing, meta.dest_row_TK, sum(send))
         x_RD = all_to_all_uneven(x_SD, send, recv, self.group)
-        w_R = self._row_weights(routing, slot_S)
         if w_R is not None:
             w_R = all_to_all_uneven(w_R, send, recv, self.group)
         regroup = None
@@ -263,11 +263,7 @@ class PFTDispatcher(Dispatcher):
         if meanwhile is not None:
             meanwhile()
         n = routing.topk_ids_TK.numel()
-        w_R = None
-        if self.fold_weights:  # each row's weight from the permute's own kernel
-            x_SD, w_R = permute_with_weights(x_TD, routing.topk_weights_TK, meta.dest_row_TK, n)
-        else:
-            x_SD = permute(x_TD, meta.dest_row_TK, n)
+        x_SD, w_R = self._permute(x_TD, routing, meta.dest_row_TK, n)
         counts = DeviceCounts(meta.offsets_E)
         weights_TK = None if w_R is not None else routing.topk_weights_TK
         state = PFTState(meta.dest_row_TK, weights_TK, [n], [n], None)
@@ -285,6 +281,15 @@ class PFTDispatcher(Dispatcher):
         if not self.recompute or W > 1:
             return None
         return RowSource((x_TD.detach(), dest_row_TK), functools.partial(scatter_rows, n_rows=R))
+
+    def _permute(
+        self, x_TD: torch.Tensor, routing: Routing, dest_row_TK: torch.Tensor, n: int
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """The n kept rows in expert order and, when the experts apply the combine
+        weights (`fold_weights`), each row's weight from the same kernel."""
+        if self.fold_weights:
+            return permute_with_weights(x_TD, routing.topk_weights_TK, dest_row_TK, n)
+        return permute(x_TD, dest_row_TK, n), None
 
     def _row_weights(self, routing: Routing, slot_S: torch.Tensor) -> torch.Tensor | None:
         """Each sent row's combine weight, when the experts apply it (`fold_weights`)."""
@@ -445,8 +450,10 @@ class _Part:
         """Arrival rows (and their weights: one per row, or [P, K] per pilot) -> expert
         rows and, when the experts fold them in, each expert row's weight."""
         if self.slot_R is not None:
-            w_R = w.reshape(-1).index_select(0, self.slot_R) if self.fold else None
-            return permute(x, self.dest_row_PK, self.slot_R.numel()), w_R
+            n = self.slot_R.numel()
+            if self.fold:  # each expert row's weight from the copy's own kernel
+                return permute_with_weights(x, w, self.dest_row_PK, n)
+            return permute(x, self.dest_row_PK, n), None
         if self.perm is not None:
             x = _RowPermutation.apply(x, *self.perm)
             w = None if w is None else _RowPermutation.apply(w, *self.perm)
