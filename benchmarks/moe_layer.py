@@ -20,6 +20,9 @@ gate weights, so DeepSpeed's own gate skews alike). Implementations (`impl` in t
   pft_dedup            pft with moe.dedup_ep=true (pft's default under EP): one row per
                        (token, destination rank) crosses; the receiver copies it to each
                        of its experts (EP > 1 only)
+  pft_exact_slots      pft with moe.dedup_fixed_slots=false: the pilots' exchanges take the
+                       exact counts, issued after the host sync (at EP = 2, pft's default
+                       is a fixed slot per (token, rank), issued before it)
   pft_dedup_overlap    both: the own pilots' experts run beside the pilots' exchanges
   pft_shared           pft with two shared experts of the routed experts' width (the
                        DeepSeekMoE-16B layer: one GELU MLP of 2 x 1408 on every token)
@@ -107,6 +110,7 @@ SINGLE = [
 ]
 EP_IMPLS = [
     "pft",
+    "pft_exact_slots",
     "pft_plain",
     "pft_overlap",
     "pft_weighted_combine",
@@ -178,6 +182,7 @@ def build_layer(impl: str, s: dict, ps, dev, dtype, w_gate) -> MoELayer:
         "pft_plain": ("pft", None, ("moe.dedup_ep=false",)),
         "pft_dedup": ("pft", None, ("moe.dedup_ep=true",)),
         "pft_dedup_overlap": ("pft", None, ("moe.dedup_ep=true", "moe.overlap_ep=true")),
+        "pft_exact_slots": ("pft", None, ("moe.dedup_ep=true", "moe.dedup_fixed_slots=false")),
         "pft_shared": ("pft", None, ("moe.num_shared_experts=2",)),
         "rbd_rank": ("rbd", None, ("parallel.node_size=1",)),
         "padded": ("padded", 1.25, ()),
@@ -345,6 +350,7 @@ def run_impl(impl: str, routing: str, s: dict, ps, dev, dtype, args) -> dict:
         "pft_plain",
         "pft_dedup",
         "pft_dedup_overlap",
+        "pft_exact_slots",
         "pft_shared",
         "padded",
     ):

@@ -5,7 +5,13 @@ from click.testing import CliRunner
 from helpers import run_xmoe
 
 from xmoe.cli import main
-from xmoe.config import ConfigError, dedup_ep_active, load_config, validate
+from xmoe.config import (
+    ConfigError,
+    dedup_ep_active,
+    dedup_fixed_active,
+    load_config,
+    validate,
+)
 
 
 @pytest.mark.parametrize(
@@ -84,6 +90,32 @@ def test_dedup_ep_default_follows_the_dispatch(overrides, active):
     base = ["moe.dispatcher=pft", "parallel.ep=2", "moe.capacity_factor=null"]
     cfg = load_config("tiny", [*base, *overrides])
     assert dedup_ep_active(cfg.moe, cfg.moe.dispatcher, cfg.parallel.ep) is active
+
+
+@pytest.mark.parametrize(
+    "overrides,active",
+    [
+        ([], True),  # 64 experts, top-6 over 2 ranks: a token visits 98.6 % of them
+        (["parallel.ep=4"], False),  # 84 %: a sixth of the slots would travel empty
+        (["parallel.ep=4", "moe.dedup_fixed_slots=true"], True),
+        (["moe.dedup_fixed_slots=false"], False),
+        (["moe.capacity_factor=1.25", "moe.dedup_ep=true"], False),  # dropping: as set
+        (["moe.capacity_factor=1.25", "moe.dedup_ep=true", "moe.dedup_fixed_slots=true"], True),
+        (["moe.overlap_ep=true"], False),
+        (["moe.dedup_ep=false"], False),
+        (["parallel.ep=1"], False),
+    ],
+)
+def test_dedup_fixed_slots_default(overrides, active):
+    base = ["moe.dispatcher=pft", "parallel.ep=2", "moe.capacity_factor=null"]
+    cfg = load_config("small", [*base, *overrides])
+    assert dedup_fixed_active(cfg.moe, cfg.moe.dispatcher, cfg.parallel.ep) is active
+
+
+@pytest.mark.parametrize("other", ["moe.dedup_ep=false", "moe.overlap_ep=true"])
+def test_dedup_fixed_slots_set_true_needs_dedup_without_overlap(other):
+    with pytest.raises(ConfigError, match="moe.dedup_fixed_slots=true needs moe.dedup_ep"):
+        load_config("tiny", ["moe.dedup_fixed_slots=true", other])
 
 
 def test_dedup_ep_set_true_needs_pft():

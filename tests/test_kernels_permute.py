@@ -117,6 +117,20 @@ def test_permute_with_weights_has_the_gradients_of_its_parts(
         torch.testing.assert_close(a, b)
 
 
+@pytest.mark.parametrize("use_kernels", [True, False], ids=["triton", "torch"])
+def test_permute_with_weights_of_no_rows(interpreter, monkeypatch, use_kernels):
+    """Tokens whose every assignment is dropped (a receiver's empty pilot slots): no rows,
+    and zero gradients for x and the weights."""
+    if not use_kernels:
+        monkeypatch.setenv("TRITON_INTERPRET", "0")
+    x = torch.randn(5, D, requires_grad=True)
+    w = torch.rand(5, 3, requires_grad=True)
+    rows, w_R = permute_with_weights(x, w, torch.full((5, 3), -1), 0)
+    assert rows.shape == (0, D) and w_R.shape == (0,)
+    (rows.sum() + w_R.sum()).backward()
+    assert torch.equal(x.grad, torch.zeros_like(x)) and torch.equal(w.grad, torch.zeros_like(w))
+
+
 def test_scatter_never_writes_past_its_buffer(interpreter):
     """Rows named past the buffer (inconsistent metadata) are skipped, not written out
     of bounds; the rows inside it are the assignments' as usual."""

@@ -46,7 +46,14 @@ def _layers(dispatcher, overrides, W, state, extra=()):
     return ref, ep, lo, El
 
 
-def _check(rank, W, dispatcher, extra=()):
+def _check(rank, W, dispatcher, extra=(), warm=None, poison=False):
+    """`warm`: first run the EP layer once on as many tokens plus `warm` (no gradients),
+    so that a `moe.dedup_fixed_slots` dispatcher has agreed its slots. `poison`:
+    uninitialised floats are NaN (torch's deterministic mode), so rows or weights that
+    nothing wrote (empty slots) turn the result NaN if they are ever read."""
+    if poison:
+        torch.use_deterministic_algorithms(True, warn_only=True)
+        torch.utils.deterministic.fill_uninitialized_memory = True
     state = create_parallel_state(load_config("tiny", [*BASE, f"parallel.ep={W}"]), rank, W)
     for case_id, (overrides, tokens, routing) in enumerate(CASES):
         tokens = tokens[:W]
@@ -64,10 +71,20 @@ def _check(rank, W, dispatcher, extra=()):
         ys = [ref(x) for x in xr]
         sum((y * gy).sum() for y, gy in zip(ys, gys)).backward()
 
+        if warm is not None:
+            with torch.no_grad():
+                ep(torch.randn(max(0, tokens[rank] + warm), D, dtype=torch.float64))
         x = xs[rank].clone().requires_grad_()
         y = ep(x)
         (y * gys[rank]).sum().backward()
-        tag = f"{dispatcher} {' '.join(extra)} case {case_id} rank {rank}/{W}"
+        tag = f"{dispatcher} {' '.join(extra)} warm {warm} case {case_id} rank {rank}/{W}"
+        if warm is not None:
+            slots = max(max(0, t + warm) for t in tokens)  # as the warm-up agreed them
+            fixed = ep.last_stats["dispatcher"]["sent_rows"] == W * slots
+            # the slots held every rank's tokens, or every rank redid the dispatch
+            assert fixed is (max(tokens) <= slots), tag
+            if fixed:
+                assert ep.last_stats["dispatcher"]["a2a_bytes"] == (W - 1) * slots * D * 8
         torch.testing.assert_close(y, ys[rank], msg=tag)
         torch.testing.assert_close(x.grad, xr[rank].grad, msg=tag)
         ref_params = dict(ref.named_parameters())
@@ -106,6 +123,20 @@ def test_ep_dedup_equals_single_rank(world):
     dropless, with folded and with unfolded combine weights."""
     run_ranks(world, _check, "pft", ["moe.dedup_ep=true"])
     run_ranks(world, _check, "pft", ["moe.dedup_ep=true", "moe.fold_combine_weights=false"])
+
+
+@pytest.mark.parametrize("world", [2, 4])
+def test_ep_dedup_fixed_slots_equals_single_rank(world):
+    """moe.dedup_fixed_slots: every rank pair exchanges as many pilot slots as the most
+    tokens on a rank (agreed at the first call), the exchanges queued before the host
+    sync; same outputs and gradients as one rank, dropping and dropless, with folded and
+    unfolded weights, a rank with no tokens among them, and with the empty slots' memory
+    NaN. A call with more tokens than the
+    slots (warm-up on fewer) redoes its dispatch with the exact counts on every rank."""
+    fixed = ["moe.dedup_ep=true", "moe.dedup_fixed_slots=true"]
+    run_ranks(world, _check, "pft", fixed, 0, True)
+    run_ranks(world, _check, "pft", [*fixed, "moe.fold_combine_weights=false"], 0)
+    run_ranks(world, _check, "pft", fixed, -3)
 
 
 @pytest.mark.parametrize("world", [2, 4])

@@ -20,6 +20,7 @@ from xmoectl.costmodel import (
     evaluate,
     expected_unique_nodes,
     memory_estimate,
+    rows_factor,
     time_estimate,
 )
 
@@ -165,19 +166,22 @@ def test_rbd_cuts_inter_node_time_for_wide_top_k():
 def test_dedup_ep_sends_one_row_per_rank():
     """moe.dedup_ep: the exchange carries expected_unique_nodes(E, k, ep) pilots a token
     instead of k rows, so the all-to-all time drops by about that ratio at EP = 2 (where
-    one rank's worth of rows stays home either way) and the transient buffers shrink."""
+    one rank's worth of rows stays home either way) and the transient buffers shrink.
+    With `moe.dedup_fixed_slots` (its default there) every token has a slot for every
+    rank, filled or not, however skewed the routing."""
     hw = replace(HW, gpus_per_node=2, intra_gbs=1.0)  # slow enough that bytes dominate
     a = Assumptions()
     lay = Layout(tp=1, ep=2, dispatcher="pft", micro_batch=8)  # the exchange's buffers count
     plain = load_config("small", ["moe.dedup_ep=false"])
-    dedup = load_config("small", ["moe.dedup_ep=true"])
+    dedup = load_config("small", ["moe.dedup_ep=true", "moe.dedup_fixed_slots=false"])
+    fixed = load_config("small", ["moe.dedup_ep=true"])
     t_plain = time_estimate(plain, lay, hw, 2, a)["all_to_all"]
     t_dedup = time_estimate(dedup, lay, hw, 2, a)["all_to_all"]
     # the default (null): dedup for dropless pft with EP, unless moe.overlap_ep is set.
     # The layout's capacity factor decides dropless, as in the job it becomes: this
     # dropless layout replaces the small preset's cf 1.25, a dropping one does not.
     default = load_config("small")
-    assert time_estimate(default, lay, hw, 2, a) == time_estimate(dedup, lay, hw, 2, a)
+    assert time_estimate(default, lay, hw, 2, a) == time_estimate(fixed, lay, hw, 2, a)
     dropping = replace(lay, capacity_factor=1.25)
     assert time_estimate(default, dropping, hw, 2, a) == time_estimate(plain, dropping, hw, 2, a)
     assert time_estimate(default, dropping, hw, 2, a) != time_estimate(dedup, dropping, hw, 2, a)
@@ -186,6 +190,9 @@ def test_dedup_ep_sends_one_row_per_rank():
     e = plain.moe
     ratio = expected_unique_nodes(e.num_experts, e.top_k, 2) / e.top_k
     assert t_dedup / t_plain == pytest.approx(ratio, rel=0.02)
+    t_fixed = time_estimate(fixed, lay, hw, 2, a)["all_to_all"]
+    skew = rows_factor(plain, lay, a.time_imbalance)  # the plain exchange's busiest rank
+    assert t_fixed / t_plain == pytest.approx(2 / (e.top_k * skew), rel=0.02)
     # a shape whose exchange buffers, not the LM head's loss, are the largest transient
     small = [*SMALL_SHAPE, "moe.num_experts=8", "moe.top_k=4", "moe.dispatcher=pft"]
     m_plain = load_config("tiny", [*small, "moe.dedup_ep=false"])

@@ -86,6 +86,15 @@ class MoEConfig:
     # before it goes back (xmoe.moe.pft); no effect with ep = 1. None (the default) = on
     # for dropless pft with ep > 1 unless overlap_ep is set (`dedup_ep_active`)
     dedup_ep: bool | None = None
+    # moe.dedup_ep without overlap_ep: every rank pair exchanges a fixed number of pilot
+    # slots (the largest token count on any rank, learnt at the layer's first call), so
+    # the exchanges are queued before the layer's host sync and the GPU has them to run
+    # while the host waits, instead of idling after it. The empty slots travel too: at EP
+    # = 2 with top-6 of 64 experts 1.4 % of them. None (the default) = on for dropless
+    # when a token visits at least 90 % of the ranks on average under uniform routing
+    # (`dedup_fixed_active`); a call with more tokens than the slots redoes its dispatch
+    # with the exact counts (every rank sees that in the counts it exchanged)
+    dedup_fixed_slots: bool | None = None
 
     @property
     def dropless(self) -> bool:
@@ -403,6 +412,11 @@ def validate(cfg: Config, world_size: int | None = None) -> None:
             f"moe.dedup_ep=true sends expert ids as fp32, exact below 2**24 experts "
             f"(moe.num_experts={e.num_experts}): set it false"
         )
+    if e.dedup_fixed_slots is True and (e.dedup_ep is False or e.overlap_ep):
+        raise ConfigError(
+            "moe.dedup_fixed_slots=true needs moe.dedup_ep (not false) and "
+            "moe.overlap_ep=false: set it false"
+        )
     if e.overlap_ep and e.dispatcher != "pft":
         raise ConfigError(
             f"moe.overlap_ep=true needs moe.dispatcher=pft (got {e.dispatcher}): set it false"
@@ -494,3 +508,30 @@ def dedup_ep_active(moe: MoEConfig, dispatcher: str, ep: int) -> bool:
     if moe.dedup_ep is not None:
         return moe.dedup_ep
     return moe.dropless and not moe.overlap_ep and moe.num_experts < 2**24
+
+
+def expected_unique_nodes(num_experts: int, top_k: int, nodes: int) -> float:
+    """E[distinct nodes among a token's top-k experts], experts spread evenly over `nodes`.
+
+    Uniform routing picks k distinct experts; a node holding E/n of them is missed with
+    probability C(E - E/n, k) / C(E, k). RBD sends one pilot row per distinct remote node,
+    `moe.dedup_ep` one per distinct rank.
+    """
+    if nodes <= 1:
+        return 1.0
+    per_node = num_experts // nodes
+    miss = math.comb(num_experts - per_node, top_k) / math.comb(num_experts, top_k)
+    return nodes * (1.0 - miss)
+
+
+def dedup_fixed_active(moe: MoEConfig, dispatcher: str, ep: int) -> bool:
+    """Whether `moe.dedup_fixed_slots` is in effect: `moe.dedup_ep` without overlap_ep, and
+    as set, or when left null for dropless routing whose tokens visit >= 90 % of the ranks
+    on average (uniform routing): the share of the fixed slots that travel empty is then
+    at most 10 %. (E = 64, top-6: EP = 2 fills 98.6 %, EP = 4 84 %, EP = 8 57 %.)"""
+    if not dedup_ep_active(moe, dispatcher, ep) or moe.overlap_ep:
+        return False
+    if moe.dedup_fixed_slots is not None:
+        return moe.dedup_fixed_slots
+    fill = expected_unique_nodes(moe.num_experts, moe.top_k, ep) / ep
+    return moe.dropless and fill >= 0.9

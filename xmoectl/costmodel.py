@@ -20,11 +20,10 @@ Step time (no overlap assumed between compute and communication, as the trainer 
 
 from __future__ import annotations
 
-import math
 from dataclasses import asdict, dataclass, field, replace
 from typing import Any
 
-from xmoe.config import dedup_ep_active
+from xmoe.config import dedup_ep_active, dedup_fixed_active, expected_unique_nodes
 
 GIB = 2**30
 ACT_BYTES = 2  # bf16 activations
@@ -152,17 +151,11 @@ def _mats(activation: str) -> int:
     return 3 if activation == "swiglu" else 2
 
 
-def expected_unique_nodes(num_experts: int, top_k: int, nodes: int) -> float:
-    """E[distinct nodes among a token's top-k experts], experts spread evenly over `nodes`.
-
-    Uniform routing picks k distinct experts; a node holding E/n of them is missed with
-    probability C(E - E/n, k) / C(E, k). RBD sends one pilot row per distinct remote node.
-    """
-    if nodes <= 1:
-        return 1.0
-    per_node = num_experts // nodes
-    miss = math.comb(num_experts - per_node, top_k) / math.comb(num_experts, top_k)
-    return nodes * (1.0 - miss)
+def _fixed_slots(cfg: Any, layout: Layout) -> bool:
+    """`moe.dedup_fixed_slots` in effect for this layout: every token has a pilot slot for
+    every rank, filled or not (`xmoe.config.dedup_fixed_active`)."""
+    moe = replace(cfg.moe, capacity_factor=layout.capacity_factor)
+    return dedup_fixed_active(moe, layout.dispatcher, layout.ep)
 
 
 def _dedup(cfg: Any, layout: Layout) -> bool:
@@ -334,6 +327,8 @@ def memory_estimate(
     if _dedup(cfg, layout):
         # pilots travel (sent and received), the expert rows are made from them on arrival
         pilots = expected_unique_nodes(e.num_experts, e.top_k, layout.ep)
+        if _fixed_slots(cfg, layout):
+            pilots = layout.ep
         a2a *= (e.top_k + pilots) / (2 * e.top_k)
     if layout.dispatcher == "rbd":
         a2a *= 1.5  # pilot rows are staged once more between the two exchanges
@@ -511,6 +506,8 @@ def _all_to_all_s(
     rows = moe_tokens * k * r  # padded dispatchers: r is the capacity factor, buffers travel whole
     if _dedup(cfg, layout):  # one pilot per (token, destination rank), not per (token, k)
         rows = moe_tokens * expected_unique_nodes(e.num_experts, k, ep) * r
+        if _fixed_slots(cfg, layout):  # a slot per (token, rank), whatever the routing
+            rows = moe_tokens * ep
     intra_bytes = rows * (local - 1) / ep * row
     inter_bytes = rows * (ep - local) / ep * row
     count_exchange = a.latency_inter_s if ep_nodes > 1 else a.latency_intra_s

@@ -360,7 +360,9 @@ class _PermuteWithWeights(torch.autograd.Function):
         dx = dw = None
         if ctx.needs_input_grad[0]:
             dx = unpermute(grad_RD.contiguous(), dest_row_TK)
-        if ctx.needs_input_grad[1]:
+        if ctx.needs_input_grad[1] and grad_R.numel() == 0:  # no rows: nothing kept
+            dw = grad_R.new_zeros(dest_row_TK.shape)
+        elif ctx.needs_input_grad[1]:
             kept = dest_row_TK >= 0
             dw = grad_R.take(torch.where(kept, dest_row_TK, 0)).masked_fill_(~kept, 0)
         return dx, dw, None, None

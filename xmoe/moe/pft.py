@@ -23,6 +23,16 @@ experts (ids outside its own dropped), copies them with `permute` and sums each 
 expert outputs with `combine` before the row goes back. The experts see the same rows
 in the same order as without it.
 
+`moe.dedup_fixed_slots` (with dedup_ep, without overlap_ep; on by default where a token
+visits >= 90 % of the ranks) gives every (token, rank) pair a pilot slot, filled or not:
+each rank pair exchanges B slots, B the most tokens a rank had (agreed at the layer's
+first call through the counts). Every size is then known before the counts reach the
+host, so both exchanges and the receiver's routing are queued before the host sync and
+the GPU works through them while the host waits; with the exact counts the GPU idles
+after the sync until the host has issued them. The receiver drops the slots past each
+sender's pilot count. A call with more tokens than B redoes its dispatch with the exact
+counts on every rank (each sees every rank's token count in the counts it received).
+
 `moe.overlap_ep` (EP > 1) lays the send buffer out with this rank's own rows last, so
 the exchanges move only the other ranks' rows (the own rows never enter the
 all-to-all), and puts expert work on the own rows beside each of the four exchanges. The
@@ -48,7 +58,7 @@ from typing import Any
 import torch
 from torch.autograd.graph import get_gradient_edge
 
-from xmoe.config import Config, dedup_ep_active
+from xmoe.config import Config, dedup_ep_active, dedup_fixed_active
 from xmoe.kernels.backend import host_to_device
 from xmoe.kernels.combine import combine
 from xmoe.kernels.grouped_gemm import CountsWithOffsets, DeviceCounts, RowSource
@@ -175,7 +185,9 @@ class PFTDispatcher(Dispatcher):
         self.overlap = cfg.moe.overlap_ep and self.ep > 1
         # (as the RBD dispatcher's one-node fallback, with moe.dispatcher=rbd: plain)
         self.dedup = dedup_ep_active(cfg.moe, cfg.moe.dispatcher, self.ep)
-        self._positions: dict[Any, torch.Tensor] = {}
+        self.fixed = dedup_fixed_active(cfg.moe, cfg.moe.dispatcher, self.ep)
+        self._slots: int | None = None  # moe.dedup_fixed_slots: agreed at the first call
+        self._consts: dict[Any, torch.Tensor] = {}
         if self.ep > 1 and group_size(self.group) != self.ep:
             raise ValueError(
                 f"PFTDispatcher: parallel.ep={self.ep} but the EP process group has "
@@ -325,7 +337,14 @@ class PFTDispatcher(Dispatcher):
         PFT's order (local expert, source rank, token). With `overlap_ep` the own pilots
         come last and stay out of the exchanges."""
         W, me, El = self.ep, self._rank(), self.num_experts // self.ep
+        if self.fixed and self._slots is not None:
+            out = self._dispatch_fixed(x_TD, routing, self._slots, meanwhile)
+            if out is not None:
+                return out
+            meanwhile = None  # called; every rank redoes the dispatch with the exact counts
         pl = _plan_pilots(x_TD, routing, W, me, El, self.group, self.overlap, meanwhile)
+        if self.fixed:
+            self._slots = max(c[El + 1] for c in pl.counts_WC)
         x_SD, ids_SK, w_SK = pl.x_SD, pl.ids_SK, pl.w_SK
         S = x_SD.shape[0]
         row_bytes = x_TD.shape[1] * x_TD.element_size()
@@ -356,22 +375,96 @@ class PFTDispatcher(Dispatcher):
         state = _DedupState(pl.dest_TW, part, None if self.fold_weights else w_PK, pl.send, pl.recv)
         return Dispatched(x_RD, part.counts, state, stats, w_R, None)
 
+    def _dispatch_fixed(
+        self, x_TD: torch.Tensor, routing: Routing, B: int, meanwhile
+    ) -> Dispatched | None:
+        """`moe.dedup_fixed_slots`: each rank sends every other rank B pilot slots (B: the
+        largest token count of the last call, as every rank saw it in the counts), pilot
+        (token t, rank w) in slot w * B + (its rank among the tokens visiting w). Every
+        size is known before the counts, so both exchanges and the receiver's routing are
+        queued before the host sync: the GPU works through them while the host waits. The
+        receiver drops the slots past each sender's pilot count. None when some rank had
+        more than B tokens (then its pilots did not fit; every rank sees that in the
+        counts and redoes the dispatch with them)."""
+        W, me, El = self.ep, self._rank(), self.num_experts // self.ep
+        T, K, D = x_TD.shape[0], routing.top_k, x_TD.shape[1]
+        ids_TK, visits_TW = _ranks_visited(routing, W, El)
+        pilots_W = visits_TW.sum(0)
+        recv_WC = exchange_counts(_counts_message(routing, ids_TK, pilots_W, W, El, T), self.group)
+        counts_to_host = _to_host_async(recv_WC.reshape(-1))
+        w_TK = routing.topk_weights_TK
+        if T <= B:
+            # the slot of pilot (t, w): w * B - 1 + the tokens up to t visiting w
+            first_W = self._constant(
+                ("first", W, B), lambda dev: torch.arange(W, device=dev) * B - 1, x_TD.device
+            )
+            # (scanned along the tokens as [W, T] rows: torch's scan down the columns of
+            # [T, W] runs one thread per column and took 1.5 ms at T = 16384, W = 2)
+            visits_WT = visits_TW.t().to(torch.int64, memory_format=torch.contiguous_format)
+            slot_WT = torch.where(visits_WT > 0, visits_WT.cumsum(1) + first_W[:, None], -1)
+            slot_TW = slot_WT.t().contiguous()
+            x_SD = permute(x_TD, slot_TW, W * B)
+            # ids travel with the weights, as floats (exact below 2**24 experts)
+            meta_SC = permute(torch.cat([w_TK.float(), ids_TK.float()], 1), slot_TW, W * B)
+        else:  # sizes as agreed, contents never read: every rank redoes the dispatch
+            slot_TW = None
+            x_SD = x_TD.new_zeros(W * B, D)
+            meta_SC = x_TD.new_zeros(W * B, 2 * K, dtype=torch.float32)
+        splits = [B] * W
+        x_QD = all_to_all_uneven(x_SD, splits, splits, self.group)
+        meta_QC = all_to_all_uneven(meta_SC, splits, splits, self.group)
+        # the receiver's half: slots past a sender's pilot count hold no pilot (-1: dropped)
+        slot_B = self._constant(("slot", B), lambda dev: torch.arange(B, device=dev), x_TD.device)
+        filled_Q = (slot_B < recv_WC[:, El, None]).reshape(-1, 1)
+        meta_QC = torch.where(filled_Q, meta_QC, -1.0)  # (and finite weights: never NaN)
+        ids_QK, w_QK = meta_QC[:, K:].long(), meta_QC[:, :K].to(w_TK.dtype)
+        held = routing_metadata(ids_QK, None, El, first=me * El)  # other ranks' ids: not kept
+        if meanwhile is not None:
+            meanwhile()
+        host = counts_to_host()  # the one host sync
+        C = El + 2
+        counts_WC = [host[w * C : (w + 1) * C] for w in range(W)]
+        self._slots = max(c[El + 1] for c in counts_WC)
+        if self._slots > B:
+            return None
+        counts_El = _rows_per_expert(counts_WC, El)
+        part = _Part(
+            CountsWithOffsets(counts_El, held.offsets_E), None, held.dest_row_TK, self.fold_weights
+        )
+        x_RD, w_R = part.expand(x_QD, w_QK)
+        state = _DedupState(slot_TW, part, None if self.fold_weights else w_QK, splits, splits)
+        row_bytes = D * x_TD.element_size()
+        stats = {
+            "rows": float(sum(counts_El)),
+            "sent_rows": float(W * B),
+            "a2a_bytes": float(row_bytes * (W - 1) * B),
+        }
+        return Dispatched(x_RD, part.counts, state, stats, w_R, None)
+
+    def _constant(self, key: tuple, make: Callable[[Any], torch.Tensor], device) -> torch.Tensor:
+        """A small index tensor made once per device."""
+        t = self._consts.get((key, device))
+        if t is None:
+            t = self._consts[key, device] = make(device)
+        return t
+
     # ------------------------------------------------------------------ moe.overlap_ep
 
     def _self_last(self, device) -> torch.Tensor:
         """Global expert id -> its position when this rank's experts come last and the
         other ranks' keep their order: the send buffer's layout under `overlap_ep`
         (made once per device)."""
-        pos_E = self._positions.get(device)
-        if pos_E is None:
+
+        def make(dev) -> torch.Tensor:
             W, El, me = self.ep, self.num_experts // self.ep, self._rank()
             order = [w for w in range(W) if w != me] + [me]
             pos = [0] * self.num_experts
             for slot, w in enumerate(order):
                 for e in range(El):
                     pos[w * El + e] = slot * El + e
-            pos_E = self._positions[device] = host_to_device(pos, device)
-        return pos_E
+            return host_to_device(pos, dev)
+
+        return self._constant(("self_last",), make, device)
 
     def _dispatch_overlapped(self, x_TD: torch.Tensor, routing: Routing, meanwhile) -> Dispatched:
         """Counts, the one host sync and the send buffer; no rows move yet (`run_experts`)."""
@@ -435,12 +528,11 @@ class _Part:
     """Rows that arrive at the experts as one block (all of them, or under `overlap_ep` the
     own or the other ranks' ones): how they become expert rows grouped by local expert,
     and how the experts' outputs go back to the arrival order. Arrival rows are PFT rows
-    regrouped by `perm` (or already in order), or pilots (`moe.dedup_ep`) expanded by
-    `slot_R`/`dest_row_PK` and summed back per pilot."""
+    regrouped by `perm` (or already in order), or pilots (`moe.dedup_ep`) copied to the
+    rows `dest_row_PK` names and summed back per pilot."""
 
     counts: list[int]  # expert rows per local expert
     perm: tuple[torch.Tensor, torch.Tensor] | None = None  # (source, expert) -> (expert, source)
-    slot_R: torch.Tensor | None = None  # expert row -> (pilot * K + k)
     dest_row_PK: torch.Tensor | None = None  # (pilot, k) -> expert row, -1 if not here
     fold: bool = True  # the experts apply the combine weights
 
@@ -449,8 +541,8 @@ class _Part:
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
         """Arrival rows (and their weights: one per row, or [P, K] per pilot) -> expert
         rows and, when the experts fold them in, each expert row's weight."""
-        if self.slot_R is not None:
-            n = self.slot_R.numel()
+        if self.dest_row_PK is not None:
+            n = sum(self.counts)
             if self.fold:  # each expert row's weight from the copy's own kernel
                 return permute_with_weights(x, w, self.dest_row_PK, n)
             return permute(x, self.dest_row_PK, n), None
@@ -462,7 +554,7 @@ class _Part:
     def reduce(self, y: torch.Tensor, w: torch.Tensor | None) -> torch.Tensor:
         """Expert outputs -> arrival order (pilots: the sum of each pilot's rows, weighted
         by `w` [P, K] unless the experts applied the weights)."""
-        if self.slot_R is not None:
+        if self.dest_row_PK is not None:
             return combine(y, None if self.fold else w, self.dest_row_PK)
         if self.perm is not None:
             y = _RowPermutation.apply(y, self.perm[1], self.perm[0])
@@ -483,8 +575,7 @@ def _held_part(
     held = routing_metadata(ids_PK, None, El, first=me * El)  # other ranks' ids: not kept
     if offsets is None:
         offsets = held.offsets_E
-    slot_R = held.src_slot_N[: sum(counts)]
-    return _Part(CountsWithOffsets(counts, offsets), None, slot_R, held.dest_row_TK, fold)
+    return _Part(CountsWithOffsets(counts, offsets), None, held.dest_row_TK, fold)
 
 
 @dataclass
@@ -501,7 +592,31 @@ class _Pilots:
     dest_TW: torch.Tensor  # (token, rank position) -> pilot, -1 where none
     send: list[int]  # pilots to each rank
     recv: list[int]  # pilots from each rank
-    counts_WC: list[list[int]]  # rows each rank sends to each local expert, then its pilots
+    # rows each rank sends to each local expert, then its pilots and its token count
+    counts_WC: list[list[int]]
+
+
+def _ranks_visited(routing: Routing, W: int, El: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The kept expert ids (-1 where dropped) and (token, rank) visited: one of the token's
+    kept experts lives on that rank (-1 // El = -1 matches no rank)."""
+    ids_TK = routing.topk_ids_TK.long()
+    if routing.keep_TK is not None:
+        ids_TK = torch.where(routing.keep_TK, ids_TK, -1)
+    ranks_W = torch.arange(W, device=ids_TK.device)
+    return ids_TK, (ids_TK.div(El, rounding_mode="floor")[:, :, None] == ranks_W).any(1)
+
+
+def _counts_message(
+    routing: Routing, ids_TK: torch.Tensor, pilots_W: torch.Tensor, W: int, El: int, T: int
+) -> torch.Tensor:
+    """What each rank tells rank w, [W, El + 2] flattened: the rows it sends to each of
+    w's experts, its pilots to w, and its token count."""
+    if routing.keep_TK is None and routing.routed_E is not None:
+        counts_E = routing.routed_E  # dropless: the router's count is the kept count
+    else:
+        counts_E = count_ids(torch.where(ids_TK >= 0, ids_TK, W * El), W * El + 1)[:-1]
+    tokens = pilots_W.new_full((W, 1), T)
+    return torch.cat([counts_E.view(W, El), pilots_W.view(W, 1), tokens], 1).reshape(-1)
 
 
 def _plan_pilots(
@@ -520,13 +635,8 @@ def _plan_pilots(
     and gather the pilots. `self_last`: the own rank's pilots come last."""
     T, dev = x_TD.shape[0], x_TD.device
     K = routing.top_k
-    ids_TK = routing.topk_ids_TK.long()
-    if routing.keep_TK is not None:
-        ids_TK = torch.where(routing.keep_TK, ids_TK, -1)
-    # (token, rank) visited: one of the token's kept experts lives there (-1 // El = -1
-    # matches no rank)
+    ids_TK, visits_TW = _ranks_visited(routing, W, El)
     ranks_W = torch.arange(W, device=dev)
-    visits_TW = (ids_TK.div(El, rounding_mode="floor")[:, :, None] == ranks_W).any(1)
     if self_last:  # by rank position: the own rank's column last (a roll, no index tensor)
         visits_TW = torch.cat(
             [visits_TW[:, :me], visits_TW[:, me + 1 :], visits_TW[:, me : me + 1]], 1
@@ -535,12 +645,7 @@ def _plan_pilots(
     pilots_W = pil.counts_E  # by rank
     if self_last:
         pilots_W = torch.cat([pilots_W[:me], pilots_W[W - 1 :], pilots_W[me : W - 1]])
-    if routing.keep_TK is None and routing.routed_E is not None:
-        counts_E = routing.routed_E  # dropless: the router's count is the kept count
-    else:
-        counts_E = count_ids(torch.where(ids_TK >= 0, ids_TK, W * El), W * El + 1)[:-1]
-    msg_WC = torch.cat([counts_E.view(W, El), pilots_W.view(W, 1)], 1)
-    recv_WC = exchange_counts(msg_WC.reshape(-1), group)
+    recv_WC = exchange_counts(_counts_message(routing, ids_TK, pilots_W, W, El, T), group)
     counts_to_host = _to_host_async(torch.cat([pilots_W, recv_WC.reshape(-1)]))
     # gather the pilots, their ids and weights while the host waits, into buffers of the
     # most pilots there can be (a token has at most min(W, K)); past the count, unread
@@ -556,12 +661,12 @@ def _plan_pilots(
         meta_BC = torch.cat([w_BK.float(), ids_BK.float()], 1)
         # the grouped GEMMs' offsets over the pilots this rank will hold, from the counts
         # every rank sent (rows per local expert), made before the host has them
-        held_El = recv_WC.view(W, El + 1)[:, :El].sum(0)
+        held_El = recv_WC[:, :El].sum(0)
         held_offsets = torch.cumsum(held_El, 0).to(torch.int32)
     if meanwhile is not None:
         meanwhile()
     host = counts_to_host()  # the one host sync
-    C = El + 1
+    C = El + 2
     counts_WC = [host[W + w * C : W + (w + 1) * C] for w in range(W)]
     send, recv = host[:W], [c[El] for c in counts_WC]
     S = sum(send)
