@@ -49,7 +49,13 @@ from typing import Any
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from xmoe.config import Config, ConfigError, dedup_ep_active, load_config  # noqa: E402
+from xmoe.config import (  # noqa: E402
+    Config,
+    ConfigError,
+    dedup_ep_active,
+    dedup_fixed_active,
+    load_config,
+)
 from xmoe.flops import flops_per_token  # noqa: E402
 from xmoe.parallel.topology import close_distributed  # noqa: E402
 
@@ -327,6 +333,7 @@ def measure(trainer: BenchTrainer, args: argparse.Namespace) -> dict[str, Any]:
         "recompute_permute": cfg.moe.recompute_permute,
         "overlap_ep": cfg.moe.overlap_ep,
         "dedup_ep": dedup_ep_active(cfg.moe, cfg.moe.dispatcher, cfg.parallel.ep),
+        "dedup_fixed_slots": dedup_fixed_active(cfg.moe, cfg.moe.dispatcher, cfg.parallel.ep),
         "dropped_fraction": round(dropped, 4),
         "load_max_mean": round(max(balance), 3) if balance else None,
         "data": cfg.data.source,
@@ -343,6 +350,7 @@ def run_key(r: dict) -> tuple:
         r["dispatcher"], r["gpus"], r["layers"], r.get("micro_batch"), r.get("capacity_factor"),
         r.get("grad_accum_dtype", "model"), r.get("fused_lm_loss", False),
         r.get("recompute_permute", False), r.get("overlap_ep", False), r.get("dedup_ep", False),
+        r.get("dedup_fixed_slots", False),
     )  # fmt: skip
 
 
@@ -388,13 +396,13 @@ def print_table(runs: list[dict]) -> None:
               f"{r.get('load_max_mean') or 0:>5.1f} {r.get('grad_accum_dtype', 'model'):>8} "
               f"{_options(r)}")  # fmt: skip
     by = {run_key(r): r["tokens_per_s"] for r in runs}
-    for (d, gpus, layers, mb, cf, acc, fused, recompute, overlap, dedup), tps in by.items():
+    for (d, gpus, layers, mb, cf, acc, fused, recompute, overlap, dedup, fixed), tps in by.items():
         # against DeepSpeed's run with the same head (its dispatcher has none of the options)
-        base = by.get(("deepspeed", gpus, layers, mb, cf, acc, fused, False, False, False))
+        base = by.get(("deepspeed", gpus, layers, mb, cf, acc, fused, False, False, False, False))
         if d != "deepspeed" and base:
             opts = _options(
                 {"fused_lm_loss": fused, "recompute_permute": recompute,
-                 "overlap_ep": overlap, "dedup_ep": dedup}
+                 "overlap_ep": overlap, "dedup_ep": dedup, "dedup_fixed_slots": fixed}
             )  # fmt: skip
             print(
                 f"{d} / deepspeed throughput on {gpus} ranks, {layers} layers, micro-batch {mb}, "
@@ -409,6 +417,7 @@ def _options(r: dict) -> str:
         "recompute_permute": "recompute permute",
         "overlap_ep": "overlap EP",
         "dedup_ep": "dedup EP",
+        "dedup_fixed_slots": "fixed slots",
     }
     return ", ".join(label for key, label in names.items() if r.get(key))
 

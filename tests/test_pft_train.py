@@ -42,12 +42,14 @@ def test_pft_ep2_training_loss_falls(tmp_path):
     # moe.overlap_ep runs the same arithmetic in another order (the own and the exchanged
     # rows' expert gradients are summed in its node): the same run, to rounding; also when
     # activation checkpointing recomputes the layers (and their exchanges) in backward.
-    # moe.dedup_ep sums each token's outputs per rank before the rows go back: likewise.
+    # moe.dedup_ep sums each token's outputs per rank before the rows go back: likewise,
+    # with its fixed pilot slots too (the exchanges queued before the host sync).
     for extra in (
         ["moe.overlap_ep=true"],
         ["moe.overlap_ep=true", "train.activation_checkpointing=true"],
         ["moe.dedup_ep=true"],
         ["moe.dedup_ep=true", "moe.overlap_ep=true", "train.activation_checkpointing=true"],
+        ["moe.dedup_ep=true", "moe.dedup_fixed_slots=true", "train.activation_checkpointing=true"],
     ):
         over = _train(tmp_path / "-".join(extra), extra)
         for a, b in zip(recs, over, strict=True):

@@ -187,6 +187,7 @@ class PFTDispatcher(Dispatcher):
         self.dedup = dedup_ep_active(cfg.moe, cfg.moe.dispatcher, self.ep)
         self.fixed = dedup_fixed_active(cfg.moe, cfg.moe.dispatcher, self.ep)
         self._slots: int | None = None  # moe.dedup_fixed_slots: agreed at the first call
+        self._slots_taken: int | None = None  # the last call's (None: it took exact counts)
         self._consts: dict[Any, torch.Tensor] = {}
         if self.ep > 1 and group_size(self.group) != self.ep:
             raise ValueError(
@@ -337,11 +338,17 @@ class PFTDispatcher(Dispatcher):
         PFT's order (local expert, source rank, token). With `overlap_ep` the own pilots
         come last and stay out of the exchanges."""
         W, me, El = self.ep, self._rank(), self.num_experts // self.ep
-        if self.fixed and self._slots is not None:
-            out = self._dispatch_fixed(x_TD, routing, self._slots, meanwhile)
-            if out is not None:
-                return out
-            meanwhile = None  # called; every rank redoes the dispatch with the exact counts
+        if self.fixed:
+            # a forward recomputed in backward (activation checkpointing) must take the
+            # path its first run took, whatever slots were agreed since
+            B = self._slots_taken if _in_backward() else self._slots
+            self._slots_taken = None
+            if B is not None:
+                out = self._dispatch_fixed(x_TD, routing, B, meanwhile)
+                if out is not None:
+                    self._slots_taken = B
+                    return out
+                meanwhile = None  # called; every rank redoes the dispatch with exact counts
         pl = _plan_pilots(x_TD, routing, W, me, El, self.group, self.overlap, meanwhile)
         if self.fixed:
             self._slots = max(c[El + 1] for c in pl.counts_WC)
@@ -594,6 +601,13 @@ class _Pilots:
     recv: list[int]  # pilots from each rank
     # rows each rank sends to each local expert, then its pilots and its token count
     counts_WC: list[list[int]]
+
+
+def _in_backward() -> bool:
+    """Whether autograd's engine is running this code (a checkpointed forward being
+    recomputed)."""
+    task = getattr(torch._C, "_current_graph_task_id", None)
+    return task is not None and task() != -1
 
 
 def _ranks_visited(routing: Routing, W: int, El: int) -> tuple[torch.Tensor, torch.Tensor]:
