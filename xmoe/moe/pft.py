@@ -69,7 +69,7 @@ from xmoe.kernels.permute import (
     permute_with_weights,
     scatter_rows,
 )
-from xmoe.kernels.routing import count_ids, routing_metadata
+from xmoe.kernels.routing import RoutingMeta, count_ids, routing_metadata
 from xmoe.moe.dispatch import Dispatched, Dispatcher, Routing
 from xmoe.parallel.collectives import (
     all_to_all_uneven,
@@ -351,7 +351,7 @@ class PFTDispatcher(Dispatcher):
                 meanwhile = None  # called; every rank redoes the dispatch with exact counts
         pl = _plan_pilots(x_TD, routing, W, me, El, self.group, self.overlap, meanwhile)
         if self.fixed:
-            self._slots = max(c[El + 1] for c in pl.counts_WC)
+            self._slots = _most_tokens(pl.counts_WC)
         x_SD, ids_SK, w_SK = pl.x_SD, pl.ids_SK, pl.w_SK
         S = x_SD.shape[0]
         row_bytes = x_TD.shape[1] * x_TD.element_size()
@@ -368,8 +368,11 @@ class PFTDispatcher(Dispatcher):
             counts_other = _rows_per_expert(pl.counts_WC[:me] + pl.counts_WC[me + 1 :], El)
             st = _OverlapState(
                 pl.dest_TW, None, _Exchange(send_o, recv_o, self.group), own,
-                _held_part(ids_SK[S - own :], me, El, pl.counts_WC[me][:El], self.fold_weights),
-                _held_part(ids_PK, me, El, counts_other, self.fold_weights),
+                _pilot_part(
+                    _held_routing(ids_SK[S - own :], me, El), pl.counts_WC[me][:El],
+                    self.fold_weights,
+                ),
+                _pilot_part(_held_routing(ids_PK, me, El), counts_other, self.fold_weights),
             )  # fmt: skip
             return Dispatched(x_SD, st.own_part.counts, st, stats, w_SK, None)
         x_PD = all_to_all_uneven(x_SD, pl.send, pl.recv, self.group)
@@ -377,7 +380,8 @@ class PFTDispatcher(Dispatcher):
         meta_PC = all_to_all_uneven(pl.meta_SC, pl.send, pl.recv, self.group)
         w_PK, ids_PK = meta_PC[:, :K].to(w_SK.dtype), meta_PC[:, K:].long()
         counts_El = _rows_per_expert(pl.counts_WC, El)
-        part = _held_part(ids_PK, me, El, counts_El, self.fold_weights, pl.held_offsets_El)
+        held = _held_routing(ids_PK, me, El)
+        part = _pilot_part(held, counts_El, self.fold_weights, pl.held_offsets_El)
         x_RD, w_R = part.expand(x_PD, w_PK)
         state = _DedupState(pl.dest_TW, part, None if self.fold_weights else w_PK, pl.send, pl.recv)
         return Dispatched(x_RD, part.counts, state, stats, w_R, None)
@@ -395,7 +399,8 @@ class PFTDispatcher(Dispatcher):
         counts and redoes the dispatch with them)."""
         W, me, El = self.ep, self._rank(), self.num_experts // self.ep
         T, K, D = x_TD.shape[0], routing.top_k, x_TD.shape[1]
-        ids_TK, visits_TW = _ranks_visited(routing, W, El)
+        ranks_W = self._constant(("ranks", W), lambda dev: torch.arange(W, device=dev), x_TD.device)
+        ids_TK, visits_TW = _ranks_visited(routing, ranks_W, El)
         pilots_W = visits_TW.sum(0)
         recv_WC = exchange_counts(_counts_message(routing, ids_TK, pilots_W, W, El, T), self.group)
         counts_to_host = _to_host_async(recv_WC.reshape(-1))
@@ -425,19 +430,16 @@ class PFTDispatcher(Dispatcher):
         filled_Q = (slot_B < recv_WC[:, El, None]).reshape(-1, 1)
         meta_QC = torch.where(filled_Q, meta_QC, -1.0)  # (and finite weights: never NaN)
         ids_QK, w_QK = meta_QC[:, K:].long(), meta_QC[:, :K].to(w_TK.dtype)
-        held = routing_metadata(ids_QK, None, El, first=me * El)  # other ranks' ids: not kept
+        held = _held_routing(ids_QK, me, El)
         if meanwhile is not None:
             meanwhile()
         host = counts_to_host()  # the one host sync
-        C = El + 2
-        counts_WC = [host[w * C : (w + 1) * C] for w in range(W)]
-        self._slots = max(c[El + 1] for c in counts_WC)
+        counts_WC = _read_messages(host, W, El)
+        self._slots = _most_tokens(counts_WC)
         if self._slots > B:
             return None
         counts_El = _rows_per_expert(counts_WC, El)
-        part = _Part(
-            CountsWithOffsets(counts_El, held.offsets_E), None, held.dest_row_TK, self.fold_weights
-        )
+        part = _pilot_part(held, counts_El, self.fold_weights)
         x_RD, w_R = part.expand(x_QD, w_QK)
         state = _DedupState(slot_TW, part, None if self.fold_weights else w_QK, splits, splits)
         row_bytes = D * x_TD.element_size()
@@ -568,20 +570,18 @@ class _Part:
         return y
 
 
-def _held_part(
-    ids_PK: torch.Tensor,
-    me: int,
-    El: int,
-    counts: list[int],
-    fold: bool,
-    offsets: torch.Tensor | None = None,
+def _held_routing(ids_PK: torch.Tensor, me: int, El: int) -> RoutingMeta:
+    """PFT's routing over pilots with their tokens' global expert ids (-1: dropped): the
+    rows of the experts they chose on rank `me` (other ranks' ids count as not kept)."""
+    return routing_metadata(ids_PK, None, El, first=me * El)
+
+
+def _pilot_part(
+    held: RoutingMeta, counts: list[int], fold: bool, offsets: torch.Tensor | None = None
 ) -> _Part:
-    """Pilots with their tokens' global expert ids (-1: dropped) -> the part that copies
-    each to the experts it chose on rank `me` (PFT's routing over the pilots). `offsets`:
-    the int32 end row of each local expert, when already made (else from the routing)."""
-    held = routing_metadata(ids_PK, None, El, first=me * El)  # other ranks' ids: not kept
-    if offsets is None:
-        offsets = held.offsets_E
+    """The part that copies each pilot to the rows `held` gives it. `offsets`: the int32
+    end row of each local expert, when already made (else the routing's)."""
+    offsets = held.offsets_E if offsets is None else offsets
     return _Part(CountsWithOffsets(counts, offsets), None, held.dest_row_TK, fold)
 
 
@@ -610,13 +610,14 @@ def _in_backward() -> bool:
     return task is not None and task() != -1
 
 
-def _ranks_visited(routing: Routing, W: int, El: int) -> tuple[torch.Tensor, torch.Tensor]:
+def _ranks_visited(
+    routing: Routing, ranks_W: torch.Tensor, El: int
+) -> tuple[torch.Tensor, torch.Tensor]:
     """The kept expert ids (-1 where dropped) and (token, rank) visited: one of the token's
     kept experts lives on that rank (-1 // El = -1 matches no rank)."""
     ids_TK = routing.topk_ids_TK.long()
     if routing.keep_TK is not None:
         ids_TK = torch.where(routing.keep_TK, ids_TK, -1)
-    ranks_W = torch.arange(W, device=ids_TK.device)
     return ids_TK, (ids_TK.div(El, rounding_mode="floor")[:, :, None] == ranks_W).any(1)
 
 
@@ -631,6 +632,17 @@ def _counts_message(
         counts_E = count_ids(torch.where(ids_TK >= 0, ids_TK, W * El), W * El + 1)[:-1]
     tokens = pilots_W.new_full((W, 1), T)
     return torch.cat([counts_E.view(W, El), pilots_W.view(W, 1), tokens], 1).reshape(-1)
+
+
+def _read_messages(host: list[int], W: int, El: int) -> list[list[int]]:
+    """The `_counts_message`s this rank received (host ints), one list per source rank."""
+    C = El + 2
+    return [host[w * C : (w + 1) * C] for w in range(W)]
+
+
+def _most_tokens(counts_WC: list[list[int]]) -> int:
+    """The most tokens any rank had, from the messages (their last entry)."""
+    return max(c[-1] for c in counts_WC)
 
 
 def _plan_pilots(
@@ -649,8 +661,8 @@ def _plan_pilots(
     and gather the pilots. `self_last`: the own rank's pilots come last."""
     T, dev = x_TD.shape[0], x_TD.device
     K = routing.top_k
-    ids_TK, visits_TW = _ranks_visited(routing, W, El)
     ranks_W = torch.arange(W, device=dev)
+    ids_TK, visits_TW = _ranks_visited(routing, ranks_W, El)
     if self_last:  # by rank position: the own rank's column last (a roll, no index tensor)
         visits_TW = torch.cat(
             [visits_TW[:, :me], visits_TW[:, me + 1 :], visits_TW[:, me : me + 1]], 1
@@ -680,8 +692,7 @@ def _plan_pilots(
     if meanwhile is not None:
         meanwhile()
     host = counts_to_host()  # the one host sync
-    C = El + 2
-    counts_WC = [host[W + w * C : W + (w + 1) * C] for w in range(W)]
+    counts_WC = _read_messages(host[W:], W, El)
     send, recv = host[:W], [c[El] for c in counts_WC]
     S = sum(send)
     return _Pilots(
