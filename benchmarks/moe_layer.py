@@ -65,6 +65,7 @@ import json
 import math
 import shlex
 import sys
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -294,6 +295,15 @@ def a2a_bandwidth(s: dict, ps, x: torch.Tensor, layer: MoELayer, dev, args) -> d
     }
 
 
+def forward_of(impl: str, layer: MoELayer, x: torch.Tensor) -> Callable[[], torch.Tensor]:
+    """The layer's forward on `x` as the implementation runs it."""
+    if impl == "torch_native":
+        return lambda: torch_native_forward(layer, x)
+    if impl == "pft_graphed":
+        return graphed_forward(layer, x)
+    return lambda: layer(x)
+
+
 def run_impl(impl: str, routing: str, s: dict, ps, dev, dtype, args) -> dict:
     w_gate, u = gate_weight(s, routing, dev, dtype)
     x, gy = inputs(s, u, routing, ps.rank, dev, dtype)
@@ -311,13 +321,7 @@ def run_impl(impl: str, routing: str, s: dict, ps, dev, dtype, args) -> dict:
         flops = 2 * 3 * 2 * sum(counts) * s["hidden"] * s["ffn"]
     else:
         layer = build_layer(impl, s, ps, dev, dtype, w_gate)
-        fwd = (
-            (lambda: torch_native_forward(layer, x))
-            if impl == "torch_native"
-            else (lambda: layer(x))
-        )
-        if impl == "pft_graphed":
-            fwd = graphed_forward(layer, x)
+        fwd = forward_of(impl, layer, x)
 
         def step():
             layer.zero_grad(set_to_none=True)
@@ -482,14 +486,16 @@ def profile_impl(impl: str, s: dict, ps, dev, dtype, args) -> None:
     """Device time of one implementation's fwd+bwd by kernel (torch.profiler), printed."""
     from torch.profiler import ProfilerActivity, profile
 
-    w_gate, u = gate_weight(s, "balanced", dev, dtype)
-    x, gy = inputs(s, u, "balanced", ps.rank, dev, dtype)
+    routing = args.routing.split(",")[0]  # the first of --routing
+    w_gate, u = gate_weight(s, routing, dev, dtype)
+    x, gy = inputs(s, u, routing, ps.rank, dev, dtype)
     layer = build_layer(impl, s, ps, dev, dtype, w_gate)
+    fwd = forward_of(impl, layer, x)
 
     def step():
         layer.zero_grad(set_to_none=True)
         x.grad = None
-        layer(x).backward(gy)
+        fwd().backward(gy)
 
     time_step(step, dev, args.warmup, 1)
     acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if dev.type == "cuda" else [])
@@ -501,7 +507,7 @@ def profile_impl(impl: str, s: dict, ps, dev, dtype, args) -> None:
             torch.cuda.synchronize(dev)
     if ps.rank == 0:
         key = "self_cuda_time_total" if dev.type == "cuda" else "self_cpu_time_total"
-        print(f"== {impl}: {n} steps, by kernel", flush=True)
+        print(f"== {impl}, {routing}: {n} steps, by kernel", flush=True)
         print(prof.key_averages().table(sort_by=key, row_limit=40, max_name_column_width=90))
     if dev.type == "cuda":
         # every rank's timeline: under EP a late rank makes the others wait in the exchange

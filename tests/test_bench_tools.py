@@ -111,3 +111,19 @@ def test_moe_layer_runs_and_prints_its_goals(tmp_path):
     goals = [ln for ln in proc.stdout.splitlines() if ln.startswith("goal: ")]
     # (no memory lines: a CPU run records no peak)
     assert len(goals) == 2 and "pft / ceiling" in goals[0] and "torch_native / pft" in goals[1]
+
+
+def test_moe_layer_profile_runs_the_named_impl_on_the_named_routing(tmp_path):
+    """`--profile torch_native` profiles the straightforward layer (torch's GELU and its
+    backward), not pft's fused activation, on the first routing of `--routing`."""
+    base = ["benchmarks/moe_layer.py", "--device", "cpu", "--tiny", "--quick"]
+    native = _run(
+        [*base, "--profile", "torch_native", "--routing", "skewed", "--out", "x"], tmp_path
+    )
+    assert native.returncode == 0, native.stderr[-2000:]
+    assert "== torch_native, skewed: 3 steps, by kernel" in native.stdout
+    assert "aten::gelu_backward" in native.stdout and "_ScaledAct" not in native.stdout
+    pft = _run([*base, "--profile", "pft", "--out", "x"], tmp_path)
+    assert pft.returncode == 0, pft.stderr[-2000:]
+    assert "== pft, balanced: 3 steps, by kernel" in pft.stdout
+    assert "_ScaledActBackward" in pft.stdout and "aten::gelu_backward" not in pft.stdout
