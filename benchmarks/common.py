@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 import json
+import math
 import os
+import shutil
 import statistics
+import subprocess
 import time
 from collections.abc import Callable
 from datetime import date
@@ -79,6 +82,71 @@ def time_back_to_back(
         end.synchronize()
         runs.append(start.elapsed_time(end) / iters)
     return median(runs)
+
+
+def gpu_uuid(dev: torch.device) -> str | None:
+    """The device's id as nvidia-smi takes it (it numbers the GPUs in bus order, torch in
+    its own); None off CUDA."""
+    if dev.type != "cuda":
+        return None
+    return f"GPU-{torch.cuda.get_device_properties(dev).uuid}"
+
+
+class GpuSampler:
+    """One GPU's SM clock (MHz) and board power (W), sampled by `nvidia-smi` every `ms`
+    milliseconds inside the `with` block; `medians()` is empty where there is no GPU id
+    or no nvidia-smi (a CPU run, another vendor's GPU)."""
+
+    def __init__(self, gpu: str | None, ms: int = 50) -> None:
+        self.gpu, self.ms = gpu, ms
+        self.proc: subprocess.Popen | None = None
+        self.samples: list[tuple[float, float]] = []
+
+    def __enter__(self) -> GpuSampler:
+        exe = shutil.which("nvidia-smi")
+        if exe is None or self.gpu is None:
+            return self
+        query = "--query-gpu=clocks.sm,power.draw"
+        cmd = [exe, "-i", self.gpu, query, "--format=csv,noheader,nounits", f"-lms={self.ms}"]
+        self.proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, text=True)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self.proc is None:
+            return
+        self.proc.terminate()
+        out, _ = self.proc.communicate()
+        for line in out.splitlines():
+            try:
+                mhz, watts = (float(v) for v in line.split(","))
+            except ValueError:  # "[N/A]", or a line cut short by the terminate
+                continue
+            self.samples.append((mhz, watts))
+
+    def medians(self) -> dict:
+        if not self.samples:
+            return {}
+        return {
+            "sm_mhz": median([s[0] for s in self.samples]),
+            "power_w": round(median([s[1] for s in self.samples]), 1),
+        }
+
+
+def time_sustained(
+    step: Callable[[], None], dev: torch.device, ms_per_step: float, seconds: float, iters: int
+) -> dict:
+    """The step's back-to-back time after `seconds` of running it back to back, with the
+    GPU's clock and power meanwhile: under a sustained load a GPU settles at its power
+    limit and lowers its clock, the more the denser its work, so a short back-to-back run
+    flatters GEMM-heavy code. `ms_per_step` must be the same on every rank (the max over
+    ranks): it sets how many steps warm the GPU, and each rank must run as many."""
+    if dev.type != "cuda" or seconds <= 0:
+        return {}
+    for _ in range(max(1, math.ceil(seconds * 1e3 / ms_per_step))):
+        step()
+    with GpuSampler(gpu_uuid(dev)) as sampler:
+        ms = time_back_to_back(step, dev, iters)
+    return {"ms_sustained": round(max_over_ranks(ms, dev), 3), **sampler.medians()}
 
 
 def reset_memory(dev: torch.device) -> None:

@@ -48,7 +48,11 @@ all-to-all bandwidth of PFT's exchange against plain all_to_all_single of the sa
 includes the host's head start before the GPU has work; `ms_back_to_back` the time per
 step of `--iters` steps queued back to back with one wait at the end (median of 3), the
 steady state of a layer inside a training step; `peak_gib` the peak allocated memory
-during the timed steps (parameters, gradients and activations; max over ranks). At the
+during the timed steps (parameters, gradients and activations; max over ranks). With
+`--sustained S`, `ms_sustained` is the back-to-back time once the case has run back to
+back for S more seconds, and `sm_mhz`, `power_w` the GPU's median clock and power during
+it: a GPU under a sustained load settles at its power limit and lowers its clock, the
+more the denser its work, so a short back-to-back run flatters GEMM-heavy code. At the
 end rank 0 prints a "goal:" line per routing and goal of the issue (`goal_lines`); an EP
 run appended to a file holding the one-GPU pft case also compares against that case.
 
@@ -84,6 +88,7 @@ from benchmarks.common import (  # noqa: E402
     reset_memory,
     time_back_to_back,
     time_step,
+    time_sustained,
     write_results,
 )
 from benchmarks.kernel_checks import check_kernels  # noqa: E402
@@ -334,6 +339,7 @@ def run_impl(impl: str, routing: str, s: dict, ps, dev, dtype, args) -> dict:
         times = time_step(step, dev, args.warmup, args.iters)
         ms = max_over_ranks(median(times), dev)
         ms_b2b = max_over_ranks(time_back_to_back(step, dev, args.iters), dev)
+        extra.update(time_sustained(step, dev, ms_b2b, args.sustained, args.iters))
     case = {
         "gpus": ps.world,
         "routing": routing,
@@ -369,7 +375,7 @@ def run_impl(impl: str, routing: str, s: dict, ps, dev, dtype, args) -> dict:
 def goal_lines(cases: list[dict], earlier: list[dict] = ()) -> list[str]:
     """The issue's goals, read off this run's cases (and, for EP, the one-GPU pft case of
     the same routing from `earlier`, the file being appended to): one line per routing
-    and goal, "waited for / back to back" where both are timed. Goals: pft within 1.25x
+    and goal, "waited for / back to back / sustained" where they are timed. Goals: pft within 1.25x
     of the ceiling, >= 1.5x faster than torch_native, about 4x faster than DeepSpeed's
     layer; peak memory <= 1.2x the ceiling's and <= 0.6x DeepSpeed's; the Triton grouped
     GEMM >= 80 % of torch._grouped_mm; under EP, pft within 1.3x of its one-GPU time."""
@@ -381,8 +387,9 @@ def goal_lines(cases: list[dict], earlier: list[dict] = ()) -> list[str]:
         by = {c["impl"]: c for c in cases if c["routing"] == routing and "ms" in c}
         pft = by.get("pft")
 
-        def ratio(a: dict, b: dict) -> str:  # a's time over b's, waited for / back to back
-            r = [a[k] / b[k] for k in ("ms", "ms_back_to_back") if a.get(k) and b.get(k)]
+        def ratio(a: dict, b: dict) -> str:  # a's time over b's, each way it was timed
+            keys = ("ms", "ms_back_to_back", "ms_sustained")
+            r = [a[k] / b[k] for k in keys if a.get(k) and b.get(k)]
             return " / ".join(f"{v:.2f}x" for v in r)
 
         if pft is not None:
@@ -536,6 +543,14 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--warmup", type=int, default=5)
     ap.add_argument("--iters", type=int, default=20)
     ap.add_argument("--check", action="store_true", help="check the kernels first (GPU)")
+    ap.add_argument(
+        "--sustained",
+        type=float,
+        default=0.0,
+        metavar="SECONDS",
+        help="also time each case back to back after SECONDS of it back to back, with the "
+        "GPU's clock and power (ms_sustained, sm_mhz, power_w)",
+    )
     ap.add_argument(
         "--sweep-gemm",
         default="",

@@ -8,6 +8,7 @@ import json
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -127,3 +128,57 @@ def test_moe_layer_profile_runs_the_named_impl_on_the_named_routing(tmp_path):
     assert pft.returncode == 0, pft.stderr[-2000:]
     assert "== pft, balanced: 3 steps, by kernel" in pft.stdout
     assert "_ScaledActBackward" in pft.stdout and "aten::gelu_backward" not in pft.stdout
+
+
+def test_gpu_sampler_reads_clock_and_power_of_the_named_gpu(tmp_path, monkeypatch):
+    """`GpuSampler` asks nvidia-smi for the named GPU and takes the medians of its lines,
+    skipping the ones it cannot read; without a GPU id or without nvidia-smi: nothing."""
+    from benchmarks.common import GpuSampler
+
+    fake = tmp_path / "nvidia-smi"
+    args = tmp_path / "args"
+    fake.write_text(
+        "#!/bin/sh\n"
+        f'echo "$@" > {args}\n'
+        'printf "1500, 690.5\\n1800, 600.25\\n[N/A], [N/A]\\n1600, 700.0\\n"\n'
+        "exec sleep 30\n"
+    )
+    fake.chmod(0o755)
+    monkeypatch.setenv("PATH", f"{tmp_path}:{os.environ['PATH']}")
+    with GpuSampler("GPU-1234", ms=20) as s:
+        for _ in range(100):  # until the fake has printed
+            if args.exists() and s.proc is not None:
+                break
+            time.sleep(0.05)
+        time.sleep(0.3)
+    assert args.read_text().split() == [
+        "-i", "GPU-1234", "--query-gpu=clocks.sm,power.draw", "--format=csv,noheader,nounits",
+        "-lms=20",
+    ]  # fmt: skip
+    assert s.samples == [(1500.0, 690.5), (1800.0, 600.25), (1600.0, 700.0)]
+    assert s.medians() == {"sm_mhz": 1600.0, "power_w": 690.5}
+    with GpuSampler(None) as off:
+        pass
+    assert off.proc is None and off.medians() == {}
+    monkeypatch.setenv("PATH", str(tmp_path / "empty"))
+    with GpuSampler("GPU-1234") as missing:
+        pass
+    assert missing.proc is None and missing.medians() == {}
+
+
+def test_moe_layer_goal_lines_add_the_sustained_ratio():
+    from benchmarks.moe_layer import goal_lines
+
+    pft = {"gpus": 1, "routing": "balanced", "impl": "pft", "ms": 7.0, "ms_back_to_back": 7.0,
+           "ms_sustained": 8.0}  # fmt: skip
+    ceil = {**pft, "impl": "ceiling", "ms": 6.0, "ms_back_to_back": 6.4, "ms_sustained": 7.0}
+    native = {
+        **pft,
+        "impl": "torch_native",
+        "ms": 10.5,
+        "ms_back_to_back": 10.5,
+        "ms_sustained": 10.0,
+    }
+    lines = goal_lines([pft, ceil, native])
+    assert lines[0] == "balanced, 1 GPU(s): pft / ceiling 1.17x / 1.09x / 1.14x (goal <= 1.25x)"
+    assert lines[1] == "balanced, 1 GPU(s): torch_native / pft 1.50x / 1.50x / 1.25x (goal >= 1.5x)"
