@@ -50,11 +50,12 @@ step of `--iters` steps queued back to back with one wait at the end (median of 
 steady state of a layer inside a training step; `peak_gib` the peak allocated memory
 during the timed steps (parameters, gradients and activations; max over ranks). With
 `--sustained S`, `ms_sustained` is the back-to-back time once the case has run back to
-back for S more seconds, and `sm_mhz`, `power_w` the GPU's median clock and power during
-it: a GPU under a sustained load settles at its power limit and lowers its clock, the
-more the denser its work, so a short back-to-back run flatters GEMM-heavy code. At the
-end rank 0 prints a "goal:" line per routing and goal of the issue (`goal_lines`); an EP
-run appended to a file holding the one-GPU pft case also compares against that case.
+back for S more seconds (max over ranks), and `sm_mhz`, `power_w` the median clock and
+power of rank 0's GPU during it: a GPU under a sustained load settles at its power limit
+and lowers its clock, the more the denser its work, so a short back-to-back run flatters
+GEMM-heavy code. At the end rank 0 prints a "goal:" line per routing and goal of the
+issue (`goal_lines`); an EP run appended to a file holding the one-GPU pft case also
+compares against that case.
 
   python benchmarks/moe_layer.py --out benchmarks/results/moe_layer.json
   torchrun --nproc_per_node 2 benchmarks/moe_layer.py --out ... --append
