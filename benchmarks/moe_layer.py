@@ -376,10 +376,11 @@ def run_impl(impl: str, routing: str, s: dict, ps, dev, dtype, args) -> dict:
 def goal_lines(cases: list[dict], earlier: list[dict] = ()) -> list[str]:
     """The issue's goals, read off this run's cases (and, for EP, the one-GPU pft case of
     the same routing from `earlier`, the file being appended to): one line per routing
-    and goal, "waited for / back to back / sustained" where they are timed. Goals: pft within 1.25x
-    of the ceiling, >= 1.5x faster than torch_native, about 4x faster than DeepSpeed's
-    layer; peak memory <= 1.2x the ceiling's and <= 0.6x DeepSpeed's; the Triton grouped
-    GEMM >= 80 % of torch._grouped_mm; under EP, pft within 1.3x of its one-GPU time."""
+    and goal, "waited for / back to back / sustained" where they are timed. Goals: pft
+    within 1.25x of the ceiling, >= 1.5x faster than torch_native, about 4x faster than
+    DeepSpeed's layer; peak memory <= 1.2x the ceiling's and <= 0.6x DeepSpeed's; the
+    Triton grouped GEMM >= 80 % of torch._grouped_mm; under EP, pft within 1.3x of its
+    one-GPU time."""
     lines = []
     one_gpu = {
         c["routing"]: c for c in [*earlier, *cases] if c.get("gpus") == 1 and c["impl"] == "pft"

@@ -131,8 +131,8 @@ def test_ep_dedup_fixed_slots_equals_single_rank(world):
     tokens on a rank (agreed at the first call), the exchanges queued before the host
     sync; same outputs and gradients as one rank, dropping and dropless, with folded and
     unfolded weights, a rank with no tokens among them, and with the empty slots' memory
-    NaN. A call with more tokens than the
-    slots (warm-up on fewer) redoes its dispatch with the exact counts on every rank."""
+    NaN. A call with more tokens than the slots (warm-up on fewer) redoes its dispatch
+    with the exact counts on every rank."""
     fixed = ["moe.dedup_ep=true", "moe.dedup_fixed_slots=true"]
     run_ranks(world, _check, "pft", fixed, 0, True)
     run_ranks(world, _check, "pft", [*fixed, "moe.fold_combine_weights=false"], 0)

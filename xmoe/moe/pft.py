@@ -378,7 +378,7 @@ class PFTDispatcher(Dispatcher):
         x_PD = all_to_all_uneven(x_SD, pl.send, pl.recv, self.group)
         K = ids_SK.shape[1]
         meta_PC = all_to_all_uneven(pl.meta_SC, pl.send, pl.recv, self.group)
-        w_PK, ids_PK = meta_PC[:, :K].to(w_SK.dtype), meta_PC[:, K:].long()
+        w_PK, ids_PK = _unpack_meta(meta_PC, K, w_SK.dtype)
         counts_El = _rows_per_expert(pl.counts_WC, El)
         held = _held_routing(ids_PK, me, El)
         part = _pilot_part(held, counts_El, self.fold_weights, pl.held_offsets_El)
@@ -416,8 +416,7 @@ class PFTDispatcher(Dispatcher):
             slot_WT = torch.where(visits_WT > 0, visits_WT.cumsum(1) + first_W[:, None], -1)
             slot_TW = slot_WT.t().contiguous()
             x_SD = permute(x_TD, slot_TW, W * B)
-            # ids travel with the weights, as floats (exact below 2**24 experts)
-            meta_SC = permute(torch.cat([w_TK.float(), ids_TK.float()], 1), slot_TW, W * B)
+            meta_SC = permute(_pack_meta(w_TK, ids_TK), slot_TW, W * B)
         else:  # sizes as agreed, contents never read: every rank redoes the dispatch
             slot_TW = None
             x_SD = x_TD.new_zeros(W * B, D)
@@ -429,7 +428,7 @@ class PFTDispatcher(Dispatcher):
         slot_B = self._constant(("slot", B), lambda dev: torch.arange(B, device=dev), x_TD.device)
         filled_Q = (slot_B < recv_WC[:, El, None]).reshape(-1, 1)
         meta_QC = torch.where(filled_Q, meta_QC, -1.0)  # (and finite weights: never NaN)
-        ids_QK, w_QK = meta_QC[:, K:].long(), meta_QC[:, :K].to(w_TK.dtype)
+        w_QK, ids_QK = _unpack_meta(meta_QC, K, w_TK.dtype)
         held = _held_routing(ids_QK, me, El)
         if meanwhile is not None:
             meanwhile()
@@ -603,6 +602,19 @@ class _Pilots:
     counts_WC: list[list[int]]
 
 
+def _pack_meta(w_NK: torch.Tensor, ids_NK: torch.Tensor) -> torch.Tensor:
+    """A pilot's weights and expert ids as one fp32 row [N, 2K], so that one exchange
+    carries both: the ids travel as floats (exact below 2**24 experts)."""
+    return torch.cat([w_NK.float(), ids_NK.float()], 1)
+
+
+def _unpack_meta(
+    meta_NC: torch.Tensor, K: int, w_dtype: torch.dtype
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """`_pack_meta`'s rows back to (weights in `w_dtype`, int64 ids)."""
+    return meta_NC[:, :K].to(w_dtype), meta_NC[:, K:].long()
+
+
 def _in_backward() -> bool:
     """Whether autograd's engine is running this code (a checkpointed forward being
     recomputed)."""
@@ -683,8 +695,7 @@ def _plan_pilots(
     w_BK = routing.topk_weights_TK.index_select(0, token_B)
     meta_BC = held_offsets = None
     if not self_last:  # (the overlap exchanges the ids alone, and splits the experts' rows)
-        # ids travel with the weights, as floats (exact below 2**24 experts): one exchange
-        meta_BC = torch.cat([w_BK.float(), ids_BK.float()], 1)
+        meta_BC = _pack_meta(w_BK, ids_BK)  # one exchange for both
         # the grouped GEMMs' offsets over the pilots this rank will hold, from the counts
         # every rank sent (rows per local expert), made before the host has them
         held_El = recv_WC[:, :El].sum(0)
